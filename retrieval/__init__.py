@@ -1,0 +1,1 @@
+"""seesay's retrieval library: datasets, encoders, scoring, query engine and evaluation."""

@@ -1,0 +1,112 @@
+"""The one interface every encoder implements, and its on-disk format.
+
+An encoder maps images and captions into one d-dimensional space in which the
+inner product is the retrieval score (neural encoders L2-normalise, so it is the
+cosine; the bag-of-words encoders document their own scaling). A saved encoder
+is a directory holding `encoder.json` ({"kind", "version", "spec", "dim",
+"config"}) plus whatever weight files the kind needs; `load_encoder(DIR)`
+reopens it whatever the kind.
+"""
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from retrieval.errors import EncoderError
+from retrieval.images import ImageInput
+
+MANIFEST = "encoder.json"
+
+
+class Encoder(ABC):
+    """Images and texts → float32 vectors whose inner product is the score."""
+
+    kind: ClassVar[str]
+    version: ClassVar[int] = 1
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Length of every vector this encoder returns."""
+
+    @property
+    def spec(self) -> str:
+        """A string that names this encoder (registry spec, or the saved directory)."""
+        return self.kind
+
+    @abstractmethod
+    def encode_images(
+        self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False
+    ) -> np.ndarray:
+        """Encode PIL images or image paths into an (n, dim) float32 array.
+
+        A path that cannot be decoded raises BadImageError naming it; callers that
+        must skip bad files decode first with `retrieval.images.decode_many`.
+        """
+
+    @abstractmethod
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 256, progress: bool = False
+    ) -> np.ndarray:
+        """Encode captions into an (n, dim) float32 array."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable settings that `from_saved` needs besides the weight files."""
+
+    @abstractmethod
+    def save_weights(self, directory: Path) -> None:
+        """Write this encoder's weight files into `directory`."""
+
+    @classmethod
+    @abstractmethod
+    def from_saved(cls, directory: Path, config: dict[str, Any]) -> "Encoder":
+        """Rebuild an encoder from `config` and the weight files in `directory`."""
+
+    def save(self, directory: str | Path) -> Path:
+        """Save into `directory` (created if needed): encoder.json plus weights."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save_weights(directory)
+        manifest = {
+            "kind": self.kind,
+            "version": self.version,
+            "spec": self.spec,
+            "dim": self.dim,
+            "config": self.config(),
+        }
+        tmp = directory / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        tmp.replace(directory / MANIFEST)
+        return directory
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """Read a saved encoder's encoder.json, with a clear error when it is absent or broken."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise EncoderError(f"{directory} is not a saved seesay encoder (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["kind"], manifest["dim"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EncoderError(f"{path} is not a valid encoder manifest: {exc}") from exc
+    return manifest
+
+
+def as_float32_rows(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """Check shape (n, dim) and return a C-contiguous float32 copy-or-view."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != dim:
+        raise EncoderError(f"expected vectors of shape (n, {dim}), got {vectors.shape}")
+    return vectors
+
+
+def l2_normalize(vectors: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Scale each row to unit L2 norm (zero rows stay zero)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, eps)).astype(np.float32, copy=False)

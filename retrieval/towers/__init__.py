@@ -1,0 +1,1 @@
+"""Pretrained feature extractors ("towers") that install offline from PyPI."""

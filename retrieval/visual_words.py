@@ -1,0 +1,103 @@
+"""Images → visual words: colour words (k-means bins of pixel colours) and object words
+(top ImageNet labels of the pretrained EfficientNet-Lite0)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import faiss
+import numpy as np
+from PIL import Image
+
+THUMB = 48  # images are shrunk to THUMB×THUMB before their pixels are counted
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    """An image's pixels as (THUMB², 3) float32 RGB values in [0, 1]."""
+    small = image.resize((THUMB, THUMB), Image.Resampling.BILINEAR)
+    return np.asarray(small, dtype=np.float32).reshape(-1, 3) / 255.0
+
+
+class ColourWords:
+    """A k-means codebook over pixel colours; an image's words are its histogram over the k bins."""
+
+    def __init__(self, centroids: np.ndarray) -> None:
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+        self._index = faiss.IndexFlatL2(3)
+        self._index.add(self.centroids)
+
+    @property
+    def size(self) -> int:
+        return len(self.centroids)
+
+    @classmethod
+    def fit(cls, images: Sequence[Image.Image], k: int = 64, pixels_per_image: int = 256, seed: int = 0) -> "ColourWords":
+        """Fit k colour centroids on a sample of pixels from `images`."""
+        rng = np.random.default_rng(seed)
+        samples = []
+        for image in images:
+            pixels = _pixels(image)
+            samples.append(pixels[rng.choice(len(pixels), size=min(pixels_per_image, len(pixels)), replace=False)])
+        data = np.concatenate(samples)
+        k = min(k, len(np.unique(data, axis=0)))
+        kmeans = faiss.Kmeans(3, k, niter=25, seed=seed, verbose=False, max_points_per_centroid=2048)
+        kmeans.train(data)
+        return cls(kmeans.centroids)
+
+    def histograms(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(n, k) rows summing to 1: the share of each image's pixels nearest each centroid."""
+        out = np.zeros((len(images), self.size), dtype=np.float32)
+        for row, image in enumerate(images):
+            _, bins = self._index.search(_pixels(image), 1)
+            out[row] = np.bincount(bins[:, 0], minlength=self.size) / float(len(bins))
+        return out
+
+
+class ObjectWords:
+    """The top-k ImageNet labels of EfficientNet-Lite0, weighted by their renormalised probability."""
+
+    size = 1000
+
+    def __init__(self, top_k: int = 5, batch_size: int = 32) -> None:
+        self.top_k = top_k
+        self.batch_size = batch_size
+
+    def weights(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(n, 1000) rows summing to 1 over each image's top-k labels."""
+        import torch
+
+        from retrieval.towers.efficientnet import load_efficientnet_lite0, pooled_and_logits, preprocess
+
+        model, transform = load_efficientnet_lite0(), preprocess()
+        out = np.zeros((len(images), self.size), dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack([transform(im) for im in images[start : start + self.batch_size]])
+            _, logits = pooled_and_logits(model, batch)
+            probs, labels = logits.softmax(-1).topk(self.top_k, dim=-1)
+            probs = probs / probs.sum(-1, keepdim=True)
+            rows = np.arange(start, start + len(batch))[:, None]
+            out[rows, labels.numpy()] = probs.numpy()
+        return out
+
+
+class VisualWords:
+    """Colour words and object words side by side; each enabled block sums to its weight."""
+
+    def __init__(self, colours: ColourWords | None, objects: ObjectWords | None, colour_weight: float = 0.5) -> None:
+        if colours is None and objects is None:
+            raise ValueError("at least one kind of visual word (colours or objects) is needed")
+        self.colours = colours
+        self.objects = objects
+        self.colour_weight = colour_weight if (colours and objects) else 1.0
+
+    @property
+    def size(self) -> int:
+        return (self.colours.size if self.colours else 0) + (self.objects.size if self.objects else 0)
+
+    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(n, size) visual-word weights of `images`."""
+        blocks = []
+        if self.colours:
+            blocks.append(self.colour_weight * self.colours.histograms(images))
+        if self.objects:
+            blocks.append((1.0 - self.colour_weight if self.colours else 1.0) * self.objects.weights(images))
+        return np.concatenate(blocks, axis=1)
