@@ -1,0 +1,230 @@
+"""Turning dataset records into hashed, encoded images and captions ready to store.
+
+Bad files are skipped with a problem line naming them, and so are their captions;
+images and captions whose content hash is already indexed are not encoded again.
+"""
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+from rich.progress import Progress
+
+from retrieval.datasets import Record
+from retrieval.encoders.base import Encoder
+from retrieval.errors import BadImageError, IndexMismatchError
+from retrieval.images import batched, decode_many
+
+# Looks up committed item ids by content hash: (kind, hashes) -> {hash: id}.
+KnownHashes = Callable[[str, Sequence[str]], dict[str, int]]
+
+
+@dataclass
+class AddReport:
+    """What one `Index.add` call did, and each item it had to skip."""
+
+    images_added: int = 0
+    captions_added: int = 0
+    images_skipped_existing: int = 0
+    captions_skipped_existing: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for people."""
+        line = (
+            f"added {self.images_added} images and {self.captions_added} captions; "
+            f"{self.images_skipped_existing} images and {self.captions_skipped_existing} captions "
+            "were already indexed"
+        )
+        if self.problems:
+            line += f"; skipped {len(self.problems)} bad items"
+        return line
+
+
+@dataclass
+class NewImage:
+    record: Record
+    hash: str
+
+
+@dataclass
+class NewCaption:
+    record: Record
+    text: str
+    hash: str
+    image_hash: str
+
+
+@dataclass
+class Encoded:
+    """One chunk of records, encoded: images and captions not yet indexed, with their vectors."""
+
+    images: list[NewImage]
+    image_vectors: np.ndarray
+    captions: list[NewCaption]
+    caption_vectors: np.ndarray
+
+
+def file_hash(path: object) -> str:
+    """sha256 of a file's bytes; BadImageError naming the file when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except FileNotFoundError as exc:
+        raise BadImageError(path, "no such file") from exc
+    except OSError as exc:
+        raise BadImageError(path, f"unreadable ({exc.strerror or exc})") from exc
+
+
+def normalise_caption(text: str) -> str:
+    """The form captions are compared in: NFC, case-folded, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFC", text).casefold().split())
+
+
+def caption_hash(image_hash: str, text: str) -> str:
+    """sha256 of the image's hash and the normalised caption."""
+    return hashlib.sha256(f"{image_hash}\n{normalise_caption(text)}".encode()).hexdigest()
+
+
+def _hash_or_error(path: object) -> str | BadImageError:
+    try:
+        return file_hash(path)
+    except BadImageError as exc:
+        return exc
+
+
+def _checked(vectors: np.ndarray, count: int, encoder: Encoder, dim: int) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape != (count, dim):
+        raise IndexMismatchError(
+            f"encoder {encoder.spec!r} returned vectors of shape {vectors.shape} for {count} items; "
+            f"the index expects dim {dim}"
+        )
+    return vectors
+
+
+class Meter:
+    """Rich progress bars for images and captions; draws nothing when disabled."""
+
+    def __init__(self, progress: Progress, n_records: int) -> None:
+        self._progress = progress
+        self._images = progress.add_task("images", total=n_records)
+        self._captions = progress.add_task("captions", total=0)
+        self._caption_total = 0
+
+    @classmethod
+    @contextmanager
+    def shown(cls, enabled: bool, n_records: int) -> Iterator["Meter"]:
+        """A meter over `n_records` records, live while the block runs."""
+        with Progress(disable=not enabled) as progress:
+            yield cls(progress, n_records)
+
+    def images_done(self, count: int) -> None:
+        self._progress.advance(self._images, count)
+
+    def captions_due(self, count: int) -> None:
+        self._caption_total += count
+        self._progress.update(self._captions, total=self._caption_total)
+
+    def captions_done(self, count: int) -> None:
+        self._progress.advance(self._captions, count)
+
+
+def encode_chunk(
+    records: Sequence[Record],
+    encoder: Encoder,
+    dim: int,
+    known: KnownHashes,
+    report: AddReport,
+    meter: Meter,
+    batch_size: int = 64,
+    workers: int = 4,
+) -> Encoded:
+    """Hash, deduplicate, decode and encode one chunk; bad items go to `report.problems`."""
+    hashed = _hashed(records, workers, report)
+    indexed = known("image", [image_hash for _, image_hash in hashed])
+    firsts: dict[str, Record] = {}
+    for record, image_hash in hashed:
+        if image_hash not in indexed:
+            firsts.setdefault(image_hash, record)
+    meter.images_done(len(records) - len(firsts))
+    images, image_vectors, failed = _encode_images(firsts, encoder, dim, meter, batch_size, workers)
+
+    captions: list[NewCaption] = []
+    for record, image_hash in hashed:
+        if image_hash in failed:
+            report.problems.append(f"{record.image_id}: bad image {record.image_path}: {failed[image_hash].reason}")
+            continue
+        if firsts.get(image_hash) is not record:
+            report.images_skipped_existing += 1
+        for number, text in enumerate(record.captions, 1):
+            if text.strip():
+                captions.append(NewCaption(record, text, caption_hash(image_hash, text), image_hash))
+            else:
+                report.problems.append(f"{record.image_id}: caption {number} is empty")
+    captions = _unindexed_captions(captions, known, report)
+    meter.captions_due(len(captions))
+    caption_vectors: list[np.ndarray] = []
+    for batch in batched(captions, batch_size):
+        encoded = encoder.encode_texts([caption.text for caption in batch], batch_size=batch_size)
+        caption_vectors.append(_checked(encoded, len(batch), encoder, dim))
+        meter.captions_done(len(batch))
+    return Encoded(images, image_vectors, captions, _stack(caption_vectors, dim))
+
+
+def _hashed(records: Sequence[Record], workers: int, report: AddReport) -> list[tuple[Record, str]]:
+    """(record, image file hash) for every record whose file can be read; the rest are problems."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        hashes = list(pool.map(_hash_or_error, [record.image_path for record in records]))
+    good: list[tuple[Record, str]] = []
+    for record, found in zip(records, hashes):
+        if isinstance(found, BadImageError):
+            report.problems.append(f"{record.image_id}: {found}")
+        else:
+            good.append((record, found))
+    return good
+
+
+def _encode_images(
+    firsts: dict[str, Record], encoder: Encoder, dim: int, meter: Meter, batch_size: int, workers: int
+) -> tuple[list[NewImage], np.ndarray, dict[str, BadImageError]]:
+    """Decode and encode new images batch by batch: (images, their vectors, errors by hash)."""
+    images: list[NewImage] = []
+    vectors: list[np.ndarray] = []
+    failed: dict[str, BadImageError] = {}
+    for batch in batched(list(firsts.items()), batch_size):
+        decoded: list[tuple[NewImage, Image.Image]] = []
+        for (image_hash, record), img in zip(batch, decode_many([r.image_path for _, r in batch], workers)):
+            if isinstance(img, BadImageError):
+                failed[image_hash] = img
+            else:
+                decoded.append((NewImage(record, image_hash), img))
+        if decoded:
+            encoded = encoder.encode_images([img for _, img in decoded], batch_size=batch_size)
+            vectors.append(_checked(encoded, len(decoded), encoder, dim))
+            images.extend(new for new, _ in decoded)
+        meter.images_done(len(batch))
+    return images, _stack(vectors, dim), failed
+
+
+def _unindexed_captions(captions: list[NewCaption], known: KnownHashes, report: AddReport) -> list[NewCaption]:
+    """Captions whose hash is neither indexed nor repeated earlier in `captions`."""
+    seen = set(known("caption", [caption.hash for caption in captions]))
+    fresh: list[NewCaption] = []
+    for caption in captions:
+        if caption.hash in seen:
+            report.captions_skipped_existing += 1
+        else:
+            seen.add(caption.hash)
+            fresh.append(caption)
+    return fresh
+
+
+def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)

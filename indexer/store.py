@@ -1,0 +1,233 @@
+"""The index's metadata database: items and the one-row manifest, via SQLAlchemy 2.0.
+
+Writers serialise on the manifest row: `Store.writing()` opens one transaction whose
+first statement is a no-op UPDATE of that row, which takes SQLite's write lock (or a
+row lock elsewhere) before anything is read, so a writer always sees the latest
+committed generation.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterable, Iterator, Sequence
+
+from sqlalchemy import (
+    CheckConstraint,
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from retrieval.errors import SeesayError
+
+KINDS = ("image", "caption")
+MANIFEST_ID = 1
+# Keep IN (...) lists well under every backend's bound-parameter limit.
+_IN_CHUNK = 500
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ItemRow(Base):
+    """One image or caption; its id is its FAISS id."""
+
+    __tablename__ = "items"
+    __table_args__ = (
+        UniqueConstraint("kind", "hash"),
+        CheckConstraint("kind IN ('image', 'caption')", name="item_kind"),
+        {"sqlite_autoincrement": True},  # never reuse the id of a deleted item
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    source_id: Mapped[str] = mapped_column(String, index=True)
+    path: Mapped[str | None] = mapped_column(String)
+    text: Mapped[str | None] = mapped_column(Text)
+    image_item_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"), index=True)
+    split: Mapped[str | None] = mapped_column(String(32))
+    hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Manifest(Base):
+    """The single row describing the index: encoder, FAISS factory and current generation."""
+
+    __tablename__ = "manifest"
+
+    id: Mapped[int] = mapped_column(primary_key=True, default=MANIFEST_ID)
+    encoder_kind: Mapped[str] = mapped_column(String)
+    encoder_spec: Mapped[str] = mapped_column(String)
+    encoder_version: Mapped[int]
+    dim: Mapped[int]
+    metric: Mapped[str] = mapped_column(String(8), default="ip")
+    factory: Mapped[str] = mapped_column(String, default="Flat")
+    generation: Mapped[int] = mapped_column(default=0)
+    n_images: Mapped[int] = mapped_column(default=0)
+    n_captions: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+@dataclass(frozen=True)
+class Item:
+    """An indexed image or caption as callers see it."""
+
+    id: int
+    kind: str
+    source_id: str
+    path: str | None
+    text: str | None
+    image_item_id: int | None
+    split: str | None
+
+
+def _item(row: ItemRow) -> Item:
+    return Item(row.id, row.kind, row.source_id, row.path, row.text, row.image_item_id, row.split)
+
+
+def _chunks(values: Sequence, size: int = _IN_CHUNK) -> Iterator[Sequence]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL mode, enforced foreign keys and a 30 s busy wait."""
+    if not url.startswith("sqlite"):
+        return create_engine(url)
+    engine = create_engine(url, connect_args={"timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+class Store:
+    """Sessions, schema and queries over one metadata database."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            self.engine = make_engine(url)
+        except (SQLAlchemyError, ValueError) as exc:
+            raise SeesayError(f"cannot use database {url}: {exc}") from exc
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        """Release every pooled connection."""
+        self.engine.dispose()
+
+    def initialise(self, manifest: Manifest) -> None:
+        """Create the tables and insert `manifest`; refuse a database that already has one."""
+        Base.metadata.create_all(self.engine)
+        with self._sessions.begin() as session:
+            if session.get(Manifest, MANIFEST_ID) is not None:
+                raise SeesayError(f"database {self.url} already holds a seesay index")
+            session.add(manifest)
+
+    def manifest(self) -> Manifest:
+        """The committed manifest, detached; a clear error when this is no seesay database."""
+        try:
+            if not inspect(self.engine).has_table(Manifest.__tablename__):
+                raise SeesayError(f"database {self.url} holds no seesay index (no manifest table)")
+            with self._sessions() as session:
+                row = session.get(Manifest, MANIFEST_ID)
+        except SQLAlchemyError as exc:
+            raise SeesayError(f"cannot read database {self.url}: {exc}") from exc
+        if row is None:
+            raise SeesayError(f"database {self.url} holds no seesay index (empty manifest)")
+        return row
+
+    @contextmanager
+    def writing(self) -> Iterator[tuple[Session, Manifest]]:
+        """One locked write transaction: yields (session, manifest); commits on success."""
+        with self._sessions.begin() as session:
+            session.execute(
+                update(Manifest)
+                .where(Manifest.id == MANIFEST_ID)
+                .values(generation=Manifest.generation)
+            )
+            manifest = session.get(Manifest, MANIFEST_ID, populate_existing=True)
+            yield session, manifest
+
+    def items(self, ids: Sequence[int]) -> dict[int, Item]:
+        """The items among `ids` that exist, by id."""
+        with self._sessions() as session:
+            return {row.id: _item(row) for row in rows_by_id(session, ids)}
+
+    def captions_of(self, image_item_id: int) -> list[Item]:
+        """Captions attached to an image item, in id order."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(ItemRow)
+                .where(ItemRow.kind == "caption", ItemRow.image_item_id == image_item_id)
+                .order_by(ItemRow.id)
+            )
+            return [_item(row) for row in rows]
+
+    def ids_by_hash(self, kind: str, hashes: Sequence[str]) -> dict[str, int]:
+        """Committed item ids of `kind` whose hash is among `hashes`."""
+        with self._sessions() as session:
+            return ids_by_hash(session, kind, hashes)
+
+
+def ids_by_hash(session: Session, kind: str, hashes: Sequence[str]) -> dict[str, int]:
+    """Item ids of `kind` whose hash is among `hashes`, as seen by `session`."""
+    found: dict[str, int] = {}
+    for chunk in _chunks(list(set(hashes))):
+        query = select(ItemRow.hash, ItemRow.id).where(ItemRow.kind == kind, ItemRow.hash.in_(chunk))
+        found.update((row.hash, row.id) for row in session.execute(query))
+    return found
+
+
+def rows_by_id(session: Session, ids: Iterable[int]) -> list[ItemRow]:
+    """Rows whose id is in `ids` (missing ids are simply absent)."""
+    rows: list[ItemRow] = []
+    for chunk in _chunks(sorted(set(int(i) for i in ids))):
+        rows.extend(session.scalars(select(ItemRow).where(ItemRow.id.in_(chunk))))
+    return rows
+
+
+def caption_ids_of(session: Session, image_ids: Sequence[int]) -> list[int]:
+    """Ids of the captions attached to any of `image_ids`."""
+    found: list[int] = []
+    for chunk in _chunks(sorted(set(image_ids))):
+        query = select(ItemRow.id).where(ItemRow.kind == "caption", ItemRow.image_item_id.in_(chunk))
+        found.extend(session.scalars(query))
+    return found
+
+
+def delete_ids(session: Session, ids: Sequence[int]) -> None:
+    """Delete items by id, captions first so no caption outlives its image mid-transaction."""
+    for kind in ("caption", "image"):
+        for chunk in _chunks(sorted(set(ids))):
+            session.execute(delete(ItemRow).where(ItemRow.kind == kind, ItemRow.id.in_(chunk)))
+
+
+def count(session: Session, kind: str) -> int:
+    """Number of items of `kind` as seen by `session`."""
+    return session.scalar(select(func.count()).select_from(ItemRow).where(ItemRow.kind == kind))

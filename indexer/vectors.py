@@ -1,0 +1,318 @@
+"""FAISS indexes over one kind of item, with their stored vectors and ids, saved per generation.
+
+Generation g of a set named NAME is three files in the index directory:
+`NAME.gG.faiss` (a CPU FAISS index whose ids are item ids), `NAME.gG.npy` (the
+float32 vectors) and `NAME.gG.ids.npy` (int64 ids, in the same row order). The
+stored vectors are the source of truth: an index type that cannot remove ids is
+rebuilt from them, and a type that needs training is trained on them once there
+are enough.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import faiss
+import numpy as np
+
+from retrieval.errors import SeesayError
+
+DEFAULT_SEARCH_PARAMS: dict[str, int] = {"nprobe": 16, "efSearch": 128}
+# Largest k a FAISS GPU index answers; larger searches run on the CPU copy.
+GPU_MAX_K = 2048
+_TEMPORARY = ".tmp"
+_GENERATION_FILE = re.compile(r"^\w+\.g(?P<generation>\d+)\.(faiss|npy|ids\.npy)(?P<tmp>\.tmp)?$")
+
+
+def generation_paths(directory: Path, name: str, generation: int) -> tuple[Path, Path, Path]:
+    """The (index, vectors, ids) files of one set at one generation."""
+    stem = directory / f"{name}.g{generation}"
+    return Path(f"{stem}.faiss"), Path(f"{stem}.npy"), Path(f"{stem}.ids.npy")
+
+
+def build(dim: int, factory: str) -> faiss.Index:
+    """An empty inner-product index from a FAISS factory string, able to hold arbitrary ids."""
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise SeesayError(f"bad FAISS factory string {factory!r} for dim {dim}: {_faiss_reason(exc)}") from exc
+    return index if _keeps_ids(index) else faiss.IndexIDMap2(index)
+
+
+def _faiss_reason(exc: RuntimeError) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _keeps_ids(index: faiss.Index) -> bool:
+    """True for types whose own add_with_ids and remove_ids keep ids right.
+
+    IVF types store ids themselves, and IndexIDMap's remove_ids would garble them
+    (it assumes the sub-index compacts in order, as flat indexes do).
+    """
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return _keeps_ids(index.index)
+    return isinstance(index, (faiss.IndexIVF, faiss.IndexIDMap, faiss.IndexIDMap2))
+
+
+def _unwrapped(index: faiss.Index) -> faiss.Index:
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return index
+
+
+def tunable(index: faiss.Index) -> set[str]:
+    """Names of the search-time parameters (nprobe, efSearch, ...) that apply to `index`."""
+    space = faiss.ParameterSpace()
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = inner.index
+    space.initialize(inner)
+    return {space.parameter_ranges.at(i).name for i in range(space.parameter_ranges.size())}
+
+
+def training_need(index: faiss.Index) -> int:
+    """Fewest vectors `index` can be trained on (1 for types that need no training)."""
+    need = 1
+    try:
+        need = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:
+        pass  # not an IVF index
+    pq = getattr(_unwrapped(index), "pq", None)
+    if pq is not None:
+        need = max(need, 1 << pq.nbits)
+    return need
+
+
+@dataclass
+class VectorSet:
+    """One FAISS index with the vectors and ids it was built from.
+
+    `saved_as` is the generation whose files hold exactly this content, or None
+    once it has changed in memory.
+    """
+
+    name: str
+    factory: str
+    index: faiss.Index
+    vectors: np.ndarray
+    ids: np.ndarray
+    params: dict[str, int] = field(default_factory=dict)
+    saved_as: int | None = None
+    _device: faiss.Index | None = field(default=None, repr=False)
+    _order: np.ndarray | None = field(default=None, repr=False)
+
+    @classmethod
+    def empty(cls, name: str, dim: int, factory: str, params: Mapping[str, int] | None = None) -> "VectorSet":
+        """A set with no items."""
+        vectors = np.zeros((0, dim), dtype=np.float32)
+        result = cls(name, factory, build(dim, factory), vectors, np.zeros(0, dtype=np.int64))
+        result.set_params(params or {})
+        return result
+
+    @classmethod
+    def load(
+        cls, directory: Path, name: str, generation: int, factory: str, params: Mapping[str, int] | None = None
+    ) -> "VectorSet":
+        """Read one generation's files; FileNotFoundError if a file is gone."""
+        index_path, vectors_path, ids_path = generation_paths(directory, name, generation)
+        vectors = np.load(vectors_path)
+        ids = np.load(ids_path)
+        if not index_path.is_file():
+            raise FileNotFoundError(index_path)
+        index = faiss.read_index(str(index_path))
+        held = index.ntotal if index.is_trained else len(ids)
+        if len(vectors) != len(ids) or held != len(ids):
+            raise SeesayError(
+                f"{index_path}: index files disagree ({index.ntotal} in FAISS, "
+                f"{len(vectors)} vectors, {len(ids)} ids)"
+            )
+        result = cls(name, factory, index, vectors, ids, saved_as=generation)
+        result.set_params(params or {})
+        return result
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    def set_params(self, overrides: Mapping[str, int]) -> None:
+        """Apply default search parameters, then `overrides`, where they fit this index type."""
+        names = tunable(self.index)
+        space = faiss.ParameterSpace()
+        for name, value in {**DEFAULT_SEARCH_PARAMS, **overrides}.items():
+            if name == "nprobe" and name in names:
+                value = min(value, faiss.extract_index_ivf(self.index).nlist)
+            if name in names:
+                space.set_index_parameter(self.index, name, value)
+        self.params = dict(overrides)
+        self._device = None
+
+    def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Append vectors with their ids (training the index first if it now can be)."""
+        if not len(ids):
+            return
+        self.vectors = np.concatenate([self.vectors, vectors])
+        self.ids = np.concatenate([self.ids, ids])
+        self._changed()
+        if self.index.is_trained:
+            self.index.add_with_ids(vectors, ids)
+        else:
+            self._fill()
+
+    def remove(self, ids: Iterable[int]) -> None:
+        """Drop the given ids; index types without remove_ids are rebuilt from the stored vectors."""
+        gone = np.fromiter(ids, dtype=np.int64)
+        if not len(gone):
+            return
+        keep = ~np.isin(self.ids, gone)
+        self.vectors = self.vectors[keep]
+        self.ids = self.ids[keep]
+        self._changed()
+        if not self.index.is_trained:
+            return
+        try:
+            self.index.remove_ids(faiss.IDSelectorBatch(gone))
+        except RuntimeError:  # e.g. HNSW: this type cannot remove, so rebuild
+            self.index = build(self.dim, self.factory)
+            self.set_params(self.params)
+            self._fill()
+
+    def _fill(self) -> None:
+        """Train on the stored vectors if enough are there, then add them all."""
+        if len(self.ids) < training_need(self.index):
+            return
+        try:
+            self.index.train(self.vectors)
+        except RuntimeError as exc:
+            raise SeesayError(
+                f"FAISS index {self.factory!r} could not be trained on {len(self.ids)} "
+                f"{self.name} vectors: {_faiss_reason(exc)}"
+            ) from exc
+        self.index.add_with_ids(self.vectors, self.ids)
+
+    def _changed(self) -> None:
+        self.saved_as = None
+        self._device = None
+        self._order = None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids), each (nq, k); missing hits have id -1 and score -inf."""
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        if not len(self.ids) or not len(queries):
+            return scores, ids
+        if not self.index.is_trained:
+            raise SeesayError(
+                f"{self.factory} needs ≥ {training_need(self.index)} training vectors, have {len(self.ids)} {self.name}: "
+                "use --factory Flat or index more items"
+            )
+        kk = min(k, len(self.ids))
+        index = self._on_device() if kk <= GPU_MAX_K else self.index
+        found_scores, found_ids = index.search(queries, kk)
+        scores[:, :kk] = np.where(found_ids >= 0, found_scores, -np.inf)
+        ids[:, :kk] = found_ids
+        return scores, ids
+
+    def _on_device(self) -> faiss.Index:
+        """A GPU copy when GPUs are present and the type has one; the CPU index otherwise."""
+        if self._device is None:
+            self._device = self.index
+            if faiss.get_num_gpus() > 0:
+                try:
+                    self._device = faiss.index_cpu_to_all_gpus(self.index)
+                except RuntimeError:
+                    pass  # no GPU implementation of this index type: stay on the CPU
+        return self._device
+
+    def lookup(self, ids: Sequence[int]) -> np.ndarray:
+        """Stored vectors for `ids`, in order; an error names the ids not in this set."""
+        wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if self._order is None:
+            self._order = np.argsort(self.ids, kind="stable")
+        ordered = self.ids[self._order]
+        pos = np.minimum(np.searchsorted(ordered, wanted), max(len(ordered) - 1, 0))
+        found = (ordered[pos] == wanted) if len(ordered) else np.zeros(len(wanted), dtype=bool)
+        if not found.all():
+            raise SeesayError(f"no {self.name} vectors for ids {wanted[~found].tolist()}")
+        return self.vectors[self._order[pos]]
+
+    def write(self, directory: Path, generation: int) -> list[tuple[Path, Path]]:
+        """Write this set as `generation` under temporary names; return (temporary, final) pairs.
+
+        An unchanged set is hard-linked from the generation it was loaded from.
+        """
+        finals = generation_paths(directory, self.name, generation)
+        pairs = [(Path(str(path) + _TEMPORARY), path) for path in finals]
+        for tmp, _ in pairs:
+            tmp.unlink(missing_ok=True)
+        if self.saved_as is not None:
+            for (tmp, _), source in zip(pairs, generation_paths(directory, self.name, self.saved_as)):
+                _link_or_copy(source, tmp)
+            return pairs
+        (index_tmp, _), (vectors_tmp, _), (ids_tmp, _) = pairs
+        faiss.write_index(self.index, str(index_tmp))
+        _fsync(index_tmp)
+        _save_array(vectors_tmp, self.vectors)
+        _save_array(ids_tmp, self.ids)
+        return pairs
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+        _fsync(target)
+
+
+def save_generation(sets: Iterable[VectorSet], directory: Path, generation: int) -> None:
+    """Write every set as `generation`: all files under temporary names first, then renamed into place."""
+    sets = list(sets)
+    pairs = [pair for vector_set in sets for pair in vector_set.write(directory, generation)]
+    for tmp, final in pairs:
+        os.replace(tmp, final)
+    for vector_set in sets:
+        vector_set.saved_as = generation
+
+
+def _generation_files(directory: Path) -> Iterable[tuple[int, bool, Path]]:
+    """(generation, is_temporary, path) for every set file in `directory`."""
+    for path in directory.iterdir():
+        match = _GENERATION_FILE.match(path.name)
+        if match:
+            yield int(match["generation"]), bool(match["tmp"]), path
+
+
+def remove_generations_below(directory: Path, generation: int) -> None:
+    """Delete the files of generations older than `generation`."""
+    for found, temporary, path in _generation_files(directory):
+        if found < generation and not temporary:
+            path.unlink(missing_ok=True)
+
+
+def remove_orphans(directory: Path, generation: int) -> None:
+    """Delete what a crashed writer left: temporaries and generations newer than `generation`.
+
+    Call only while holding the write lock, so no live writer owns them.
+    """
+    for found, temporary, path in _generation_files(directory):
+        if temporary or found > generation:
+            path.unlink(missing_ok=True)

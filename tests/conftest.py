@@ -1,0 +1,76 @@
+"""Shared test helpers: a tiny colour encoder and real image files made with Pillow."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.encoders.base import Encoder, l2_normalize
+from retrieval.encoders.registry import register
+from retrieval.images import load_rgb
+
+COLOUR_WORDS = {"red": 0, "green": 1, "blue": 2}
+
+
+class ColourMeanEncoder(Encoder):
+    """Image → unit mean RGB padded with zeros; text → the unit axis of its colour word.
+
+    Text without a colour word maps to the first padding axis, so it matches no image.
+    """
+
+    kind = "test-colour"
+
+    def __init__(self, dim: int = 8) -> None:
+        if dim < 4:
+            raise ValueError("ColourMeanEncoder needs dim >= 4")
+        self._dim = dim
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def spec(self) -> str:
+        return f"{self.kind}:{self._dim}"
+
+    def encode_images(self, images: Sequence, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        out = np.zeros((len(images), self._dim), dtype=np.float32)
+        for row, image in enumerate(images):
+            out[row, :3] = np.asarray(load_rgb(image), dtype=np.float32).reshape(-1, 3).mean(axis=0)
+        return l2_normalize(out)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            hits = [COLOUR_WORDS[w] for w in text.lower().split() if w in COLOUR_WORDS]
+            out[row, hits or [3]] = 1.0
+        return l2_normalize(out)
+
+    def config(self) -> dict[str, Any]:
+        return {"dim": self._dim}
+
+    def save_weights(self, directory: Path) -> None:
+        (directory / "colours.json").write_text(json.dumps(COLOUR_WORDS))
+
+    @classmethod
+    def from_saved(cls, directory: Path, config: dict[str, Any]) -> "ColourMeanEncoder":
+        return cls(int(config["dim"]))
+
+
+register(ColourMeanEncoder.kind, ColourMeanEncoder, lambda args: ColourMeanEncoder(int(args or 8)))
+
+
+def solid_image(path: Path, rgb: tuple[int, int, int], size: int = 16) -> Path:
+    """Write a solid-colour image (format from the suffix) and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), rgb).save(path)
+    return path
+
+
+@pytest.fixture
+def colour_encoder() -> ColourMeanEncoder:
+    return ColourMeanEncoder(8)

@@ -1,0 +1,391 @@
+"""The on-disk index: real images, a real SQLite file and real FAISS indexes."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+import indexer.index as index_module
+from conftest import ColourMeanEncoder, solid_image
+from indexer import AddReport, Index, Item
+from retrieval.datasets import Record
+from retrieval.encoders.base import read_manifest
+from retrieval.errors import IndexMismatchError, SeesayError
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def faiss_ids(index: faiss.Index) -> np.ndarray:
+    """Every id a FAISS index holds, whether it keeps them in an IDMap or in IVF lists."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return faiss.vector_to_array(index.id_map)
+    ivf = faiss.extract_index_ivf(index)
+    lists = ivf.invlists
+    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy() for i in range(ivf.nlist)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def assert_consistent(directory: Path) -> dict[str, list[int]]:
+    """FAISS ids == stored ids == SQL ids for both kinds at the committed generation; no orphans."""
+    with sqlite3.connect(directory / "meta.sqlite") as db:
+        generation, n_images, n_captions = db.execute(
+            "SELECT generation, n_images, n_captions FROM manifest"
+        ).fetchone()
+        sql = {
+            kind: [row[0] for row in db.execute("SELECT id FROM items WHERE kind=? ORDER BY id", (kind,))]
+            for kind in ("image", "caption")
+        }
+        dangling = db.execute(
+            "SELECT COUNT(*) FROM items c LEFT JOIN items i ON c.image_item_id = i.id "
+            "WHERE c.kind='caption' AND (i.id IS NULL OR i.kind != 'image')"
+        ).fetchone()[0]
+    assert dangling == 0
+    assert (n_images, n_captions) == (len(sql["image"]), len(sql["caption"]))
+    for kind, name in (("image", "images"), ("caption", "captions")):
+        stored = np.load(directory / f"{name}.g{generation}.ids.npy")
+        vectors = np.load(directory / f"{name}.g{generation}.npy")
+        index = faiss.read_index(str(directory / f"{name}.g{generation}.faiss"))
+        assert sorted(stored.tolist()) == sql[kind]
+        assert vectors.shape == (len(stored), index.d)
+        if index.is_trained:
+            assert sorted(faiss_ids(index).tolist()) == sql[kind]
+        else:
+            assert index.ntotal == 0
+    names = [p.name for p in directory.iterdir()]
+    assert not [n for n in names if n.endswith(".tmp")]
+    newer = [n for n in names if n.split(".")[0] in ("images", "captions") and int(n.split(".")[1][1:]) > generation]
+    assert not newer
+    return sql
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> dict[str, Path]:
+    """Solid red/green/blue files plus a corrupt, a truncated and a missing one."""
+    folder = tmp_path / "images"
+    paths = {
+        "red": solid_image(folder / "red.png", RED),
+        "green": solid_image(folder / "green.jpg", GREEN),
+        "blue": solid_image(folder / "blue.png", BLUE),
+    }
+    corrupt = folder / "corrupt.png"
+    corrupt.write_bytes(np.random.default_rng(0).bytes(300))
+    paths["corrupt"] = corrupt
+    whole = solid_image(folder / "whole.jpg", (10, 200, 30), size=64).read_bytes()
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    paths["truncated"] = truncated
+    paths["missing"] = folder / "missing.png"
+    return paths
+
+
+def colour_records(images: dict[str, Path]) -> list[Record]:
+    return [
+        Record("red.png", images["red"], ["a red square", "red"], "train"),
+        Record("green.jpg", images["green"], ["a green square"], "train"),
+        Record("blue.png", images["blue"], ["a blue square", "  "], "test"),
+    ]
+
+
+def text_query(index: Index, text: str) -> np.ndarray:
+    return index.encoder.encode_texts([text])
+
+
+def top_sources(index: Index, kind: str, text: str, k: int = 1) -> list[str]:
+    _, ids = index.search(kind, text_query(index, text), k)
+    return [item.source_id for item in index.items([i for i in ids[0] if i >= 0])]
+
+
+@pytest.fixture
+def built(tmp_path: Path, images: dict[str, Path], colour_encoder: ColourMeanEncoder) -> tuple[Index, AddReport]:
+    index = Index.create(tmp_path / "idx", colour_encoder)
+    report = index.add(colour_records(images))
+    yield index, report
+    index.close()
+
+
+def test_create_add_search_and_reopen(built, tmp_path: Path) -> None:
+    index, report = built
+    directory = tmp_path / "idx"
+    assert (report.images_added, report.captions_added) == (3, 4)
+    assert report.problems == ["blue.png: caption 2 is empty"]
+    assert "added 3 images and 4 captions" in report.summary()
+    assert_consistent(directory)
+
+    assert top_sources(index, "image", "red") == ["red.png"]
+    assert top_sources(index, "image", "something blue") == ["blue.png"]
+    assert top_sources(index, "caption", "green", k=1) == ["green.jpg"]
+    scores, ids = index.search("image", text_query(index, "red"), 5)
+    assert ids.shape == scores.shape == (1, 5)
+    assert (ids[0, 3:] == -1).all() and np.isneginf(scores[0, 3:]).all()
+    assert scores[0, 0] == pytest.approx(1.0)
+
+    red = index.items([ids[0, 0]])[0]
+    assert red == Item(red.id, "image", "red.png", str(tmp_path / "images" / "red.png"), None, None, "train")
+    captions = index.captions_of(red.id)
+    assert [c.text for c in captions] == ["a red square", "red"]
+    assert all(c.image_item_id == red.id and c.kind == "caption" for c in captions)
+    np.testing.assert_allclose(index.vectors("image", [red.id])[0, :3], [1, 0, 0], atol=1e-6)
+
+    info = index.info()
+    assert (info["n_images"], info["n_captions"], info["generation"]) == (3, 4, 1)
+    assert info["factory"] == "Flat" and info["metric"] == "ip" and info["dim"] == 8
+    assert info["db_url"].endswith("meta.sqlite")
+    assert set(info["files"]) == {
+        f"{name}.g1.{ext}" for name in ("images", "captions") for ext in ("faiss", "npy", "ids.npy")
+    }
+    assert json.loads((directory / "index.json").read_text())["db_url"] is None
+    assert read_manifest(directory / "encoder")["kind"] == "test-colour"
+    index.close()
+
+    with Index.open(directory, read_only=True) as reopened:
+        assert isinstance(reopened.encoder, ColourMeanEncoder) and reopened.encoder.dim == 8
+        assert top_sources(reopened, "image", "blue") == ["blue.png"]
+        assert top_sources(reopened, "caption", "red", k=2) == ["red.png", "red.png"]
+
+
+def test_bad_files_are_reported_and_skipped(tmp_path: Path, images, colour_encoder) -> None:
+    records = [
+        Record(name, images[name], [f"{name} caption"]) for name in ("corrupt", "truncated", "missing", "red")
+    ]
+    with Index.create(tmp_path / "idx", colour_encoder) as index:
+        report = index.add(records, batch_size=2)
+        assert (report.images_added, report.captions_added) == (1, 1)
+        assert len(report.problems) == 3
+        for name, reason in (("corrupt", "not an image"), ("truncated", "truncated"), ("missing", "no such file")):
+            [line] = [p for p in report.problems if p.startswith(f"{name}:")]
+            assert str(images[name]) in line and reason in line
+        assert "skipped 3 bad items" in report.summary()
+        assert_consistent(tmp_path / "idx")
+
+
+def test_readding_skips_by_content_hash(built, tmp_path: Path, images) -> None:
+    index, _ = built
+    again = index.add(colour_records(images))
+    assert (again.images_added, again.captions_added) == (0, 0)
+    assert (again.images_skipped_existing, again.captions_skipped_existing) == (3, 4)
+    generation = index.info()["generation"]
+
+    copy = tmp_path / "elsewhere" / "red-copy.png"
+    copy.parent.mkdir()
+    copy.write_bytes(images["red"].read_bytes())
+    more = index.add([Record("red-copy.png", copy, ["RED  again", "a  RED square"])])
+    assert (more.images_added, more.images_skipped_existing) == (0, 1)
+    assert (more.captions_added, more.captions_skipped_existing) == (1, 1)  # case/space-normalised duplicate
+    assert index.info()["generation"] == generation + 1
+    red = index.items(index.search("image", text_query(index, "red"), 1)[1][0])[0]
+    assert red.source_id == "red.png"
+    assert [c.text for c in index.captions_of(red.id)] == ["a red square", "red", "RED  again"]
+    assert_consistent(tmp_path / "idx")
+
+
+def test_delete_image_takes_its_captions(built, tmp_path: Path) -> None:
+    index, _ = built
+    directory = tmp_path / "idx"
+    red_id = index.search("image", text_query(index, "red"), 1)[1][0, 0]
+    red_captions = [c.id for c in index.captions_of(red_id)]
+    blue_caption = index.search("caption", text_query(index, "blue"), 1)[1][0, 0]
+    highest = max(max(ids) for ids in assert_consistent(directory).values())
+
+    with pytest.raises(SeesayError, match=r"\[9999\]"):
+        index.delete([red_id, 9999])
+    assert len(assert_consistent(directory)["image"]) == 3
+
+    assert index.delete([red_id, blue_caption]) == 4
+    sql = assert_consistent(directory)
+    assert red_id not in sql["image"] and not set(red_captions + [blue_caption]) & set(sql["caption"])
+    _, ids = index.search("image", text_query(index, "red"), 5)
+    assert red_id not in ids
+    _, ids = index.search("caption", text_query(index, "red"), 5)
+    assert not set(red_captions) & set(ids[0].tolist())
+    assert index.captions_of(red_id) == []
+    with pytest.raises(SeesayError, match=str(red_id)):
+        index.items([red_id])
+    index.close()
+
+    with Index.open(directory) as reopened:
+        _, ids = reopened.search("image", text_query(reopened, "red"), 5)
+        assert sorted(i for i in ids[0] if i >= 0) == sql["image"]
+        assert reopened.info()["n_captions"] == 1
+        # A deleted id is never reused.
+        reopened.add([Record("red2", solid_image(tmp_path / "red2.png", (250, 5, 5)), [])])
+        assert max(assert_consistent(directory)["image"]) > highest
+
+
+def test_ivf_trains_once_it_has_enough_vectors(tmp_path: Path, images, colour_encoder) -> None:
+    directory = tmp_path / "idx"
+    with Index.create(directory, colour_encoder, factory="IVF4,Flat") as index:
+        index.add(colour_records(images))
+        assert_consistent(directory)
+        with pytest.raises(SeesayError, match=r"IVF4,Flat needs ≥ 4 training vectors, have 3 images: use --factory Flat"):
+            index.search("image", text_query(index, "red"), 1)
+        assert top_sources(index, "caption", "blue") == ["blue.png"]  # 4 captions: trained
+
+        shades = [
+            Record(f"shade{i}", solid_image(tmp_path / f"shade{i}.png", (40 * i, 255 - 30 * i, 20 * i)), [])
+            for i in range(6)
+        ]
+        index.add(shades)
+        sql = assert_consistent(directory)
+        assert top_sources(index, "image", "red") == ["red.png"]
+
+        index.set_search_params(nprobe=4)
+        assert index.info()["search_params"] == {"nprobe": 4}
+        with pytest.raises(SeesayError, match="efSearch"):
+            index.set_search_params(efSearch=64)
+
+        red_id = index.search("image", text_query(index, "red"), 1)[1][0, 0]
+        index.delete([red_id])
+        after = assert_consistent(directory)
+        assert after["image"] == [i for i in sql["image"] if i != red_id]
+        _, ids = index.search("image", text_query(index, "red"), 20)
+        assert sorted(i for i in ids[0] if i >= 0) == after["image"]
+
+
+def test_hnsw_delete_rebuilds(tmp_path: Path, images, colour_encoder) -> None:
+    directory = tmp_path / "idx"
+    with Index.create(directory, colour_encoder, factory="HNSW16") as index:
+        index.add(colour_records(images))
+        red_id = index.search("image", text_query(index, "red"), 1)[1][0, 0]
+        index.delete([red_id])
+        sql = assert_consistent(directory)
+        assert red_id not in sql["image"]
+        _, ids = index.search("image", text_query(index, "red"), 5)
+        assert sorted(i for i in ids[0] if i >= 0) == sql["image"]
+    with Index.open(directory, read_only=True) as reopened:
+        assert reopened.info()["n_images"] == 2
+        assert top_sources(reopened, "image", "green") == ["green.jpg"]
+
+
+def test_crash_before_commit_keeps_old_state(built, tmp_path: Path, monkeypatch) -> None:
+    index, _ = built
+    directory = tmp_path / "idx"
+    before = assert_consistent(directory)
+    real_save = index_module.save_generation
+
+    def save_then_crash(*args, **kwargs) -> None:
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(index_module, "save_generation", save_then_crash)
+    new = Record("teal", solid_image(tmp_path / "teal.png", (0, 128, 128)), ["teal"])
+    with pytest.raises(KeyboardInterrupt):
+        index.add([new])
+    with pytest.raises(KeyboardInterrupt):
+        index.delete(before["image"][:1])
+    assert (directory / "images.g2.faiss").exists()  # the orphan the crash left
+    monkeypatch.undo()
+
+    with Index.open(directory, read_only=True) as reader:
+        assert reader.info()["generation"] == 1
+        assert sorted(reader.search("image", text_query(reader, "red"), 9)[1][0][:3]) == before["image"]
+    with Index.open(directory):
+        assert not (directory / "images.g2.faiss").exists()
+        assert assert_consistent(directory) == before
+    assert sorted(index.search("image", text_query(index, "red"), 9)[1][0][:3]) == before["image"]
+    assert index.add([new]).images_added == 1
+    assert len(assert_consistent(directory)["image"]) == 4
+
+
+def test_interrupted_long_run_keeps_finished_chunks(tmp_path: Path, colour_encoder, monkeypatch) -> None:
+    records = [
+        Record(f"c{i}", solid_image(tmp_path / f"c{i}.png", (20 * i, 10, 255 - 20 * i)), [f"colour {i}"])
+        for i in range(7)
+    ]
+    calls = []
+
+    def flaky(images, batch_size=64, progress=False):
+        calls.append(len(images))
+        if len(calls) == 3:
+            raise RuntimeError("GPU fell over")
+        return ColourMeanEncoder.encode_images(colour_encoder, images)
+
+    directory = tmp_path / "idx"
+    with Index.create(directory, colour_encoder) as index:
+        monkeypatch.setattr(colour_encoder, "encode_images", flaky)
+        with pytest.raises(RuntimeError, match="GPU fell over"):
+            index.add(records, commit_every=2)
+        assert len(assert_consistent(directory)["image"]) == 4
+        monkeypatch.undo()
+        report = index.add(records, commit_every=2, progress=True)
+        assert (report.images_skipped_existing, report.images_added, report.captions_added) == (4, 3, 3)
+        assert len(assert_consistent(directory)["caption"]) == 7
+        # Old generations go; the previous one stays for readers that just read the manifest.
+        generations = {int(p.name.split(".")[1][1:]) for p in directory.glob("images.g*.faiss")}
+        assert generations == {index.info()["generation"] - 1, index.info()["generation"]}
+
+
+def test_reader_follows_writer_with_refresh(built, tmp_path: Path, colour_encoder) -> None:
+    writer, _ = built
+    with Index.open(tmp_path / "idx", read_only=True) as reader:
+        assert reader.search("image", text_query(reader, "red"), 1)[1][0, 0] >= 0
+        assert reader.refresh() is False
+        writer.add([Record("teal", solid_image(tmp_path / "teal.png", (0, 128, 128)), ["teal"])])
+        writer.add([Record("navy", solid_image(tmp_path / "navy.png", (0, 0, 128)), ["navy"])])
+        assert (reader.search("image", text_query(reader, "red"), 9)[1][0] >= 0).sum() == 3
+        assert reader.refresh() is True
+        assert (reader.search("image", text_query(reader, "red"), 9)[1][0] >= 0).sum() == 5
+
+
+def test_read_only_refuses_writes(built, tmp_path: Path, images) -> None:
+    with Index.open(tmp_path / "idx", read_only=True) as reader:
+        with pytest.raises(SeesayError, match="read-only: cannot add"):
+            reader.add(colour_records(images))
+        with pytest.raises(SeesayError, match="read-only: cannot delete"):
+            reader.delete([1])
+    assert_consistent(tmp_path / "idx")
+
+
+def test_mismatches_are_refused(built, tmp_path: Path, images) -> None:
+    index, _ = built
+    directory = tmp_path / "idx"
+    with pytest.raises(IndexMismatchError, match=r"'test-colour:8' \(dim 8\).*'test-colour:6' \(dim 6\)"):
+        Index.open_or_create(directory, ColourMeanEncoder(6))
+    with pytest.raises(IndexMismatchError, match="dim 8"):
+        index.search("image", np.ones((1, 6), dtype=np.float32), 1)
+    with Index.open_or_create(directory, ColourMeanEncoder(8)) as same:
+        assert same.info()["n_images"] == 3
+
+    class Misshapen(ColourMeanEncoder):
+        def encode_images(self, images, batch_size=64, progress=False):
+            return super().encode_images(images)[:, :5]
+
+    with Index.open(directory) as reopened:
+        reopened._encoder = Misshapen(8)
+        new = Record("teal", solid_image(tmp_path / "teal.png", (0, 128, 128)), ["teal"])
+        with pytest.raises(IndexMismatchError, match=r"shape \(1, 5\).*dim 8"):
+            reopened.add([new])
+    assert len(assert_consistent(directory)["image"]) == 3
+
+
+def test_open_and_create_errors(built, tmp_path: Path, colour_encoder) -> None:
+    with pytest.raises(SeesayError, match="already holds a seesay index"):
+        Index.create(tmp_path / "idx", colour_encoder)
+    with pytest.raises(SeesayError, match="not a seesay index"):
+        Index.open(tmp_path / "images")
+    with pytest.raises(SeesayError, match="bad FAISS factory string 'Nope'"):
+        Index.create(tmp_path / "other", colour_encoder, factory="Nope")
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    (tmp_path / "idx" / "index.json").write_text(json.dumps({**meta, "version": 99}))
+    with pytest.raises(SeesayError, match="version 99"):
+        Index.open(tmp_path / "idx")
+    with pytest.raises(SeesayError, match="unknown item kind 'video'"):
+        built[0].search("video", np.ones((1, 8), dtype=np.float32), 1)
+
+
+def test_custom_database_url(tmp_path: Path, images, colour_encoder) -> None:
+    url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"
+    directory = tmp_path / "idx"
+    with Index.create(directory, colour_encoder, db_url=url) as index:
+        index.add(colour_records(images))
+    assert json.loads((directory / "index.json").read_text())["db_url"] == url
+    assert not (directory / "meta.sqlite").exists()
+    with Index.open(directory, read_only=True) as reopened:
+        assert reopened.info()["db_url"] == url
+        assert top_sources(reopened, "image", "green") == ["green.jpg"]
+    with sqlite3.connect(tmp_path / "elsewhere.sqlite") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
