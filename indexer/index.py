@@ -369,10 +369,14 @@ class Index:
 
             images = store.ids_by_hash(session, "image", [new.image_hash for new in encoded.captions])
             indexed = store.ids_by_hash(session, "caption", [new.hash for new in encoded.captions])
-            report.captions_skipped_existing += sum(new.hash in indexed for new in encoded.captions)
-            fresh = [
-                i for i, new in enumerate(encoded.captions) if new.hash not in indexed and new.image_hash in images
-            ]
+            fresh = []
+            for i, new in enumerate(encoded.captions):
+                if new.hash in indexed:
+                    report.captions_skipped_existing += 1
+                elif new.image_hash not in images:
+                    report.problems.append(f"{new.record.image_id}: image deleted while indexing; caption skipped")
+                else:
+                    fresh.append(i)
             rows = [
                 ItemRow(
                     kind="caption",

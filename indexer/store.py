@@ -35,6 +35,7 @@ from retrieval.errors import SeesayError
 
 KINDS = ("image", "caption")
 MANIFEST_ID = 1
+SQLITE_BUSY_TIMEOUT_S = 600
 # Keep IN (...) lists well under every backend's bound-parameter limit.
 _IN_CHUNK = 500
 
@@ -111,10 +112,14 @@ def _chunks(values: Sequence, size: int = _IN_CHUNK) -> Iterator[Sequence]:
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL mode, enforced foreign keys and a 30 s busy wait."""
+    """An engine for `url`; SQLite gets WAL mode, enforced foreign keys and a long busy wait.
+
+    Only writers wait (WAL readers never block), and a writer may hold the lock while
+    it writes a large generation's files.
+    """
     if not url.startswith("sqlite"):
         return create_engine(url)
-    engine = create_engine(url, connect_args={"timeout": 30})
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection, _record) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -120,9 +121,9 @@ class VectorSet:
     def load(
         cls, directory: Path, name: str, generation: int, factory: str, params: Mapping[str, int] | None = None
     ) -> "VectorSet":
-        """Read one generation's files; FileNotFoundError if a file is gone."""
+        """Read one generation's files (vectors memory-mapped); FileNotFoundError if a file is gone."""
         index_path, vectors_path, ids_path = generation_paths(directory, name, generation)
-        vectors = np.load(vectors_path)
+        vectors = np.load(vectors_path, mmap_mode="r")
         ids = np.load(ids_path)
         if not index_path.is_file():
             raise FileNotFoundError(index_path)
@@ -302,10 +303,14 @@ def _generation_files(directory: Path) -> Iterable[tuple[int, bool, Path]]:
 
 
 def remove_generations_below(directory: Path, generation: int) -> None:
-    """Delete the files of generations older than `generation`."""
+    """Delete the files of generations older than `generation`, as far as the OS lets us.
+
+    This runs after a commit, so a file that cannot go yet is left for a later writer.
+    """
     for found, temporary, path in _generation_files(directory):
         if found < generation and not temporary:
-            path.unlink(missing_ok=True)
+            with suppress(OSError):
+                path.unlink(missing_ok=True)
 
 
 def remove_orphans(directory: Path, generation: int) -> None:
