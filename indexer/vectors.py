@@ -25,6 +25,8 @@ from retrieval.errors import SeesayError
 DEFAULT_SEARCH_PARAMS: dict[str, int] = {"nprobe": 16, "efSearch": 128}
 # Largest k a FAISS GPU index answers; larger searches run on the CPU copy.
 GPU_MAX_K = 2048
+# Index types FAISS can copy to a GPU (others would come back as a second CPU copy).
+_GPU_TYPES = (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
 _TEMPORARY = ".tmp"
 _GENERATION_FILE = re.compile(r"^\w+\.g(?P<generation>\d+)\.(faiss|npy|ids\.npy)(?P<tmp>\.tmp)?$")
 
@@ -107,7 +109,7 @@ class VectorSet:
     params: dict[str, int] = field(default_factory=dict)
     saved_as: int | None = None
     _device: faiss.Index | None = field(default=None, repr=False)
-    _order: np.ndarray | None = field(default=None, repr=False)
+    _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, name: str, dim: int, factory: str, params: Mapping[str, int] | None = None) -> "VectorSet":
@@ -200,7 +202,7 @@ class VectorSet:
     def _changed(self) -> None:
         self.saved_as = None
         self._device = None
-        self._order = None
+        self._sorted = None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids), each (nq, k); missing hits have id -1 and score -inf."""
@@ -224,24 +226,25 @@ class VectorSet:
         """A GPU copy when GPUs are present and the type has one; the CPU index otherwise."""
         if self._device is None:
             self._device = self.index
-            if faiss.get_num_gpus() > 0:
+            if faiss.get_num_gpus() > 0 and isinstance(_unwrapped(self.index), _GPU_TYPES):
                 try:
                     self._device = faiss.index_cpu_to_all_gpus(self.index)
                 except RuntimeError:
-                    pass  # no GPU implementation of this index type: stay on the CPU
+                    pass  # a configuration the GPU code does not support: stay on the CPU
         return self._device
 
     def lookup(self, ids: Sequence[int]) -> np.ndarray:
         """Stored vectors for `ids`, in order; an error names the ids not in this set."""
         wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if self._order is None:
-            self._order = np.argsort(self.ids, kind="stable")
-        ordered = self.ids[self._order]
+        if self._sorted is None:
+            order = np.argsort(self.ids, kind="stable")
+            self._sorted = order, self.ids[order]
+        order, ordered = self._sorted
         pos = np.minimum(np.searchsorted(ordered, wanted), max(len(ordered) - 1, 0))
         found = (ordered[pos] == wanted) if len(ordered) else np.zeros(len(wanted), dtype=bool)
         if not found.all():
             raise SeesayError(f"no {self.name} vectors for ids {wanted[~found].tolist()}")
-        return self.vectors[self._order[pos]]
+        return np.asarray(self.vectors[order[pos]])
 
     def write(self, directory: Path, generation: int) -> list[tuple[Path, Path]]:
         """Write this set as `generation` under temporary names; return (temporary, final) pairs.

@@ -5,6 +5,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -345,3 +346,31 @@ def test_custom_database_url(tmp_path: Path, images, colour_encoder) -> None:
         assert top_sources(reopened, "image", "green") == ["green.jpg"]
     with sqlite3.connect(tmp_path / "elsewhere.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("factory, on_gpu", [("Flat", True), ("IVF2,Flat", True), ("HNSW16", False)])
+def test_search_uses_a_gpu_copy_where_the_type_has_one(tmp_path, images, colour_encoder, monkeypatch, factory, on_gpu):
+    copied = []
+
+    def to_gpus(index):
+        copied.append(index)
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus)
+    with Index.create(tmp_path / "idx", colour_encoder, factory=factory) as index:
+        index.add(colour_records(images))
+        assert top_sources(index, "image", "green") == ["green.jpg"]
+        index.add([Record("navy", solid_image(tmp_path / "navy.png", (0, 0, 128)), [])])
+        assert sorted(top_sources(index, "image", "blue", k=2)) == ["blue.png", "navy"]  # a tie
+        assert len(copied) == (2 if on_gpu else 0)  # a fresh copy after each change
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() == 0, reason="needs a GPU")
+def test_gpu_search_matches_cpu(built) -> None:
+    index, _ = built
+    queries = index.encoder.encode_texts(["red", "green", "blue"])
+    scores, ids = index.search("image", queries, 3)
+    cpu_scores, cpu_ids = index._set("image").index.search(queries, 3)
+    np.testing.assert_array_equal(ids, cpu_ids)
+    np.testing.assert_allclose(scores, cpu_scores, atol=1e-5)
