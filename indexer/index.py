@@ -270,7 +270,7 @@ class Index:
         return {
             "directory": str(self.directory),
             "format_version": FORMAT_VERSION,
-            "db_url": self._db.url,
+            "db_url": self._db.display_url,
             "encoder": {
                 "kind": manifest.encoder_kind,
                 "spec": manifest.encoder_spec,

@@ -24,7 +24,6 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    inspect,
     select,
     update,
 )
@@ -135,36 +134,41 @@ class Store:
     """Sessions, schema and queries over one metadata database."""
 
     def __init__(self, url: str) -> None:
-        self.url = url
         try:
             self.engine = make_engine(url)
         except (SQLAlchemyError, ValueError) as exc:
-            raise SeesayError(f"cannot use database {url}: {exc}") from exc
+            raise SeesayError(f"cannot use that database URL: {exc}") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
         """Release every pooled connection."""
         self.engine.dispose()
 
+    @property
+    def display_url(self) -> str:
+        """The database URL with any password masked."""
+        return self.engine.url.render_as_string(hide_password=True)
+
     def initialise(self, manifest: Manifest) -> None:
         """Create the tables and insert `manifest`; refuse a database that already has one."""
-        Base.metadata.create_all(self.engine)
-        with self._sessions.begin() as session:
-            if session.get(Manifest, MANIFEST_ID) is not None:
-                raise SeesayError(f"database {self.url} already holds a seesay index")
-            session.add(manifest)
+        try:
+            Base.metadata.create_all(self.engine)
+            with self._sessions.begin() as session:
+                if session.get(Manifest, MANIFEST_ID) is not None:
+                    raise SeesayError(f"database {self.display_url} already holds a seesay index")
+                session.add(manifest)
+        except SQLAlchemyError as exc:
+            raise SeesayError(f"cannot create the index tables in {self.display_url}: {exc}") from exc
 
     def manifest(self) -> Manifest:
         """The committed manifest, detached; a clear error when this is no seesay database."""
         try:
-            if not inspect(self.engine).has_table(Manifest.__tablename__):
-                raise SeesayError(f"database {self.url} holds no seesay index (no manifest table)")
             with self._sessions() as session:
                 row = session.get(Manifest, MANIFEST_ID)
         except SQLAlchemyError as exc:
-            raise SeesayError(f"cannot read database {self.url}: {exc}") from exc
+            raise SeesayError(f"database {self.display_url} holds no readable seesay index: {exc}") from exc
         if row is None:
-            raise SeesayError(f"database {self.url} holds no seesay index (empty manifest)")
+            raise SeesayError(f"database {self.display_url} holds no seesay index (empty manifest)")
         return row
 
     @contextmanager
