@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -43,7 +44,7 @@ class AddReport:
             "were already indexed"
         )
         if self.problems:
-            line += f"; skipped {len(self.problems)} bad items"
+            line += f"; {len(self.problems)} problems (bad files or empty captions, skipped)"
         return line
 
 
@@ -71,7 +72,7 @@ class Encoded:
     caption_vectors: np.ndarray
 
 
-def file_hash(path: object) -> str:
+def file_hash(path: str | Path) -> str:
     """sha256 of a file's bytes; BadImageError naming the file when it cannot be read."""
     try:
         with open(path, "rb") as handle:
@@ -92,7 +93,7 @@ def caption_hash(image_hash: str, text: str) -> str:
     return hashlib.sha256(f"{image_hash}\n{normalise_caption(text)}".encode()).hexdigest()
 
 
-def _hash_or_error(path: object) -> str | BadImageError:
+def _hash_or_error(path: str | Path) -> str | BadImageError:
     try:
         return file_hash(path)
     except BadImageError as exc:
@@ -101,7 +102,7 @@ def _hash_or_error(path: object) -> str | BadImageError:
 
 def _checked(vectors: np.ndarray, count: int, encoder: Encoder, dim: int) -> np.ndarray:
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.ndim != 2 or vectors.shape != (count, dim):
+    if vectors.shape != (count, dim):
         raise IndexMismatchError(
             f"encoder {encoder.spec!r} returned vectors of shape {vectors.shape} for {count} items; "
             f"the index expects dim {dim}"

@@ -116,7 +116,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path: Path, images, colour_encod
         for name, reason in (("corrupt", "not an image"), ("truncated", "truncated"), ("missing", "no such file")):
             [line] = [p for p in report.problems if p.startswith(f"{name}:")]
             assert str(images[name]) in line and reason in line
-        assert "skipped 3 bad items" in report.summary()
+        assert "3 problems" in report.summary()
         assert_consistent(tmp_path / "idx")
 
 
