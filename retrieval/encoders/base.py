@@ -9,6 +9,7 @@ reopens it whatever the kind.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -27,6 +28,7 @@ class Encoder(ABC):
 
     kind: ClassVar[str]
     version: ClassVar[int] = 1
+    digest: str | None = None  # sha256 of the saved weight files, set by save() and load_encoder()
 
     @property
     @abstractmethod
@@ -37,6 +39,11 @@ class Encoder(ABC):
     def spec(self) -> str:
         """A string that names this encoder (registry spec, or the saved directory)."""
         return self.kind
+
+    @property
+    def identity(self) -> str:
+        """The spec plus the weights' digest: two encoders with equal identity give equal vectors."""
+        return f"{self.spec}#{self.digest[:16]}" if self.digest else self.spec
 
     @abstractmethod
     def encode_images(
@@ -72,17 +79,30 @@ class Encoder(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save_weights(directory)
+        self.digest = weights_digest(directory)
         manifest = {
             "kind": self.kind,
             "version": self.version,
             "spec": self.spec,
             "dim": self.dim,
+            "digest": self.digest,
             "config": self.config(),
         }
         tmp = directory / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2))
         tmp.replace(directory / MANIFEST)
         return directory
+
+
+def weights_digest(directory: Path) -> str:
+    """sha256 over the names and bytes of a saved encoder's files (encoder.json aside)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file() and not p.name.startswith(MANIFEST)):
+        digest.update(str(path.relative_to(directory)).encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

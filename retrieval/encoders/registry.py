@@ -68,6 +68,7 @@ def load_encoder(spec: str | Path) -> Encoder:
                 f"this seesay reads up to {cls.version}"
             )
         encoder = cls.from_saved(path, manifest.get("config", {}))
+        encoder.digest = manifest.get("digest")
         if encoder.dim != manifest["dim"]:
             raise EncoderError(f"{path}: manifest says dim {manifest['dim']}, weights give {encoder.dim}")
         return encoder

@@ -1,0 +1,1 @@
+"""The `seesay` command line."""

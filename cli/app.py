@@ -1,0 +1,52 @@
+"""The `seesay` typer application: every command, and one clear line for every error."""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from cli.demo import demo
+from cli.evaluate import eval_command
+from cli.index import index, info
+from cli.search import search
+from cli.serve import serve
+from cli.train import train
+from retrieval.errors import SeesayError
+
+
+app = typer.Typer(help="seesay: index images and captions, search both ways, train and benchmark encoders.", no_args_is_help=True, pretty_exceptions_enable=False)
+app.command()(train)
+app.command()(index)
+app.command()(search)
+app.command("eval")(eval_command)
+app.command()(info)
+app.command()(demo)
+app.command()(serve)
+
+
+def main() -> None:
+    """Console entry point: run the app, turning seesay's errors into one line and exit code 1."""
+    try:
+        app(standalone_mode=False)
+    except SeesayError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc.strerror}: {exc.filename}", err=True)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors carry their own message and exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Pieces every command shares: dataset options, output helpers, the default encoder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from retrieval.datasets import Dataset, load_dataset, summarize_problems
+
+DEFAULT_ENCODER = "default"
+
+out = Console()
+err = Console(stderr=True)
+
+DataOpt = typer.Option(..., "--data", help="Captions file (CSV, Karpathy/COCO JSON, JSONL) or a folder of images with .txt sidecars.")
+ImagesOpt = typer.Option(None, "--images", help="Root folder for relative image paths in the data file.")
+SplitOpt = typer.Option(None, "--split", help="Split name (Karpathy JSON `split` field).")
+SplitFileOpt = typer.Option(None, "--split-file", help="Text file listing the image names to use, one a line.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+
+
+def read_data(data: Path, images: Optional[Path], split: Optional[str], split_file: Optional[Path], quiet: bool = False) -> Dataset:
+    """Load a dataset and report its skipped rows on stderr."""
+    dataset = load_dataset(data, images_root=images, split=split, split_file=split_file)
+    if dataset.problems and not quiet:
+        err.print(f"[yellow]{summarize_problems(dataset.problems)}[/yellow]")
+    return dataset
+
+
+def print_json(payload: Any) -> None:
+    """One JSON object on stdout."""
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+def recall_table(results: dict[str, dict], title: str = "recall@k (%)") -> Table:
+    """A table of `seesay eval`-shaped results, one row per encoder."""
+    table = Table(title=title)
+    for column in ("encoder", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10", "RSUM", "t2i medr", "i2t medr"):
+        table.add_column(column, justify="left" if column == "encoder" else "right")
+    for name, r in results.items():
+        t2i, i2t = r["t2i"], r["i2t"]
+        table.add_row(
+            name,
+            *(f"{d[k]:.1f}" for d in (t2i, i2t) for k in ("R@1", "R@5", "R@10")),
+            f"{r['rsum']:.1f}",
+            f"{t2i['median_rank']:g}",
+            f"{i2t['median_rank']:g}",
+        )
+    return table
+
+
+def report_problems(problems: list[str], what: str) -> None:
+    """Say on stderr how many items were skipped and which."""
+    if problems:
+        err.print(f"[yellow]{what}: {summarize_problems(problems)}[/yellow]")

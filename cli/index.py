@@ -1,0 +1,50 @@
+"""`seesay index` and `seesay info`: build or extend an index, describe one."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import DEFAULT_ENCODER, DataOpt, ImagesOpt, JsonOpt, SplitFileOpt, SplitOpt, out, print_json, read_data, report_problems
+from indexer import Index
+from retrieval.encoders import load_encoder
+
+IndexOpt = typer.Option(..., "--index", help="Index directory.")
+
+
+def index(
+    data: Path = DataOpt,
+    index_dir: Path = IndexOpt,
+    encoder: str = typer.Option(DEFAULT_ENCODER, "--encoder", help="Encoder spec or saved model directory."),
+    images: Optional[Path] = ImagesOpt,
+    split: Optional[str] = SplitOpt,
+    split_file: Optional[Path] = SplitFileOpt,
+    factory: str = typer.Option("Flat", help="FAISS factory string for a new index: Flat, IVF1024,PQ32, HNSW32, ..."),
+    db_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL for the metadata (default: SQLite file in the index)."),
+    batch_size: int = typer.Option(64, help="Images per encoding batch."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Embed a captioned image set into an index (created if new, extended if not)."""
+    dataset = read_data(data, images, split, split_file, quiet=as_json)
+    idx = Index.open_or_create(index_dir, load_encoder(encoder), factory=factory, db_url=db_url)
+    report = idx.add(dataset.records, batch_size=batch_size, progress=not as_json)
+    problems = dataset.problems + report.problems
+    if as_json:
+        print_json({**vars(report), "problems": problems, "index": str(index_dir)})
+        return
+    report_problems(report.problems, "skipped items")
+    out.print(report.summary())
+
+
+def info(index_dir: Path = IndexOpt, as_json: bool = JsonOpt) -> None:
+    """Describe an index: encoder, dimension, counts, files."""
+    details = Index.open(index_dir, read_only=True).info()
+    if as_json:
+        print_json(details)
+        return
+    table = Table(title=f"index {index_dir}", show_header=False)
+    for key, value in details.items():
+        table.add_row(key, str(value))
+    out.print(table)

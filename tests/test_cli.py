@@ -1,0 +1,106 @@
+"""The seesay CLI end to end: train → index → search → eval → info, on real files, plus its errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+from retrieval.demo_data import make_shape_set
+
+ROOT = Path(__file__).resolve().parents[1]
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
+runner = CliRunner()
+
+
+def run(*args: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def seesay(*args: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess (for exit codes and error lines)."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli.app", *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    return make_shape_set(tmp_path_factory.mktemp("shapes"), copies=2)
+
+
+@pytest.fixture(scope="module")
+def model(shapes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("model") / "bow"
+    summary = json.loads(run("train", "--encoder", "bow-pmi", "--data", shapes, "--out", out, "--colours", 12, "--objects", 0, "--json"))
+    assert summary["dim"] == 12 and summary["skipped"] == 0
+    return out
+
+
+def test_train_index_search_eval_info(shapes, model, tmp_path):
+    index = tmp_path / "index"
+    added = json.loads(run("index", "--encoder", model, "--data", shapes, "--index", index, "--json"))
+    assert (added["images_added"], added["captions_added"]) == (24, 48)
+    again = json.loads(run("index", "--encoder", model, "--data", shapes, "--index", index, "--json"))
+    assert (again["images_added"], again["images_skipped_existing"]) == (0, 24)
+
+    hits = json.loads(run("search", "--index", index, "a red square", "-k", "3", "--json"))["hits"]
+    assert [h["kind"] for h in hits] == ["image"] * 3 and Path(hits[0]["path"]).name.startswith("red_")
+    assert hits[0]["captions"] and hits[0]["score"] >= hits[-1]["score"]
+    probe = shapes.parent / "images" / "blue_circle_0.png"
+    captions = json.loads(run("search", "--index", index, "--image", probe, "-k", "2", "--json"))["hits"]
+    assert "blue" in captions[0]["text"]
+    table = run("search", "--index", index, "a green triangle")
+    assert "green_" in table
+
+    metrics = json.loads(run("eval", "--encoder", model, "--data", shapes, "--json"))
+    assert metrics["n_images"] == 24 and metrics["n_captions"] == 48
+    assert metrics["t2i"]["R@10"] > 10 * 10 / 24 and set(metrics["i2t"]) >= {"R@1", "R@5", "R@10"}
+    info = json.loads(run("info", "--index", index, "--json"))
+    assert info["n_images"] == 24 and info["dim"] == 12
+
+
+def test_flickr8k_sample_indexes_and_finds_its_own_caption(tmp_path):
+    if not FLICKR.is_dir():
+        pytest.skip(f"{FLICKR} is not here")
+    names = (FLICKR / "splits" / "dev.txt").read_text().split()[:20]
+    (tmp_path / "sample.txt").write_text("\n".join(names))
+    args = ("--data", FLICKR / "captions.csv", "--split-file", tmp_path / "sample.txt")
+    run("train", "--encoder", "bow-ratio", *args, "--out", tmp_path / "m", "--colours", 16, "--objects", 0, "--min-count", 1)
+    added = json.loads(run("index", "--encoder", tmp_path / "m", *args, "--index", tmp_path / "i", "--json"))
+    assert (added["images_added"], added["captions_added"]) == (20, 100)
+    hits = json.loads(run("search", "--index", tmp_path / "i", "--image", FLICKR / "images" / names[0], "-k", "5", "--json"))["hits"]
+    assert len(hits) == 5 and all(h["kind"] == "caption" for h in hits)
+
+
+def test_bad_items_are_skipped_counted_and_named(shapes, model, tmp_path):
+    data = tmp_path / "mixed.csv"
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rows = shapes.read_text().splitlines()
+    images = shapes.parent / "images"
+    data.write_text(
+        "image,caption\n"
+        + "\n".join(f"{images / r.split(',')[0]},{r.split(',', 1)[1]}" for r in rows[1:5])
+        + f"\n{tmp_path / 'corrupt.png'},a broken file\n{tmp_path / 'missing.png'},nowhere\n{images / 'red_square_0.png'},   \n"
+    )
+    report = json.loads(run("index", "--encoder", model, "--data", data, "--index", tmp_path / "i", "--json"))
+    assert report["images_added"] == 2
+    problems = "\n".join(report["problems"])
+    assert "corrupt.png" in problems and "missing.png" in problems and "empty caption" in problems
+
+
+def test_errors_exit_non_zero_with_one_clear_line(shapes, model, tmp_path):
+    missing = seesay("search", "--index", tmp_path / "nowhere", "a dog")
+    assert missing.returncode != 0 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
+    untrained = seesay("eval", "--encoder", "bow-pmi", "--data", shapes)
+    assert untrained.returncode == 1 and "seesay train" in untrained.stderr
+    no_data = seesay("index", "--encoder", model, "--data", tmp_path / "none.csv", "--index", tmp_path / "i")
+    assert no_data.returncode == 1 and "none.csv" in no_data.stderr and "Traceback" not in no_data.stderr
+    both = seesay("search", "--index", tmp_path, "x", "--image", shapes)
+    assert both.returncode != 0 and "either" in both.stderr
