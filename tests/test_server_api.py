@@ -442,3 +442,48 @@ def test_search_html_contact_sheet(index_dir, tmp_path):
     result = runner.invoke(app, ["search", "red <script>alert(1)</script>", "--index", str(index_dir), "-k", "1", "--html", str(escaped)])
     assert result.exit_code == 0, result.output
     assert "<script>" not in escaped.read_text() and "&lt;script&gt;" in escaped.read_text()
+
+
+def test_unexpected_errors_are_json_500s_and_the_server_keeps_serving(index_dir, monkeypatch):
+    with TestClient(create_app(index_dir, disk_cache=False), raise_server_exceptions=False) as c:
+        engine = c.app.state.service.engine
+
+        def broken(*_args, **_kw):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(engine, "search_texts", broken)
+        response = c.get("/api/search/text", params={"q": "red"})
+        assert response.status_code == 500 and "boom" in response.json()["detail"]
+        monkeypatch.undo()
+        assert c.get("/api/search/text", params={"q": "red"}).status_code == 200
+
+
+# ----- the command -----
+
+
+def test_serve_command_binds_loopback_by_default(index_dir, tmp_path, monkeypatch):
+    import uvicorn
+
+    from cli.app import app
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda served, **kw: calls.append((served, kw)))
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--index", str(index_dir), "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    served, options = calls[0]
+    assert options["host"] == "127.0.0.1" and options["port"] == 8000
+    with TestClient(served) as c:
+        assert c.get("/api/health").status_code == 200
+        assert c.app.state.service.thumbnails.disk_dir == tmp_path / "c"
+
+    result = runner.invoke(app, ["serve", "--index", str(index_dir), "--host", "0.0.0.0", "--port", "8123", "--max-upload-mb", "1", "--no-disk-cache"])
+    assert result.exit_code == 0, result.output
+    assert calls[1][1]["host"] == "0.0.0.0" and calls[1][1]["port"] == 8123
+    assert "warning" in result.output
+    with TestClient(calls[1][0]) as c:
+        assert c.get("/api/info").json()["max_upload_bytes"] == 1024 * 1024
+        assert c.app.state.service.thumbnails.disk_dir is None
+
+    result = runner.invoke(app, ["serve", "--index", str(tmp_path / "no-index")])
+    assert result.exit_code != 0 and "not a seesay index" in str(result.exception)

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
@@ -275,7 +275,13 @@ def create_app(
     disk = (cache_dir or default_cache_dir(index_dir)) if disk_cache else None
     service = Service(index, ThumbnailCache(disk, memory_cache_bytes))
 
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        index.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="seesay",
         description="Image-text retrieval: search indexed images and captions by text, by image, or from an indexed item.",
         version="0.1.0",
@@ -286,6 +292,11 @@ def create_app(
     @app.exception_handler(SeesayError)
     async def seesay_error(_request: Request, exc: SeesayError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("error serving %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
 
     def finish(query: str, query_kind: str, target: str, k: int, started: float, hits: list[Hit]) -> SearchOut:
         return SearchOut(

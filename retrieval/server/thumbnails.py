@@ -122,11 +122,13 @@ class ThumbnailCache:
         path = self._disk_path(key)
         if path is None:
             return
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".jpg")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only or full cache folder only costs a re-render next time
+        except OSError:  # a read-only or full cache folder only costs a re-render next time
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
