@@ -7,7 +7,7 @@ import typer
 
 from cli.demo import demo
 from cli.evaluate import eval_command
-from cli.index import index, info
+from cli.index import delete, index, info
 from cli.search import search
 from cli.serve import serve
 from cli.train import train
@@ -20,6 +20,7 @@ app.command()(index)
 app.command()(search)
 app.command("eval")(eval_command)
 app.command()(info)
+app.command()(delete)
 app.command()(demo)
 app.command()(serve)
 

@@ -48,3 +48,16 @@ def info(index_dir: Path = IndexOpt, as_json: bool = JsonOpt) -> None:
     for key, value in details.items():
         table.add_row(key, str(value))
     out.print(table)
+
+
+def delete(
+    ids: list[int] = typer.Argument(..., help="Item ids to delete (an image takes its captions along)."),
+    index_dir: Path = IndexOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Delete items from an index by id."""
+    removed = Index.open(index_dir).delete(ids)
+    if as_json:
+        print_json({"deleted": removed, "index": str(index_dir)})
+    else:
+        out.print(f"deleted {removed} items from {index_dir}")

@@ -65,6 +65,12 @@ def test_train_index_search_eval_info(shapes, model, tmp_path):
     info = json.loads(run("info", "--index", index, "--json"))
     assert info["n_images"] == 24 and info["dim"] == 12
 
+    gone = json.loads(run("delete", hits[0]["id"], "--index", index, "--json"))
+    assert gone["deleted"] == 1 + len(hits[0]["captions"])
+    after = json.loads(run("search", "--index", index, "a red square", "-k", "24", "--json"))["hits"]
+    assert hits[0]["id"] not in [h["id"] for h in after] and len(after) == 23
+    assert seesay("delete", 99999, "--index", index).returncode == 1
+
 
 def test_flickr8k_sample_indexes_and_finds_its_own_caption(tmp_path):
     if not FLICKR.is_dir():
