@@ -36,7 +36,7 @@ h1{font-size:1.3rem;margin:0 0 .3rem}
 .text{margin:.3rem 0 0;font-size:1rem}
 ul{margin:.3rem 0 0;padding:0;list-style:none;font-size:.85rem;color:#344054}
 li{margin:.15rem 0}
-.meta{color:#667085;font-size:.75rem;margin-top:.35rem;word-break:break-all}
+.meta{color:#667085;font-size:.75rem;margin-top:.35rem;overflow-wrap:anywhere}
 """
 
 
