@@ -51,6 +51,14 @@ SET_NAMES = {"image": "images", "caption": "captions"}
 _LOAD_ATTEMPTS = 5
 
 
+def same_encoder(recorded: str, encoder: Encoder) -> bool:
+    """Whether `encoder` is the one recorded as `spec#digest`: same spec, and same weights where both are known."""
+    spec, _, digest = recorded.partition("#")
+    if spec != encoder.spec:
+        return False
+    return not (digest and encoder.digest) or encoder.digest.startswith(digest)
+
+
 def default_db_url(directory: Path) -> str:
     """The SQLite database inside the index directory."""
     return f"sqlite:///{(directory / DEFAULT_DB).resolve()}"
@@ -109,7 +117,7 @@ class Index:
         db.initialise(
             Manifest(
                 encoder_kind=encoder.kind,
-                encoder_spec=encoder.spec,
+                encoder_spec=encoder.identity,
                 encoder_version=encoder.version,
                 dim=encoder.dim,
                 factory=factory,
@@ -142,11 +150,11 @@ class Index:
             return cls.create(directory, encoder, factory, db_url)
         index = cls.open(directory)
         built = index._manifest
-        if (built.encoder_spec, built.dim) != (encoder.spec, encoder.dim):
+        if built.dim != encoder.dim or not same_encoder(built.encoder_spec, encoder):
             index.close()
             raise IndexMismatchError(
                 f"index {directory} was built with encoder {built.encoder_spec!r} (dim {built.dim}), "
-                f"not {encoder.spec!r} (dim {encoder.dim})"
+                f"not {encoder.identity!r} (dim {encoder.dim})"
             )
         index._encoder = encoder
         return index

@@ -110,3 +110,13 @@ def test_errors_exit_non_zero_with_one_clear_line(shapes, model, tmp_path):
     assert no_data.returncode == 1 and "none.csv" in no_data.stderr and "Traceback" not in no_data.stderr
     both = seesay("search", "--index", tmp_path, "x", "--image", shapes)
     assert both.returncode != 0 and "either" in both.stderr
+
+
+def test_index_refuses_another_model_of_the_same_kind(shapes, model, tmp_path):
+    other = tmp_path / "other"
+    run("train", "--encoder", "bow-pmi", "--data", shapes, "--out", other, "--colours", 6, "--objects", 0)
+    run("index", "--encoder", model, "--data", shapes, "--index", tmp_path / "i")
+    clash = seesay("index", "--encoder", other, "--data", shapes, "--index", tmp_path / "i")
+    assert clash.returncode == 1 and "was built with encoder" in clash.stderr
+    info = json.loads(run("info", "--index", tmp_path / "i", "--json"))
+    assert info["n_images"] == 24  # nothing stored was lost

@@ -300,7 +300,7 @@ def test_read_only_refuses_writes(built, tmp_path: Path, images) -> None:
 def test_mismatches_are_refused(built, tmp_path: Path, images) -> None:
     index, _ = built
     directory = tmp_path / "idx"
-    with pytest.raises(IndexMismatchError, match=r"'test-colour:8' \(dim 8\).*'test-colour:6' \(dim 6\)"):
+    with pytest.raises(IndexMismatchError, match=r"'test-colour:8#[0-9a-f]{16}' \(dim 8\).*'test-colour:6' \(dim 6\)"):
         Index.open_or_create(directory, ColourMeanEncoder(6))
     with pytest.raises(IndexMismatchError, match="dim 8"):
         index.search("image", np.ones((1, 6), dtype=np.float32), 1)
