@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 from rich.progress import Progress
 
 from retrieval.datasets import Record
 from retrieval.encoders.base import Encoder
 from retrieval.errors import BadImageError, IndexMismatchError
-from retrieval.images import batched, decode_many
+from retrieval.embedding import encode_image_files
+from retrieval.images import batched
 
 # Looks up committed item ids by content hash: (kind, hashes) -> {hash: id}.
 KnownHashes = Callable[[str, Sequence[str]], dict[str, int]]
@@ -195,23 +195,13 @@ def _hashed(records: Sequence[Record], workers: int, report: AddReport) -> list[
 def _encode_images(
     firsts: dict[str, Record], encoder: Encoder, dim: int, meter: Meter, batch_size: int, workers: int
 ) -> tuple[list[NewImage], np.ndarray, dict[str, BadImageError]]:
-    """Decode and encode new images batch by batch: (images, their vectors, errors by hash)."""
-    images: list[NewImage] = []
-    vectors: list[np.ndarray] = []
-    failed: dict[str, BadImageError] = {}
-    for batch in batched(list(firsts.items()), batch_size):
-        decoded: list[tuple[NewImage, Image.Image]] = []
-        for (image_hash, record), img in zip(batch, decode_many([r.image_path for _, r in batch], workers)):
-            if isinstance(img, BadImageError):
-                failed[image_hash] = img
-            else:
-                decoded.append((NewImage(record, image_hash), img))
-        if decoded:
-            encoded = encoder.encode_images([img for _, img in decoded], batch_size=batch_size)
-            vectors.append(_checked(encoded, len(decoded), encoder, dim))
-            images.extend(new for new, _ in decoded)
-        meter.images_done(len(batch))
-    return images, _stack(vectors, dim), failed
+    """Decode and encode new images, decoding ahead of the model: (images, their vectors, errors by hash)."""
+    pending = list(firsts.items())
+    vectors, kept, failed = encode_image_files(
+        encoder, [record.image_path for _, record in pending], batch_size, workers, meter.images_done
+    )
+    images = [NewImage(pending[i][1], pending[i][0]) for i in kept]
+    return images, _checked(vectors, len(images), encoder, dim), {pending[i][0]: err for i, err in failed.items()}
 
 
 def _unindexed_captions(captions: list[NewCaption], known: KnownHashes, report: AddReport) -> list[NewCaption]:

@@ -1,7 +1,7 @@
 """Embedding a corpus in batches: decode image files on threads, skip and report bad ones."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -12,20 +12,28 @@ from retrieval.progress import track
 
 
 def encode_image_files(
-    encoder: Encoder, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False, workers: int = 2
-) -> tuple[np.ndarray, list[int], list[str]]:
-    """Encode the decodable images; return (vectors, positions of the encoded images, problems)."""
-    vectors = [np.zeros((0, encoder.dim), dtype=np.float32)]
+    encoder: Encoder,
+    images: Sequence[ImageInput],
+    batch_size: int = 64,
+    workers: int = 2,
+    advance: Callable[[int], None] = lambda _n: None,
+) -> tuple[np.ndarray, list[int], dict[int, BadImageError]]:
+    """Encode the decodable images: (vectors, positions of the encoded images, errors by position).
+
+    Decoding runs on `workers` threads ahead of the model; `advance(n)` is called after each batch.
+    The vectors are returned as the encoder gave them: callers check their width.
+    """
+    vectors: list[np.ndarray] = []
     kept: list[int] = []
-    problems: list[str] = []
-    decoded = enumerate(decode_many(images, workers))
-    for batch in track(batched(decoded, batch_size), len(images), "encoding images", progress):
+    failed: dict[int, BadImageError] = {}
+    for batch in batched(enumerate(decode_many(images, workers, lookahead=2 * batch_size)), batch_size):
         good = [(i, im) for i, im in batch if not isinstance(im, BadImageError)]
-        problems.extend(str(im) for _, im in batch if isinstance(im, BadImageError))
+        failed.update((i, im) for i, im in batch if isinstance(im, BadImageError))
         if good:
-            vectors.append(as_float32_rows(encoder.encode_images([im for _, im in good], batch_size), encoder.dim))
+            vectors.append(np.asarray(encoder.encode_images([im for _, im in good], batch_size), dtype=np.float32))
             kept.extend(i for i, _ in good)
-    return np.concatenate(vectors), kept, problems
+        advance(len(batch))
+    return (np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), dtype=np.float32)), kept, failed
 
 
 def encode_captions(encoder: Encoder, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:

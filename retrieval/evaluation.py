@@ -7,9 +7,10 @@ import numpy as np
 
 from retrieval.datasets import Record
 from retrieval.embedding import encode_captions, encode_image_files
-from retrieval.encoders.base import Encoder
+from retrieval.encoders.base import Encoder, as_float32_rows
 from retrieval.errors import BadDataError
 from retrieval.metrics import recall_at_k
+from retrieval.progress import progress_bar
 
 
 def evaluate(encoder: Encoder, records: Sequence[Record], batch_size: int = 64, progress: bool = False) -> dict[str, Any]:
@@ -17,7 +18,9 @@ def evaluate(encoder: Encoder, records: Sequence[Record], batch_size: int = 64, 
     captioned = [r for r in records if r.captions]
     if not captioned:
         raise BadDataError("nothing to evaluate: no image with a caption")
-    image_vecs, kept, problems = encode_image_files(encoder, [r.image_path for r in captioned], batch_size, progress)
+    with progress_bar(len(captioned), "encoding images", progress) as advance:
+        image_vecs, kept, failed = encode_image_files(encoder, [r.image_path for r in captioned], batch_size, advance=advance)
+    image_vecs = as_float32_rows(image_vecs, encoder.dim)
     if not kept:
         raise BadDataError("nothing to evaluate: no image could be read")
     kept_records = [captioned[i] for i in kept]
@@ -26,5 +29,5 @@ def evaluate(encoder: Encoder, records: Sequence[Record], batch_size: int = 64, 
     text_vecs = encode_captions(encoder, texts, progress=progress)
     result = recall_at_k(image_vecs, text_vecs, owner)
     result["encoder"] = encoder.spec
-    result["problems"] = problems
+    result["problems"] = [str(error) for error in failed.values()]
     return result

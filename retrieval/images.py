@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence, Union
@@ -39,9 +40,13 @@ def load_rgb(image: ImageInput) -> Image.Image:
 
 
 def decode_many(
-    images: Sequence[ImageInput], workers: int = 2
+    images: Sequence[ImageInput], workers: int = 2, lookahead: int = 64
 ) -> Iterator[Union[Image.Image, BadImageError]]:
-    """Decode images in order on a thread pool, yielding each image or the BadImageError it raised."""
+    """Decode images in order on a thread pool, yielding each image or the BadImageError it raised.
+
+    At most `lookahead` images are decoded ahead of the consumer, so decoding overlaps the
+    caller's work (the model releases the GIL) without holding a whole corpus in memory.
+    """
 
     def attempt(item: ImageInput) -> Union[Image.Image, BadImageError]:
         try:
@@ -53,7 +58,13 @@ def decode_many(
         yield from map(attempt, images)
         return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        yield from pool.map(attempt, images)
+        pending: deque = deque()
+        for item in images:
+            pending.append(pool.submit(attempt, item))
+            if len(pending) >= lookahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def batched(items: Iterable, size: int) -> Iterator[list]:

@@ -1,7 +1,8 @@
 """Rich progress bars for long loops, switched off cleanly when not wanted."""
 from __future__ import annotations
 
-from typing import Iterable, Iterator, TypeVar
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -11,14 +12,21 @@ T = TypeVar("T")
 console = Console(stderr=True)
 
 
-def track(items: Iterable[T], total: int | None, description: str, enabled: bool = True) -> Iterator[T]:
-    """Yield `items`, drawing a progress bar on stderr when `enabled`; `total` counts units advanced."""
+@contextmanager
+def progress_bar(total: int | None, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+    """A bar on stderr while the block runs; yields `advance(n)` (a no-op when not `enabled`)."""
     if not enabled:
-        yield from items
+        yield lambda _n: None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console) as progress:
         task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def track(items: Iterable[T], total: int | None, description: str, enabled: bool = True) -> Iterator[T]:
+    """Yield `items` with a progress bar; a list item advances it by its length, anything else by 1."""
+    with progress_bar(total, description, enabled) as advance:
         for item in items:
             yield item
-            progress.advance(task, len(item) if isinstance(item, list) else 1)
+            advance(len(item) if isinstance(item, list) else 1)
