@@ -1,0 +1,79 @@
+"""seesay's exact search returns FAISS flat's top-k (ties aside), whichever path it takes."""
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer.exact_search import METHODS, ExactSearch, blocked_topk
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _faiss_flat(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    return index.search(q, k)
+
+
+def _same_topk(ours: tuple[np.ndarray, np.ndarray], ref: tuple[np.ndarray, np.ndarray]) -> None:
+    scores, ids = ours
+    ref_scores, ref_ids = ref
+    np.testing.assert_allclose(scores, ref_scores, rtol=0, atol=1e-5)
+    # Ids agree except where neighbouring scores tie within float rounding.
+    differ = ids != ref_ids
+    if differ.any():
+        gaps = np.abs(np.diff(ref_scores, axis=1))
+        near_tie = np.zeros_like(differ)
+        near_tie[:, 1:] |= gaps < 1e-5
+        near_tie[:, :-1] |= gaps < 1e-5
+        assert not (differ & ~near_tie).any()
+
+
+@pytest.mark.parametrize("nq", [1, 7, 16, 64, 300])
+@pytest.mark.parametrize("score_bytes", [1 << 12, 1 << 16, 1 << 24])
+def test_blocked_matches_faiss_flat(nq: int, score_bytes: int) -> None:
+    rng = np.random.default_rng(nq)
+    x = _unit(rng, 5003, 64)
+    q = _unit(rng, nq, 64)
+    ours = blocked_topk(np.ascontiguousarray(x.T), q, 10, score_bytes=score_bytes)
+    _same_topk(ours, _faiss_flat(x, q, 10))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_exact_search_maps_ids_and_pads(method: str) -> None:
+    rng = np.random.default_rng(1)
+    x = _unit(rng, 6, 16)
+    ids = np.arange(100, 106, dtype=np.int64)
+    search = ExactSearch(x, ids)
+    scores, found = search.search(x[:3], 8, method)
+    assert found.shape == (3, 8)
+    assert (found[:, 0] == ids[:3]).all()  # each vector is its own best match
+    assert (found[:, 6:] == -1).all() and np.isneginf(scores[:, 6:]).all()
+    assert set(found[0, :6]) == set(ids)
+
+
+def test_calibrated_choice_still_exact() -> None:
+    rng = np.random.default_rng(2)
+    x = _unit(rng, 20000, 32)
+    search = ExactSearch(x)
+    timings = search.calibrate(batch_sizes=(1, 16, 256), repeats=1)
+    assert set(timings) == {1, 16, 256} and all(set(t) == set(METHODS) for t in timings.values())
+    for nq in (1, 16, 256):
+        q = _unit(rng, nq, 32)
+        assert search.method_for(nq) in METHODS
+        _same_topk(search.search(q, 10), _faiss_flat(x, q, 10))
+
+
+def test_duplicate_scores_and_small_k() -> None:
+    rng = np.random.default_rng(3)
+    base = _unit(rng, 50, 8)
+    x = np.repeat(base, 40, axis=0)  # every score appears 40 times
+    q = _unit(rng, 5, 8)
+    scores, ids = blocked_topk(np.ascontiguousarray(x.T), q, 3, score_bytes=1 << 10)
+    ref_scores, _ = _faiss_flat(x, q, 3)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
+    np.testing.assert_allclose(np.einsum("qd,qkd->qk", q, x[ids]), scores, atol=1e-5)
