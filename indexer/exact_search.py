@@ -135,13 +135,20 @@ class ExactSearch:
     to the method measured fastest there; buckets not calibrated use the fixed rule.
     """
 
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> None:
+    def __init__(
+        self, vectors: np.ndarray, ids: np.ndarray | None = None, flat: faiss.Index | None = None
+    ) -> None:
+        """`flat`: an existing exact FAISS index over the same vectors that returns ids
+        itself (e.g. the index wrapper's IndexIDMap2 over Flat), used instead of a new copy."""
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self.columns = np.ascontiguousarray(self.vectors.T)
         self.ids = None if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
-        self.flat = faiss.IndexFlatIP(self.vectors.shape[1])
-        if len(self.vectors):
-            self.flat.add(self.vectors)
+        self._flat_gives_ids = flat is not None
+        if flat is None:
+            flat = faiss.IndexFlatIP(self.vectors.shape[1])
+            if len(self.vectors):
+                flat.add(self.vectors)
+        self.flat = flat
         self.choice: dict[int, Method] = {}
 
     @property
@@ -181,7 +188,10 @@ class ExactSearch:
             return scores, ids
         found_scores, pos = self.flat.search(queries, kk)
         scores[:, :kk] = found_scores
-        ids[:, :kk] = pos if self.ids is None else np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
+        if self._flat_gives_ids or self.ids is None:
+            ids[:, :kk] = pos
+        else:
+            ids[:, :kk] = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
         return scores, ids
 
     def time_method(self, method: Method, queries: np.ndarray, k: int, repeats: int = 3) -> float:

@@ -1,0 +1,214 @@
+"""`seesay bench encode`: images/s and captions/s through the real pipeline vs the bare model.
+
+For each encoder, on the same Flickr8k dev images:
+- `engine`: `retrieval.embedding.encode_image_files` (what `seesay index` and `seesay eval`
+  run): JPEG decode on threads a window ahead, then `encoder.encode_images` on the
+  decoded batch;
+- `loader`: `encoder.encode_images(paths)`, the encoder's own DataLoader path (decode and
+  preprocess in worker processes, prefetching ahead of the model);
+- `bare`: the model's forward alone on tensors decoded and preprocessed beforehand.
+`pipeline_efficiency` = engine images/s ÷ bare images/s (1.0 = decoding fully hidden);
+`loader_efficiency` is the same for the encoder's own path. Captions/s is
+`retrieval.embedding.encode_captions` (tokenise + model). Where CUDA is present the bare
+forward is also timed on the GPU in bfloat16, and an open_clip ViT-B-32 with random
+weights is added (`openclip-random:ViT-B-32` names it on any machine).
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from benchmarks.report import figure, machine, save_plot
+from retrieval.embedding import encode_captions, encode_image_files
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.registry import load_encoder
+
+NAME = "encode"
+DEFAULT_ENCODERS = ("default",)
+# Same architecture and cost as `default`, untrained heads: measured when no other encoder loads.
+FALLBACK = "towers-untrained"
+FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+RANDOM_OPENCLIP = "openclip-random:"
+
+
+def flickr_sample(n_images: int, n_captions: int, data: Path = FLICKR) -> tuple[list[Path], list[str]]:
+    """The first dev images and captions (train images if there is no dev list)."""
+    split = data / "splits" / "dev.txt"
+    names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+    with open(data / "captions.csv", newline="") as handle:
+        captions = [row["caption"] for row in csv.DictReader(handle)]
+    return [data / "images" / name for name in names[:n_images]], captions[:n_captions]
+
+
+def make_encoder(spec: str) -> Encoder:
+    """`load_encoder(spec)`, plus `openclip-random:ARCH` for an open_clip model with random weights."""
+    if spec.startswith(RANDOM_OPENCLIP):
+        from retrieval.encoders.openclip import OpenClipEncoder
+
+        return OpenClipEncoder(spec[len(RANDOM_OPENCLIP):], spec=spec)
+    if spec == FALLBACK:
+        from retrieval.encoders.towers import TowersEncoder
+
+        return TowersEncoder(spec=FALLBACK)
+    return load_encoder(spec)
+
+
+def bare_model(encoder: Encoder) -> tuple[Callable, Callable] | None:
+    """(preprocess PIL → tensor, forward tensor batch → vectors) for encoders whose image
+    side is one torch model; None for others (e.g. bag-of-words)."""
+    import torch
+
+    if hasattr(encoder, "encode_image_tensors"):
+        from retrieval.towers import efficientnet as effnet
+
+        transform = getattr(encoder, "preprocess", None) if callable(getattr(encoder, "preprocess", None)) else None
+        return transform or effnet.preprocess(), encoder.encode_image_tensors
+    model = getattr(encoder, "model", None)
+    if model is not None and hasattr(model, "encode_image") and callable(getattr(encoder, "preprocess", None)):
+        def forward(x):
+            with torch.no_grad():
+                return model.encode_image(x)
+
+        return encoder.preprocess, forward
+    return None
+
+
+def _gpu_bf16(encoder: Encoder, batches: list, repeats: int = 3) -> dict[str, Any]:
+    """Bare forward on CUDA in bfloat16 autocast, images/s; unavailable without CUDA."""
+    import copy
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"available": False, "reason": "torch.cuda.is_available() is False"}
+    modules = [m for m in (getattr(encoder, "image_model", None), getattr(encoder, "heads", None), getattr(encoder, "model", None)) if m is not None]
+    if not modules:
+        return {"available": False, "reason": "no torch image model on this encoder"}
+    gpu = copy.copy(encoder)
+    for name in ("image_model", "heads", "model"):
+        if getattr(encoder, name, None) is not None:
+            setattr(gpu, name, copy.deepcopy(getattr(encoder, name)).cuda().eval())
+    _, forward = bare_model(gpu)
+    pinned = [b.pin_memory() for b in batches]
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        forward(pinned[0].cuda(non_blocking=True))
+        torch.cuda.synchronize()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for b in pinned:
+                forward(b.cuda(non_blocking=True))
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+    n = sum(len(b) for b in batches)
+    return {"available": True, "device": torch.cuda.get_device_name(0), "dtype": "bfloat16", "images_per_s": n / best}
+
+
+def bench_encoder(encoder: Encoder, paths: Sequence[Path], captions: Sequence[str], batch_size: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from retrieval.images import load_rgb
+
+    out: dict[str, Any] = {"encoder": encoder.spec, "dim": encoder.dim, "batch_size": batch_size,
+                           "n_images": len(paths), "n_captions": len(captions), "torch_threads": torch.get_num_threads()}
+    # Warm up: first calls pay for lazy initialisation and allocator growth.
+    encoder.encode_images(list(paths[: min(8, len(paths))]), batch_size)
+    encoder.encode_texts(list(captions[:8]))
+
+    def best(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    engine_s = best(lambda: encode_image_files(encoder, list(paths), batch_size))
+    loader_s = best(lambda: encoder.encode_images(list(paths), batch_size))
+    out["engine_images_per_s"] = len(paths) / engine_s
+    out["loader_images_per_s"] = len(paths) / loader_s
+    parts = bare_model(encoder)
+    if parts is not None:
+        transform, forward = parts
+        tensors = torch.stack([transform(load_rgb(p)) for p in paths])
+        batches = list(torch.split(tensors, batch_size))
+        with torch.no_grad():
+            bare_s = best(lambda: [forward(b) for b in batches])
+        out["bare_images_per_s"] = len(paths) / bare_s
+        start = time.perf_counter()
+        for p in paths:
+            transform(load_rgb(p))
+        out["decode_preprocess_images_per_s_one_thread"] = len(paths) / (time.perf_counter() - start)
+        out["pipeline_efficiency"] = out["engine_images_per_s"] / out["bare_images_per_s"]
+        out["loader_efficiency"] = out["loader_images_per_s"] / out["bare_images_per_s"]
+        out["gpu_bf16"] = _gpu_bf16(encoder, batches)
+    else:
+        out["bare_images_per_s"] = None
+        out["pipeline_efficiency"] = None
+        out["loader_efficiency"] = None
+    captions_s = best(lambda: encode_captions(encoder, list(captions)))
+    out["captions_per_s"] = len(captions) / captions_s
+    return out
+
+
+def run(
+    encoders: Sequence[str] = DEFAULT_ENCODERS,
+    quick: bool = False,
+    n_images: int | None = None,
+    n_captions: int | None = None,
+    batch_size: int = 32,
+    data: Path = FLICKR,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Benchmark each available encoder; unavailable ones are listed with the reason."""
+    import torch
+
+    n_images = n_images or (64 if quick else 384)
+    n_captions = n_captions or (128 if quick else 2000)
+    repeats = 1 if quick else 2
+    paths, captions = flickr_sample(n_images, n_captions, data)
+    specs = list(encoders)
+    if torch.cuda.is_available() and not any(s.startswith(RANDOM_OPENCLIP) for s in specs):
+        specs.append(RANDOM_OPENCLIP + "ViT-B-32")
+    result: dict[str, Any] = {"benchmark": NAME, "quick": quick, "machine": machine(), "encoders": {}, "skipped": {}}
+    for spec in specs + [FALLBACK]:
+        if spec == FALLBACK and (result["encoders"] or FALLBACK in specs[:-1]):
+            continue
+        try:
+            encoder = make_encoder(spec)
+        except Exception as exc:  # not available here: say why and go on
+            result["skipped"][spec] = f"{type(exc).__name__}: {exc}"
+            log(f"skipping {spec}: {exc}")
+            continue
+        log(f"encoding {len(paths)} images and {len(captions)} captions with {spec}")
+        result["encoders"][spec] = bench_encoder(encoder, paths, captions, batch_size, repeats)
+    measured = [r for r in result["encoders"].values() if r.get("pipeline_efficiency") is not None]
+    if measured:
+        first = measured[0]
+        result["pipeline_efficiency"] = first["pipeline_efficiency"]
+        result["images_per_s"] = first["engine_images_per_s"]
+        result["captions_per_s"] = first["captions_per_s"]
+    return result
+
+
+def plot(result: dict[str, Any], out_dir) -> None:
+    fig, ax = figure(width=8)
+    names = list(result["encoders"])
+    keys = (("engine_images_per_s", "engine path (encode_image_files)"), ("loader_images_per_s", "encoder's DataLoader"),
+            ("bare_images_per_s", "bare model forward"), ("captions_per_s", "captions (encode_captions)"))
+    width = 0.2
+    for j, (key, label) in enumerate(keys):
+        values = [result["encoders"][n].get(key) or 0.0 for n in names]
+        ax.bar(np.arange(len(names)) + (j - 1.5) * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(names)))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("throughput (items/s, log scale)")
+    ax.set_xlabel("encoder")
+    ax.set_title("encoding throughput, CPU" + (" (efficiency = engine ÷ bare)" if names else ""))
+    ax.legend(fontsize=8)
+    save_plot(fig, out_dir, NAME)

@@ -1,0 +1,306 @@
+"""`seesay bench index`: build time, memory, latency, QPS and recall of flat, IVF-PQ and HNSW.
+
+Vectors are random L2-normalised float32 (uniform on the sphere by default; `clustered`
+draws them around 1,024 random centres, closer to real embeddings). Every FAISS index
+is built through the project's wrapper (`indexer.vectors.VectorSet`, the class the
+index uses), so build time and memory include what the engine keeps (its copy of the
+vectors). Flat search is judged against the roofline measured in the same run
+(`benchmarks.roofline`): FAISS flat, seesay's exact path (`indexer.exact_search`) and
+a plain numpy GEMM + argpartition, at query batches of 1, 16, 64, 256 and 4,096.
+Approximate indexes are swept over nprobe / efSearch; recall@10 is against exact search.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import faiss
+import numpy as np
+
+from benchmarks import roofline
+from benchmarks.report import best_time, figure, latencies_ms, machine, percentiles, rss_bytes, save, save_plot
+from indexer.exact_search import ExactSearch
+from indexer.vectors import VectorSet
+
+NAME = "index"
+ROOFLINE_BATCHES = (1, 16, 64, 256, 4096)
+# The batch sizes flat_bandwidth_fraction is judged on (the issue's list).
+JUDGED_BATCHES = (1, 16, 256, 4096)
+TARGET_RECALL = 0.95
+
+
+def unit_vectors(n: int, d: int, rng: np.random.Generator, data: str = "uniform", centres: np.ndarray | None = None) -> np.ndarray:
+    """n random unit vectors: uniform on the sphere, or scattered around `centres`."""
+    if data == "uniform":
+        x = rng.standard_normal((n, d), dtype=np.float32)
+    elif data == "clustered":
+        assert centres is not None
+        x = centres[rng.integers(len(centres), size=n)] + 0.6 / math.sqrt(d) * rng.standard_normal((n, d), dtype=np.float32)
+    else:
+        raise ValueError(f"unknown data {data!r}: use uniform or clustered")
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def numpy_topk(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
+    """Baseline: plain numpy GEMM + argpartition, `chunk` queries at a time (to bound memory)."""
+    n = len(x)
+    out = np.empty((len(q), k), dtype=np.int64)
+    for s in range(0, len(q), chunk):
+        scores = q[s : s + chunk] @ x.T
+        top = np.argpartition(scores, n - k, axis=1)[:, n - k :]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+        out[s : s + chunk] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean share of each query's true top-k found in its returned top-k."""
+    hits = sum(len(set(f[:k]) & set(t[:k])) for f, t in zip(found, truth))
+    return hits / (k * len(truth))
+
+
+def index_bytes(index: faiss.Index) -> int:
+    """Size of the serialised FAISS index (written to a temporary file, not held in memory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "index.faiss")
+        faiss.write_index(index, path)
+        return os.path.getsize(path)
+
+
+def build_set(factory: str, x: np.ndarray, ids: np.ndarray) -> tuple[VectorSet, dict[str, Any]]:
+    """Build through the project's wrapper; time, RSS delta and index bytes."""
+    gc.collect()
+    before = rss_bytes()
+    start = time.perf_counter()
+    vs = VectorSet.empty("bench", x.shape[1], factory)
+    vs.add(x, ids)
+    seconds = time.perf_counter() - start
+    return vs, {
+        "factory": factory,
+        "build_s": seconds,
+        "rss_delta_bytes": rss_bytes() - before,
+        "index_bytes": index_bytes(vs.index),
+        "stored_vector_bytes": int(vs.vectors.nbytes),
+    }
+
+
+def set_param(vs: VectorSet, name: str, value: int) -> None:
+    faiss.ParameterSpace().set_index_parameter(vs.index, name, value)
+
+
+def _qps(search: Callable[[np.ndarray], Any], q: np.ndarray, repeats: int) -> float:
+    return len(q) / best_time(lambda: search(q), repeats)
+
+
+def run(
+    n: int | None = None,
+    d: int = 512,
+    quick: bool = False,
+    large: bool = False,
+    data: str = "uniform",
+    k: int = 10,
+    seed: int = 0,
+    indexes: tuple[str, ...] = ("ivfpq", "hnsw"),
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Run the index benchmark and return its JSON-ready result."""
+    n = n or (20_000 if quick else 1_000_000 if large else 100_000)
+    rng = np.random.default_rng(seed)
+    n_latency = 30 if quick else 200
+    qps_batch = 256 if quick else 1024
+    repeats = 2 if quick else 3
+    batches = tuple(b for b in ROOFLINE_BATCHES if not quick or b <= 4096)
+
+    log("measuring the roofline (read bandwidth, sgemm)")
+    roof = roofline.measure(quick)
+    centres = unit_vectors(1024, d, rng) if data == "clustered" else None
+    x = unit_vectors(n, d, rng, data, centres)
+    ids = np.arange(n, dtype=np.int64)
+    q_eval = unit_vectors(qps_batch, d, rng, data, centres)
+    q_single = unit_vectors(n_latency, d, rng, data, centres)
+
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "n": n,
+        "d": d,
+        "k": k,
+        "data": data,
+        "quick": quick,
+        "machine": machine(),
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "roofline": roof.to_dict(),
+    }
+
+    # ----- flat: FAISS through the wrapper, seesay's exact path, numpy -----
+    log(f"building flat over {n}×{d}")
+    flat, flat_info = build_set("Flat", x, ids)
+    start = time.perf_counter()
+    before = rss_bytes()
+    exact = ExactSearch(flat.vectors, flat.ids, flat=flat.index)
+    flat_info["seesay_exact_extra_build_s"] = time.perf_counter() - start
+    flat_info["seesay_exact_extra_bytes"] = int(exact.columns.nbytes)
+    flat_info["seesay_exact_rss_delta_bytes"] = rss_bytes() - before
+    log("calibrating seesay's exact search per batch size")
+    calibration = exact.calibrate(batches, k, repeats=1 if quick else 2, seed=seed + 1)
+
+    rows = []
+    for nq in batches:
+        q = unit_vectors(nq, d, rng, data, centres)
+        r = repeats if nq <= 256 else 1
+        bound = roof.bound_s(nq, n, d)
+        t_faiss = best_time(lambda: flat.search(q, k), r)
+        t_blocked = best_time(lambda: exact.search(q, k, "blocked"), r)
+        t_numpy = best_time(lambda: numpy_topk(x, q, k), r)
+        chosen = exact.method_for(nq)
+        t_seesay = t_blocked if chosen == "blocked" else t_faiss
+        rows.append({
+            "batch": nq,
+            "bound_s": bound,
+            "bound_kind": "bandwidth" if 4.0 * n * d / roof.read_bytes_per_s >= 2.0 * nq * n * d / roof.sgemm_flops_per_s else "compute",
+            "faiss_s": t_faiss,
+            "blocked_s": t_blocked,
+            "numpy_s": t_numpy,
+            "seesay_method": chosen,
+            "seesay_s": t_seesay,
+            "faiss_fraction": bound / t_faiss,
+            "blocked_fraction": bound / t_blocked,
+            "numpy_fraction": bound / t_numpy,
+            "seesay_fraction": bound / t_seesay,
+        })
+        log(f"  batch {nq}: bound {bound * 1e3:.1f} ms; FAISS {bound / t_faiss:.2f}, seesay {bound / t_seesay:.2f} "
+            f"({chosen}), numpy {bound / t_numpy:.2f} of the bound")
+    judged = [row for row in rows if row["batch"] in JUDGED_BATCHES]
+    result["flat_roofline"] = rows
+    result["calibration_s"] = {str(b): t for b, t in calibration.items()}
+    result["flat_bandwidth_fraction"] = min(row["seesay_fraction"] for row in judged)
+    result["flat_bandwidth_fraction_faiss"] = min(row["faiss_fraction"] for row in judged)
+    result["flat_bandwidth_fraction_numpy"] = min(row["numpy_fraction"] for row in judged)
+
+    log("flat: ground truth, QPS and single-query latency")
+    _, truth = exact.search(q_eval, k)
+    qps_faiss = _qps(lambda q: flat.search(q, k), q_eval, repeats)
+    qps_seesay = _qps(lambda q: exact.search(q, k), q_eval, repeats)
+    lat_faiss = percentiles(latencies_ms(lambda q: flat.search(q[None], k), list(q_single)))
+    lat_seesay = percentiles(latencies_ms(lambda q: exact.search(q[None], k), list(q_single)))
+    flat_qps = max(qps_faiss, qps_seesay)
+    result["indexes"] = {
+        "flat": {
+            **flat_info,
+            "qps_batch": qps_batch,
+            "qps_faiss": qps_faiss,
+            "qps_seesay": qps_seesay,
+            "qps": flat_qps,
+            "latency_faiss": lat_faiss,
+            "latency_seesay": lat_seesay,
+            "recall_at_10": 1.0,
+        }
+    }
+    result["numpy_bruteforce"] = {
+        "qps": _qps(lambda q: numpy_topk(x, q, k), q_eval, 1),
+        "latency": percentiles(latencies_ms(lambda q: numpy_topk(x, q[None], k), list(q_single))),
+    }
+    result["gpu"] = _gpu_flat(flat, q_eval, truth, k, repeats)
+    del exact, flat
+    gc.collect()
+
+    # ----- approximate indexes, swept -----
+    nlist = int(2 ** round(math.log2(2 * math.sqrt(n))))
+    # IVF-PQ uses 4-bit fast-scan codes (d/8 sub-quantizers): 8-bit PQ64 took 10× longer to
+    # train here. Its candidates are re-ranked on the exact vectors (RFlat) with k_factor_rf
+    # × k candidates; k_factor_rf=1 re-scores only the k it found, i.e. plain IVF-PQ recall.
+    refine = (1, 4, 16)
+    specs = {
+        "ivfpq": (f"IVF{nlist},PQ{d // 8}x4fs,RFlat", [
+            {"nprobe": p, "k_factor_rf": f} for p in (1, 4, 16, 64) if p <= nlist for f in refine
+        ]),
+        "hnsw": ("HNSW32", [{"efSearch": e} for e in ((16, 64, 256, 512) if quick else (16, 32, 64, 128, 256, 512, 1024))]),
+    }
+    for name in indexes:
+        factory, settings = specs[name]
+        log(f"building {factory}")
+        vs, info = build_set(factory, x, ids)
+        sweep = []
+        for setting in settings:
+            for param, value in setting.items():
+                set_param(vs, param, value)
+            found = vs.search(q_eval, k)[1]
+            qps = _qps(lambda q: vs.search(q, k), q_eval, repeats)
+            sweep.append({**setting, "recall_at_10": recall_at(found, truth, k), "qps": qps})
+            log(f"  {setting}: recall@10 {sweep[-1]['recall_at_10']:.3f}, {qps:.0f} QPS")
+        good = [s for s in sweep if s["recall_at_10"] >= TARGET_RECALL]
+        pick = max(good, key=lambda s: s["qps"]) if good else max(sweep, key=lambda s: (s["recall_at_10"], s["qps"]))
+        chosen = {p: pick[p] for p in settings[0]}
+        for param, value in chosen.items():
+            set_param(vs, param, value)
+        info.update({
+            "params": list(settings[0]),
+            "sweep": sweep,
+            "chosen": chosen,
+            "recall_at_10": pick["recall_at_10"],
+            "qps": pick["qps"],
+            "speedup_over_flat": pick["qps"] / flat_qps,
+            "latency": percentiles(latencies_ms(lambda q: vs.search(q[None], k), list(q_single))),
+        })
+        result["indexes"][name] = info
+        del vs
+        gc.collect()
+
+    approx = {name: r for name, r in result["indexes"].items() if name != "flat"}
+    if approx:
+        good = {name: r for name, r in approx.items() if r["recall_at_10"] >= TARGET_RECALL}
+        pool = good or approx
+        best = max(pool, key=lambda name: (pool[name]["qps"] if good else pool[name]["recall_at_10"]))
+        result["ann_index"] = best
+        result["ann_params"] = approx[best]["chosen"]
+        result["ann_recall_at_10"] = approx[best]["recall_at_10"]
+        result["ann_speedup"] = approx[best]["speedup_over_flat"]
+    return result
+
+
+def _gpu_flat(flat: VectorSet, q: np.ndarray, truth: np.ndarray, k: int, repeats: int) -> dict[str, Any]:
+    """FAISS GPU flat QPS where FAISS sees a GPU; otherwise why not."""
+    gpus = faiss.get_num_gpus()
+    if gpus == 0:
+        return {"available": False, "reason": "faiss.get_num_gpus() == 0"}
+    try:
+        gpu = faiss.index_cpu_to_all_gpus(flat.index)
+        found = gpu.search(q, k)[1]
+        return {
+            "available": True,
+            "gpus": gpus,
+            "qps": _qps(lambda b: gpu.search(b, k), q, repeats),
+            "recall_at_10": recall_at(found, truth, k),
+        }
+    except RuntimeError as exc:
+        return {"available": False, "reason": str(exc).splitlines()[-1] if str(exc) else "RuntimeError"}
+
+
+def plot(result: dict[str, Any], out_dir) -> None:
+    fig, (left, right) = figure(ncols=2, width=12)
+    rows = result["flat_roofline"]
+    batches = [r["batch"] for r in rows]
+    for key, label in (("faiss_fraction", "FAISS IndexFlatIP"), ("seesay_fraction", "seesay exact"), ("numpy_fraction", "numpy GEMM+argpartition")):
+        left.plot(batches, [r[key] for r in rows], marker="o", label=label)
+    left.axhline(1.0, color="grey", lw=0.8, ls="--")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("query batch size (queries per search call)")
+    left.set_ylabel("roofline bound time / measured time (fraction)")
+    left.set_title(f"flat search, {result['n']:,}×{result['d']}")
+    left.legend()
+    flat_qps = result["indexes"]["flat"]["qps"]
+    for name, r in result["indexes"].items():
+        if "sweep" in r:
+            right.scatter([s["qps"] for s in r["sweep"]], [s["recall_at_10"] for s in r["sweep"]], label=f"{name} (sweep of {', '.join(r['params'])})")
+    right.scatter([flat_qps], [1.0], color="black", marker="*", s=80, label="flat (exact)", zorder=3)
+    right.axhline(TARGET_RECALL, color="grey", lw=0.8, ls="--")
+    right.set_xscale("log")
+    right.set_xlabel(f"throughput (queries/s, batches of {result['indexes']['flat']['qps_batch']})")
+    right.set_ylabel("recall@10 vs exact search")
+    right.set_title("approximate indexes")
+    right.legend(fontsize=8)
+    save_plot(fig, out_dir, NAME)
