@@ -17,11 +17,11 @@ def train(
     split: Optional[str] = SplitOpt,
     split_file: Optional[Path] = SplitFileOpt,
     out: Path = typer.Option(..., "--out", help="Directory to save the trained model in."),
-    colours: int = typer.Option(64, help="bow: number of k-means colour words (0: none)."),
-    objects: int = typer.Option(5, help="bow: top-k ImageNet labels as object words (0: none)."),
-    colour_weight: float = typer.Option(0.5, help="bow: share of colour words in an image's visual words."),
-    min_count: int = typer.Option(2, help="bow: minimum count of a caption word to enter the vocabulary."),
-    alpha: float = typer.Option(0.1, help="bow-pmi: add-alpha smoothing of co-occurrence counts."),
+    colours: int = typer.Option(BowConfig.colours, help="bow: number of k-means colour words (0: none)."),
+    objects: int = typer.Option(BowConfig.objects, help="bow: top-k ImageNet labels as object words (0: none)."),
+    colour_weight: float = typer.Option(BowConfig.colour_weight, help="bow: share of colour words in an image's visual words."),
+    min_count: int = typer.Option(BowConfig.min_count, help="bow: minimum count of a caption word to enter the vocabulary."),
+    alpha: float = typer.Option(BowConfig.alpha, help="bow-pmi: add-alpha smoothing of co-occurrence counts."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Fit an encoder on training pairs and save it to --out."""

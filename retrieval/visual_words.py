@@ -2,6 +2,9 @@
 (top ImageNet labels of the pretrained EfficientNet-Lite0)."""
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Sequence
 
 import faiss
@@ -52,30 +55,65 @@ class ColourWords:
         return out
 
 
+def cache_root() -> Path:
+    """Where seesay keeps derived data between runs ($SEESAY_CACHE, default ~/.cache/seesay)."""
+    return Path(os.environ.get("SEESAY_CACHE", Path.home() / ".cache" / "seesay"))
+
+
 class ObjectWords:
-    """The top-k ImageNet labels of EfficientNet-Lite0, weighted by their renormalised probability."""
+    """The top-k ImageNet labels of EfficientNet-Lite0, weighted by their renormalised probability.
+
+    Each image's top CACHED_LABELS labels are cached on disk under `cache_root()/objects`,
+    keyed by a hash of its decoded pixels, so refitting or re-evaluating skips the network.
+    """
 
     size = 1000
+    CACHED_LABELS = 50
 
-    def __init__(self, top_k: int = 5, batch_size: int = 32) -> None:
+    def __init__(self, top_k: int = 5, batch_size: int = 32, cache: bool = True) -> None:
+        if not 1 <= top_k <= self.CACHED_LABELS:
+            raise ValueError(f"object words: top-k must be 1..{self.CACHED_LABELS}, got {top_k}")
         self.top_k = top_k
         self.batch_size = batch_size
+        self.cache_dir = cache_root() / "objects" if cache else None
 
-    def weights(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(n, 1000) rows summing to 1 over each image's top-k labels."""
+    def _cache_path(self, image: Image.Image) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha1(f"{image.size}".encode() + image.tobytes()).hexdigest()
+        return self.cache_dir / digest[:2] / f"{digest}.npy"
+
+    def _top_labels(self, images: Sequence[Image.Image]) -> list[np.ndarray]:
+        """Per image, a (2, CACHED_LABELS) array: label ids and their probabilities, best first."""
         import torch
 
         from retrieval.towers.efficientnet import load_efficientnet_lite0, pooled_and_logits, preprocess
 
-        model, transform = load_efficientnet_lite0(), preprocess()
+        paths = [self._cache_path(im) for im in images]
+        found = [np.load(p) if p is not None and p.is_file() else None for p in paths]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            model, transform = load_efficientnet_lite0(), preprocess()
+            for start in range(0, len(missing), self.batch_size):
+                rows = missing[start : start + self.batch_size]
+                _, logits = pooled_and_logits(model, torch.stack([transform(images[i]) for i in rows]))
+                probs, labels = logits.softmax(-1).topk(self.CACHED_LABELS, dim=-1)
+                for i, lab, prob in zip(rows, labels.numpy(), probs.numpy()):
+                    found[i] = np.stack([lab.astype(np.float32), prob])
+                    if paths[i] is not None:
+                        paths[i].parent.mkdir(parents=True, exist_ok=True)
+                        tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
+                        with tmp.open("wb") as f:
+                            np.save(f, found[i])
+                        tmp.replace(paths[i])
+        return found
+
+    def weights(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(n, 1000) rows summing to 1 over each image's top-k labels."""
         out = np.zeros((len(images), self.size), dtype=np.float32)
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([transform(im) for im in images[start : start + self.batch_size]])
-            _, logits = pooled_and_logits(model, batch)
-            probs, labels = logits.softmax(-1).topk(self.top_k, dim=-1)
-            probs = probs / probs.sum(-1, keepdim=True)
-            rows = np.arange(start, start + len(batch))[:, None]
-            out[rows, labels.numpy()] = probs.numpy()
+        for row, top in enumerate(self._top_labels(images)):
+            labels, probs = top[0, : self.top_k].astype(np.int64), top[1, : self.top_k]
+            out[row, labels] = probs / probs.sum()
         return out
 
 

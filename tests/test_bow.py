@@ -80,3 +80,19 @@ def test_bad_training_data_is_reported(tmp_path, shapes):
 def test_untrained_bow_spec_says_to_train_first():
     with pytest.raises(EncoderError, match="seesay train"):
         load_encoder("bow-pmi")
+
+
+def test_object_words_are_cached_by_pixels(tmp_path, monkeypatch, shapes):
+    from PIL import Image
+
+    from retrieval.towers import efficientnet
+    from retrieval.visual_words import ObjectWords
+
+    monkeypatch.setenv("SEESAY_CACHE", str(tmp_path))
+    images = [Image.open(r.image_path).convert("RGB") for r in shapes.records[:3]]
+    first = ObjectWords(top_k=5).weights(images)
+    assert len(list((tmp_path / "objects").rglob("*.npy"))) == 3
+    monkeypatch.setattr(efficientnet, "load_efficientnet_lite0", lambda: pytest.fail("cache missed"))
+    np.testing.assert_allclose(ObjectWords(top_k=5).weights(images), first)
+    np.testing.assert_allclose(first.sum(1), 1.0, rtol=1e-5)
+    assert (ObjectWords(top_k=2).weights(images) > 0).sum(1).tolist() == [2, 2, 2]

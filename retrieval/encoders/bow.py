@@ -5,7 +5,7 @@ histogram and/or object-label weights, each block summing to 1) and b the 0/1
 presence of vocabulary words in the caption. θ is projected onto the image side:
 an image is encoded as a, a caption as θ b, so F is an inner product and one FAISS
 index serves both directions. Scaling (documented in `BowConfig`): image vectors
-are L2-normalised (`image_norm="l2"`) or left as distributions (`"l1"`); caption
+are left as distributions (`image_norm="l1"`, the default) or L2-normalised (`"l2"`); caption
 vectors θ b are L2-normalised (`text_norm="l2"`), averaged over the caption's
 words (`"mean"`) or left as sums (`"none"`). Both choices only rescale whole rows,
 so they change rankings across items, never the words that match.
@@ -38,15 +38,15 @@ class BowConfig:
     """Settings of a bag-of-words encoder (all JSON-serialisable)."""
 
     theta: str = "pmi"
-    alpha: float = 0.1
+    alpha: float = 0.001
     positive: bool = True
     colours: int = 64  # k-means colour words; 0 turns colour words off
-    objects: int = 5  # top-k ImageNet labels as object words; 0 turns them off
+    objects: int = 20  # top-k ImageNet labels as object words; 0 turns them off
     colour_weight: float = 0.5
     stem: bool = True
     stop_words: bool = True
     min_count: int = 2
-    image_norm: str = "l2"
+    image_norm: str = "l1"
     text_norm: str = "l2"
 
 
