@@ -5,6 +5,7 @@ import sys
 
 import typer
 
+from cli.bench import bench_app
 from cli.demo import demo
 from cli.evaluate import eval_command
 from cli.index import delete, index, info
@@ -23,6 +24,7 @@ app.command()(info)
 app.command()(delete)
 app.command()(demo)
 app.command()(serve)
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

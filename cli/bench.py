@@ -1,0 +1,164 @@
+"""`seesay bench quality|encode|index|query`: the benchmarks in benchmarks/, as commands.
+
+Each prints a table (or with --json one JSON object on stdout) and writes NAME.json and
+NAME.png into --out (default benchmarks/results/). Progress lines go to stderr.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+from rich.table import Table
+
+from benchmarks.report import DEFAULT_OUT, save
+from cli.common import err, out, print_json, recall_table
+
+bench_app = typer.Typer(help="Benchmarks: retrieval quality, encoding, index and query speed.", no_args_is_help=True)
+
+QuickOpt = typer.Option(False, "--quick", help="Small sizes: about a minute on 2 CPU cores.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+OutOpt = typer.Option(DEFAULT_OUT, "--out", help="Folder for NAME.json and NAME.png.")
+
+
+def _logger(as_json: bool):
+    return (lambda _m: None) if as_json else (lambda m: err.print(f"[dim]{m}[/dim]"))
+
+
+def _finish(result: dict[str, Any], name: str, out_dir: Path, as_json: bool, plot, table: Table) -> None:
+    path = save(result, out_dir, name)
+    try:
+        plot(result, out_dir)
+    except Exception as exc:  # a plot must never lose the measured figures
+        err.print(f"[yellow]plot not written: {exc}[/yellow]")
+    if as_json:
+        print_json(result)
+        return
+    out.print(table)
+    err.print(f"[dim]wrote {path} and {path.with_suffix('.png')}[/dim]")
+
+
+@bench_app.command("quality")
+def quality_cmd(
+    quick: bool = QuickOpt,
+    as_json: bool = JsonOpt,
+    out_dir: Path = OutOpt,
+    encoder: List[str] = typer.Option([], "--encoder", help="Another encoder spec or model directory (repeatable)."),
+    skip: List[str] = typer.Option([], "--skip", help="Leave out a built-in encoder: bow-pmi, bow-ratio, zeroshot, default (repeatable)."),
+    bow_pmi: Optional[Path] = typer.Option(None, "--bow-pmi", help="Saved bow-pmi model directory (else fitted on the training split)."),
+    bow_ratio: Optional[Path] = typer.Option(None, "--bow-ratio", help="Saved bow-ratio model directory (else fitted on the training split)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Captions file (default Flickr8k captions.csv)."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Images to score (default Flickr8k dev)."),
+    train_split_file: Optional[Path] = typer.Option(None, "--train-split-file", help="Images the bag-of-words baselines are fitted on (default Flickr8k train)."),
+    n: Optional[int] = typer.Option(None, "--n", help="Score only the first N images of the split."),
+    n_train: Optional[int] = typer.Option(None, "--n-train", help="Fit the baselines on the first N training images."),
+) -> None:
+    """Recall@1/5/10 both ways, median rank and RSUM of every available encoder, one table."""
+    from benchmarks import quality
+
+    kwargs: dict[str, Any] = {}
+    if data is not None:
+        kwargs["data"] = data
+    if split_file is not None:
+        kwargs["split_file"] = split_file
+    if train_split_file is not None:
+        kwargs["train_split_file"] = train_split_file
+    models = {k: v for k, v in (("bow-pmi", bow_pmi), ("bow-ratio", bow_ratio)) if v is not None}
+    result = quality.run(encoders=encoder, bow_models=models, quick=quick, n_images=n, n_train=n_train,
+                         skip=tuple(skip), log=_logger(as_json), **kwargs)
+    table = recall_table(result["encoders"], f"{result['n_images']} images ({Path(result['split_file']).name if result['split_file'] else 'all'})")
+    _finish(result, quality.NAME, out_dir, as_json, quality.plot, table)
+    for name, reason in result["skipped"].items():
+        if not as_json:
+            err.print(f"[yellow]skipped {name}: {reason}[/yellow]")
+
+
+@bench_app.command("encode")
+def encode_cmd(
+    quick: bool = QuickOpt,
+    as_json: bool = JsonOpt,
+    out_dir: Path = OutOpt,
+    encoder: List[str] = typer.Option([], "--encoder", help="Encoder spec (repeatable; default: default, else towers with untrained heads). `openclip-random:ViT-B-32` is open_clip with random weights."),
+    n: Optional[int] = typer.Option(None, "--n", help="Images to encode (default 384, --quick 64)."),
+    captions: Optional[int] = typer.Option(None, "--captions", help="Captions to encode (default 2000, --quick 128)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
+) -> None:
+    """Images/s and captions/s through the real pipeline vs the bare model forward."""
+    from benchmarks import encode
+
+    result = encode.run(encoders=tuple(encoder) or encode.DEFAULT_ENCODERS, quick=quick, n_images=n,
+                        n_captions=captions, batch_size=batch_size, log=_logger(as_json))
+    table = Table(title="encoding throughput (items/s)")
+    for column in ("encoder", "engine img/s", "loader img/s", "bare img/s", "pipeline eff.", "loader eff.", "captions/s"):
+        table.add_column(column, justify="left" if column == "encoder" else "right")
+    fmt = lambda v, f="{:.1f}": "—" if v is None else f.format(v)  # noqa: E731
+    for name, r in result["encoders"].items():
+        table.add_row(name, fmt(r["engine_images_per_s"]), fmt(r["loader_images_per_s"]), fmt(r["bare_images_per_s"]),
+                      fmt(r["pipeline_efficiency"], "{:.2f}"), fmt(r["loader_efficiency"], "{:.2f}"), fmt(r["captions_per_s"]))
+    _finish(result, encode.NAME, out_dir, as_json, encode.plot, table)
+
+
+@bench_app.command("index")
+def index_cmd(
+    quick: bool = QuickOpt,
+    as_json: bool = JsonOpt,
+    out_dir: Path = OutOpt,
+    large: bool = typer.Option(False, "--large", help="1M vectors instead of 100k."),
+    n: Optional[int] = typer.Option(None, "--n", help="Number of vectors (overrides --quick/--large)."),
+    dim: int = typer.Option(512, "--dim", help="Vector dimension."),
+    data: str = typer.Option("uniform", "--data", help="uniform (on the sphere) or clustered (around 1,024 centres)."),
+    index: List[str] = typer.Option(["ivfpq", "hnsw"], "--index", help="Approximate index to add: ivfpq, hnsw (repeatable)."),
+) -> None:
+    """Flat (vs its roofline), IVF-PQ and HNSW: build time, memory, latency, QPS, recall@10."""
+    from benchmarks import index_speed
+
+    result = index_speed.run(n=n, d=dim, quick=quick, large=large, data=data, indexes=tuple(index), log=_logger(as_json))
+    table = Table(title=f"{result['n']:,} × {result['d']} ({result['data']}), k={result['k']}")
+    for column in ("index", "build s", "RSS Δ MB", "index MB", "p50 ms", "p99 ms", "QPS", "recall@10", "params"):
+        table.add_column(column, justify="left" if column in ("index", "params") else "right")
+    for name, r in result["indexes"].items():
+        lat = r.get("latency_seesay") or r.get("latency")
+        table.add_row(name, f"{r['build_s']:.2f}", f"{r['rss_delta_bytes'] / 2**20:.0f}", f"{r['index_bytes'] / 2**20:.0f}",
+                      f"{lat['p50_ms']:.2f}", f"{lat['p99_ms']:.2f}", f"{r['qps']:.0f}", f"{r['recall_at_10']:.3f}",
+                      str(r.get("chosen", "exact (seesay path)")))
+    roof = Table(title=f"flat search vs roofline (read {result['roofline']['read_gb_per_s']:.1f} GB/s, sgemm {result['roofline']['sgemm_gflops']:.0f} GFLOP/s)")
+    for column in ("batch", "bound ms", "FAISS", "seesay", "path", "numpy"):
+        roof.add_column(column, justify="right")
+    for row in result["flat_roofline"]:
+        roof.add_row(str(row["batch"]), f"{row['bound_s'] * 1e3:.1f}", f"{row['faiss_fraction']:.2f}",
+                     f"{row['seesay_fraction']:.2f}", row["seesay_method"], f"{row['numpy_fraction']:.2f}")
+    _finish(result, index_speed.NAME, out_dir, as_json, index_speed.plot, table)
+    if not as_json:
+        out.print(roof)
+        out.print(f"flat_bandwidth_fraction: seesay {result['flat_bandwidth_fraction']:.2f}, "
+                  f"FAISS {result['flat_bandwidth_fraction_faiss']:.2f}")
+        if "ann_index" in result:
+            out.print(f"best approximate index: {result['ann_index']} {result['ann_params']}: recall@10 "
+                      f"{result['ann_recall_at_10']:.3f} at {result['ann_speedup']:.1f}× flat's QPS")
+
+
+@bench_app.command("query")
+def query_cmd(
+    quick: bool = QuickOpt,
+    as_json: bool = JsonOpt,
+    out_dir: Path = OutOpt,
+    n: Optional[int] = typer.Option(None, "--n", help="Images in the synthetic index (default 100k, --quick 10k)."),
+    encoder: List[str] = typer.Option([], "--encoder", help="Encoder spec to encode queries with (repeatable: the first that loads; default: default, zeroshot)."),
+    queries: Optional[int] = typer.Option(None, "--queries", help="Queries to time (default 300, --quick 50)."),
+    k: int = typer.Option(10, "--k", help="Results per query."),
+    factory: str = typer.Option("Flat", "--factory", help="FAISS factory string of the index."),
+) -> None:
+    """End-to-end text → image query latency (encode, search, SQL fetch) in a warm process."""
+    from benchmarks import query
+
+    result = query.run(n=n, quick=quick, encoders=tuple(encoder) or query.DEFAULT_ENCODERS, queries=queries, k=k,
+                       factory=factory, log=_logger(as_json))
+    table = Table(title=f"text → image, {result['n_items']:,} images, {result['encoder']} ({result['factory']})")
+    for column in ("stage", "p50 ms", "p99 ms", "mean ms"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, r in (("end to end", result["end_to_end"]), *result["stages"].items()):
+        table.add_row(name, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}")
+    if "faiss_one_thread" in result:
+        r = result["faiss_one_thread"]
+        table.add_row("end to end, FAISS on 1 thread", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}")
+    _finish(result, query.NAME, out_dir, as_json, query.plot, table)

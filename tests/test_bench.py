@@ -1,0 +1,74 @@
+"""Each `seesay bench` command runs in a tiny mode and emits JSON with its required keys."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.app import app
+
+FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+needs_flickr = pytest.mark.skipif(not (FLICKR / "captions.csv").is_file(), reason="Flickr8k not present")
+
+
+def _run(args: list[str], out: Path) -> dict:
+    result = CliRunner().invoke(app, ["bench", *args, "--json", "--out", str(out)])
+    assert result.exit_code == 0, (result.stdout, repr(result.exception))
+    payload = json.loads(result.stdout)
+    name = args[0]
+    assert (out / f"{name}.json").is_file() and (out / f"{name}.png").stat().st_size > 0
+    assert json.loads((out / f"{name}.json").read_text())["benchmark"] == name
+    return payload
+
+
+def test_bench_index_tiny(tmp_path: Path) -> None:
+    r = _run(["index", "--quick", "--n", "2000", "--dim", "32"], tmp_path)
+    assert r["n"] == 2000 and r["d"] == 32
+    for key in ("flat_bandwidth_fraction", "flat_bandwidth_fraction_faiss", "ann_recall_at_10", "ann_speedup", "roofline"):
+        assert key in r
+    assert {row["batch"] for row in r["flat_roofline"]} >= {1, 16, 256, 4096}
+    assert set(r["indexes"]) == {"flat", "ivfpq", "hnsw"}
+    for name, info in r["indexes"].items():
+        for key in ("build_s", "rss_delta_bytes", "index_bytes", "qps", "recall_at_10"):
+            assert key in info, (name, key)
+    assert r["indexes"]["flat"]["latency_seesay"]["p99_ms"] >= r["indexes"]["flat"]["latency_seesay"]["p50_ms"]
+    assert 0.0 <= r["ann_recall_at_10"] <= 1.0
+
+
+def test_bench_query_tiny(tmp_path: Path) -> None:
+    r = _run(["query", "--n", "500", "--queries", "10", "--encoder", "test-colour:8"], tmp_path)
+    assert r["n_items"] == 500 and r["encoder"] == "test-colour:8"
+    assert 0 < r["query_p50_ms"] <= r["query_p99_ms"]
+    assert set(r["stages"]) == {"encode_text", "search", "fetch_sql"}
+
+
+@needs_flickr
+def test_bench_encode_tiny(tmp_path: Path) -> None:
+    r = _run(["encode", "--n", "6", "--captions", "10", "--batch-size", "4", "--encoder", "test-colour:8"], tmp_path)
+    enc = r["encoders"]["test-colour:8"]
+    for key in ("engine_images_per_s", "loader_images_per_s", "bare_images_per_s", "pipeline_efficiency", "captions_per_s"):
+        assert key in enc
+    assert enc["engine_images_per_s"] > 0 and enc["captions_per_s"] > 0
+
+
+@needs_flickr
+def test_bench_quality_tiny(tmp_path: Path) -> None:
+    r = _run(["quality", "--quick", "--n", "12", "--n-train", "30", "--skip", "zeroshot", "--skip", "default",
+              "--encoder", "test-colour:8", "--encoder", "no-such-encoder"], tmp_path)
+    assert set(r["encoders"]) == {"bow-pmi", "bow-ratio", "test-colour:8"}
+    assert "no-such-encoder" in r["skipped"]
+    for result in r["encoders"].values():
+        for way in ("t2i", "i2t"):
+            assert {"R@1", "R@5", "R@10", "median_rank", "mean_rank"} <= set(result[way])
+        assert "rsum" in result and result["n_images"] == 12
+
+
+@pytest.mark.slow
+def test_bench_quick_runs(tmp_path: Path) -> None:
+    """The documented --quick runs, end to end (minutes on 2 cores)."""
+    r = _run(["index", "--quick"], tmp_path)
+    assert r["n"] == 20000
+    r = _run(["query", "--quick"], tmp_path)
+    assert r["n_items"] == 10000
