@@ -216,7 +216,7 @@ def run(
     refine = (1, 4, 16)
     specs = {
         "ivfpq": (f"IVF{nlist},PQ{d // 8}x4fs,RFlat", [
-            {"nprobe": p, "k_factor_rf": f} for p in (1, 4, 16, 64) if p <= nlist for f in refine
+            {"nprobe": p, "k_factor_rf": f} for p in ((1, 4, 16, 64) if quick else (1, 4, 16, 64, 256)) if p <= nlist for f in refine
         ]),
         "hnsw": ("HNSW32", [{"efSearch": e} for e in ((16, 64, 256, 512) if quick else (16, 32, 64, 128, 256, 512, 1024))]),
     }

@@ -120,7 +120,7 @@ def index_cmd(
         lat = r.get("latency_seesay") or r.get("latency")
         table.add_row(name, f"{r['build_s']:.2f}", f"{r['rss_delta_bytes'] / 2**20:.0f}", f"{r['index_bytes'] / 2**20:.0f}",
                       f"{lat['p50_ms']:.2f}", f"{lat['p99_ms']:.2f}", f"{r['qps']:.0f}", f"{r['recall_at_10']:.3f}",
-                      str(r.get("chosen", "exact (seesay path)")))
+                      " ".join(f"{a}={b}" for a, b in r["chosen"].items()) if "chosen" in r else "exact")
     roof = Table(title=f"flat search vs roofline (read {result['roofline']['read_gb_per_s']:.1f} GB/s, sgemm {result['roofline']['sgemm_gflops']:.0f} GFLOP/s)")
     for column in ("batch", "bound ms", "FAISS", "seesay", "path", "numpy"):
         roof.add_column(column, justify="right")

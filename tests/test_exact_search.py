@@ -41,6 +41,8 @@ def test_blocked_matches_faiss_flat(nq: int, score_bytes: int) -> None:
     q = _unit(rng, nq, 64)
     ours = blocked_topk(np.ascontiguousarray(x.T), q, 10, score_bytes=score_bytes)
     _same_topk(ours, _faiss_flat(x, q, 10))
+    with_rows = blocked_topk(np.ascontiguousarray(x.T), q, 10, score_bytes=score_bytes, vectors=x)
+    _same_topk(with_rows, _faiss_flat(x, q, 10))
 
 
 @pytest.mark.parametrize("method", METHODS)
