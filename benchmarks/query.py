@@ -29,6 +29,7 @@ from sqlalchemy import insert
 
 from benchmarks.report import figure, latencies_ms, machine, percentiles, save_plot
 from indexer import Index
+from indexer.exact_search import ExactSearch
 from indexer.store import ItemRow
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import load_encoder
@@ -146,6 +147,13 @@ def run(
             one = latencies_ms(lambda text: engine.search_texts([text], "image", k), texts)
         finally:
             faiss.omp_set_num_threads(threads)
+        # What the search stage would cost on seesay's exact path (indexer.exact_search)
+        # over the same stored vectors, for the same query vectors.
+        images = index._set("image")
+        exact = ExactSearch(images.vectors, images.ids)
+        vectors = index.encoder.encode_texts(texts)
+        exact_ms = latencies_ms(lambda v: exact.search(v[None], k), list(vectors))
+        del exact
         index.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -169,6 +177,7 @@ def run(
         "faiss_threads": threads,
         "faiss_one_thread": percentiles(one),
         "stages": {"encode_text": percentiles(encode), "search": percentiles(search), "fetch_sql": percentiles(fetch)},
+        "search_seesay_exact": percentiles(exact_ms),
         "latencies_ms": [round(float(v), 3) for v in total],
     }
 

@@ -161,4 +161,7 @@ def query_cmd(
     if "faiss_one_thread" in result:
         r = result["faiss_one_thread"]
         table.add_row("end to end, FAISS on 1 thread", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}")
+    if "search_seesay_exact" in result:
+        r = result["search_seesay_exact"]
+        table.add_row("search on seesay's exact path", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}")
     _finish(result, query.NAME, out_dir, as_json, query.plot, table)
