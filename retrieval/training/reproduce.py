@@ -14,7 +14,9 @@ from pathlib import Path
 
 # The settings of the shipped model (see retrieval/models/towers-flickr8k/encoder.json).
 SHIPPED: dict = {
-    "epochs": 12,
+    "epochs": 15,
+    "flip": False,
+    "patience": 4,
     "batch_size": 256,
     "lr": 1e-3,
     "loss": "infonce",

@@ -6,8 +6,9 @@ rates (trained tower blocks at `top_lr_scale` × lr), linear warm-up then cosine
 validation recall@k each epoch; the best epoch by validation RSUM is the saved model; a
 checkpoint after every epoch lets `resume=True` continue after an interruption; JSONL log
 and a learning-curve PNG. On a GPU: bf16 autocast and pinned-memory transfers; under
-torchrun (WORLD_SIZE > 1) the model is wrapped in DDP and negatives are gathered from all
-ranks. The frozen parts of both towers run once: their outputs are cached on disk
+torchrun (WORLD_SIZE > 1) each rank takes its slice of every batch and negatives are gathered from all
+ranks (the loss covers the global batch; gradients are summed over ranks, so the
+update equals one process's on the whole batch). The frozen parts of both towers run once: their outputs are cached on disk
 (`retrieval.training.features`).
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -210,7 +210,7 @@ def train_encoder(
     warmup_epochs: float = 1.0,
     label_smoothing: float = 0.0,
     margin: float = 0.2,
-    flip: bool = True,
+    flip: bool = False,
     patience: int | None = 4,
     dropout: float = 0.1,
     cache_dir: Path | None = None,
@@ -221,7 +221,9 @@ def train_encoder(
 
     Returns `out`, a model directory loadable with `load_encoder(out)` (best epoch by
     validation RSUM; the last epoch when `val` is None). `out/checkpoint.pt` holds the last
-    finished epoch for `resume=True`. Images that are missing or unreadable are skipped and
+    finished epoch for `resume=True`. `flip=True` adds the mirrored images as a second view
+    (doubles the one-off image feature caching). `image_top`/`text_top` unfreeze that many top
+    blocks/layers, trained at `top_lr_scale` × lr. Images that are missing or unreadable are skipped and
     reported; a non-finite loss stops training with TrainingError, keeping the last good
     checkpoint and best model.
     """
@@ -282,9 +284,6 @@ def train_encoder(
     elif ckpt_path.is_file() and not resume:
         say(f"{out} holds an earlier run; starting afresh (pass resume=True to continue it)")
 
-    model: torch.nn.Module = heads
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(heads, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     if dev.type == "cuda":
         tr.images = tr.images.pin_memory()
@@ -300,22 +299,23 @@ def train_encoder(
         for b, (img_idx, cap, view) in enumerate(
             epoch_batches(len(tr.records), np.diff(tr.caption_start), batch_size * world, seed, epoch, tr.images.shape[1] if flip else 1)
         ):
-            # Each rank takes its slice of the global batch.
-            sl = slice(rank * len(img_idx) // world, (rank + 1) * len(img_idx) // world)
+            # Each rank takes an equal slice of the global batch (all_gather needs equal sizes).
+            per_rank = len(img_idx) // world
+            sl = slice(rank * per_rank, (rank + 1) * per_rank)
             img_idx, cap, view = img_idx[sl], cap[sl], view[sl]
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * warmup_cosine(step, total_steps, warmup)
             x = tr.images[img_idx, view].to(dev, non_blocking=True).float()
             h, mask = tr.text_batch((tr.caption_start[img_idx] + cap).tolist(), dev)
             with autocast:
-                im = heads.image(x) if world == 1 else model.module.image(x)
-                tx = heads.text(h, mask) if world == 1 else model.module.text(h, mask)
-                im_all, offset = gather_with_grad(im)
+                im, tx = heads.image(x), heads.text(h, mask)
+                # Every rank scores the whole global batch; gradients flow through its own rows.
+                im_all, _ = gather_with_grad(im)
                 tx_all, _ = gather_with_grad(tx)
                 if loss == "infonce":
-                    value = infonce(im, tx, heads.logit_scale, label_smoothing, im_all, tx_all, offset)
+                    value = infonce(im_all, tx_all, heads.logit_scale, label_smoothing)
                 else:
-                    value = vse_max_violation(im, tx, margin, im_all, tx_all, offset)
+                    value = vse_max_violation(im_all, tx_all, margin)
             if not torch.isfinite(value):
                 raise TrainingError(
                     f"loss became {value.item()} at epoch {epoch + 1}, batch {b + 1}; stopped. "
@@ -326,10 +326,13 @@ def train_encoder(
             opt.zero_grad(set_to_none=True)
             value.backward()
             if world > 1:
-                for p in heads.parameters():
+                # Each rank holds the gradient through its own rows: their sum is the full
+                # gradient. The temperature's gradient is already complete on every rank.
+                for name, p in heads.named_parameters():
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
-                        p.grad /= world
+                        if name == "logit_scale":
+                            p.grad /= world
             torch.nn.utils.clip_grad_norm_(heads.parameters(), 5.0)
             opt.step()
             clamp_logit_scale(heads.logit_scale)
@@ -351,7 +354,7 @@ def train_encoder(
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             if improved:
-                enc = TowersEncoder(cfg, heads=_cpu_copy(heads, cfg, base), spec=spec)
+                enc = TowersEncoder(cfg, heads=_cpu_copy(heads), spec=spec)
                 enc.cfg["train"] = {**train_args, "best_epoch": epoch + 1, **{k: v for k, v in entry.items() if k.startswith("val_")}}
                 enc.save(out)
             _save_checkpoint(ckpt_path, heads, opt, cfg, epoch, best_rsum, since_best, history)
@@ -363,7 +366,7 @@ def train_encoder(
     return out
 
 
-def _cpu_copy(heads: TowerHeads, cfg: dict, base: TowersEncoder) -> TowerHeads:
+def _cpu_copy(heads: TowerHeads) -> TowerHeads:
     import copy
 
     return copy.deepcopy(heads).cpu().eval()
