@@ -126,7 +126,8 @@ def index_cmd(
         roof.add_column(column, justify="right")
     for row in result["flat_roofline"]:
         roof.add_row(str(row["batch"]), f"{row['bound_s'] * 1e3:.1f}", f"{row['faiss_fraction']:.2f}",
-                     f"{row['seesay_fraction']:.2f}", row["seesay_method"], f"{row['numpy_fraction']:.2f}")
+                     f"{row['seesay_fraction']:.2f}", row["seesay_method"],
+                     "—" if row["numpy_fraction"] is None else f"{row['numpy_fraction']:.2f}")
     _finish(result, index_speed.NAME, out_dir, as_json, index_speed.plot, table)
     if not as_json:
         out.print(roof)
