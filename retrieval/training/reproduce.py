@@ -14,14 +14,14 @@ from pathlib import Path
 
 # The settings of the shipped model (see retrieval/models/towers-flickr8k/encoder.json).
 SHIPPED: dict = {
-    "epochs": 15,
+    "epochs": 12,
     "flip": False,
     "patience": 4,
     "batch_size": 256,
     "lr": 1e-3,
     "loss": "infonce",
     "head": "linear",
-    "embed_dim": 256,
+    "embed_dim": 512,
     "image_top": 0,
     "text_top": 0,
     "seed": 0,
