@@ -2,14 +2,14 @@
 
 FAISS `IndexFlatIP` scans the database once per query for batches under its BLAS
 threshold (20 queries), so a batch of 16 reads the vectors 16 times from memory; from
-20 queries up it switches to BLAS with its own blocking. A blocked GEMM (numpy's BLAS)
-over database blocks (stored transposed, so it is a no-transpose GEMM) reads the
-vectors once per batch whatever its size, and keeps
-each (queries × block) score matrix small enough to stay in cache while
-`argpartition` takes each block's top k. The two are not uniformly ordered, so
-`ExactSearch` chooses per batch size: by a measured calibration (`calibrate`) when it
-has one, by a fixed rule otherwise (blocked GEMM below 1,024 queries, where FAISS is
-weakest, FAISS's own BLAS path from there up).
+20 queries up it switches to BLAS with its own blocking. The blocked path here reads
+the vectors once per batch whatever its size: a GEMM per database block against the
+vectors stored transposed (a no-transpose GEMM, about twice as fast for few queries),
+then each block's top k through a threshold from per-group maxima and `argpartition`
+on the few entries above it. A single query is one row-major matrix-vector product.
+Neither path wins at every size, so `ExactSearch` chooses per batch size: by a measured
+calibration (`calibrate`) when it has one, by a fixed rule otherwise (blocked below
+1,024 queries, where FAISS is weakest; FAISS's BLAS path from there up).
 
 Scores are inner products; results are (scores, ids), each (nq, k), best first. Ties
 between equal scores may be broken differently by the two paths.
@@ -136,8 +136,8 @@ def _block_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 class ExactSearch:
     """Exact top-k over fixed vectors, by FAISS flat or blocked GEMM, whichever suits the batch.
 
-    Holds the FAISS flat copy and a transposed copy for the blocked path, so memory is
-    about twice the vectors' size (plus `vectors` itself when the caller keeps it).
+    Holds a transposed copy of the vectors for the blocked path, and a FAISS flat copy
+    unless an existing exact index is passed as `flat`.
 
     `choice` maps a batch-size bucket (the power of two at or below the batch size)
     to the method measured fastest there; buckets not calibrated use the fixed rule.
