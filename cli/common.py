@@ -39,16 +39,16 @@ def print_json(payload: Any) -> None:
 def recall_table(results: dict[str, dict], title: str = "recall@k (%)") -> Table:
     """A table of `seesay eval`-shaped results, one row per encoder."""
     table = Table(title=title)
-    for column in ("encoder", "t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10", "RSUM", "t2i medr", "i2t medr"):
-        table.add_column(column, justify="left" if column == "encoder" else "right")
+    table.add_column("encoder", min_width=8, no_wrap=True)
+    for column in ("t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10", "RSUM", "medr"):
+        table.add_column(column, justify="right")
     for name, r in results.items():
         t2i, i2t = r["t2i"], r["i2t"]
         table.add_row(
             name,
             *(f"{d[k]:.1f}" for d in (t2i, i2t) for k in ("R@1", "R@5", "R@10")),
             f"{r['rsum']:.1f}",
-            f"{t2i['median_rank']:g}",
-            f"{i2t['median_rank']:g}",
+            f"{t2i['median_rank']:g}/{i2t['median_rank']:g}",
         )
     return table
 

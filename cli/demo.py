@@ -24,13 +24,13 @@ def demo(
     test = load_dataset(make_shape_set(workdir / "test", copies=2, seed=2))
     err.print(f"generated {len(train.records)} training and {len(test.records)} test images under {workdir}")
     bow, _ = fit_bow(train.records, BowConfig(colours=16), progress=True)
-    model_dir = bow.save(workdir / "bow-pmi")
+    bow.save(workdir / "bow-pmi")
     index = Index.open_or_create(workdir / "index", bow)
     out.print(index.add(test.records, progress=True).summary())
     engine = QueryEngine(Index.open(workdir / "index", read_only=True))
     out.print(hits_table("“a red square” → images", engine.search_texts(["a red square"], "image", 3)[0]))
     probe = test.records[len(test.records) // 2].image_path
     out.print(hits_table(f"{probe.name} → captions", engine.search_images([probe], "caption", 3)[0]))
-    results = {str(model_dir): evaluate(bow, test.records)}
+    results = {"bow-pmi": evaluate(bow, test.records)}
     results[DEFAULT_ENCODER] = evaluate(load_encoder(DEFAULT_ENCODER), test.records, progress=True)
     out.print(recall_table(results, f"test set: {len(test.records)} images, {results[DEFAULT_ENCODER]['n_captions']} captions"))
