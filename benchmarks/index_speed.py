@@ -106,6 +106,7 @@ def run(
     k: int = 10,
     seed: int = 0,
     indexes: tuple[str, ...] = ("ivfpq", "hnsw"),
+    refine: tuple[int, ...] = (1, 4, 16),
     log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Run the index benchmark and return its JSON-ready result."""
@@ -217,7 +218,6 @@ def run(
     # IVF-PQ uses 4-bit fast-scan codes (d/8 sub-quantizers): 8-bit PQ64 took 10× longer to
     # train here. Its candidates are re-ranked on the exact vectors (RFlat) with k_factor_rf
     # × k candidates; k_factor_rf=1 re-scores only the k it found, i.e. plain IVF-PQ recall.
-    refine = (1, 4, 16)
     specs = {
         "ivfpq": (f"IVF{nlist},PQ{d // 8}x4fs,RFlat", [
             {"nprobe": p, "k_factor_rf": f} for p in ((1, 4, 16, 64) if quick else (1, 4, 16, 64, 256)) if p <= nlist for f in refine

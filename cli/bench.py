@@ -108,11 +108,13 @@ def index_cmd(
     dim: int = typer.Option(512, "--dim", help="Vector dimension."),
     data: str = typer.Option("uniform", "--data", help="uniform (on the sphere) or clustered (around 1,024 centres)."),
     index: List[str] = typer.Option(["ivfpq", "hnsw"], "--index", help="Approximate index to add: ivfpq, hnsw (repeatable)."),
+    refine: List[int] = typer.Option([1, 4, 16], "--refine", help="IVF-PQ re-ranking factors k_factor_rf to sweep (repeatable)."),
 ) -> None:
     """Flat (vs its roofline), IVF-PQ and HNSW: build time, memory, latency, QPS, recall@10."""
     from benchmarks import index_speed
 
-    result = index_speed.run(n=n, d=dim, quick=quick, large=large, data=data, indexes=tuple(index), log=_logger(as_json))
+    result = index_speed.run(n=n, d=dim, quick=quick, large=large, data=data, indexes=tuple(index),
+                                 refine=tuple(refine), log=_logger(as_json))
     table = Table(title=f"{result['n']:,} × {result['d']} ({result['data']}), k={result['k']}")
     for column in ("index", "build s", "RSS Δ MB", "index MB", "p50 ms", "p99 ms", "QPS", "recall@10", "params"):
         table.add_column(column, justify="left" if column in ("index", "params") else "right")
