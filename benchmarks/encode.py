@@ -203,12 +203,13 @@ def plot(result: dict[str, Any], out_dir) -> None:
     width = 0.2
     for j, (key, label) in enumerate(keys):
         values = [result["encoders"][n].get(key) or 0.0 for n in names]
-        ax.bar(np.arange(len(names)) + (j - 1.5) * width, values, width, label=label)
+        bars = ax.bar(np.arange(len(names)) + (j - 1.5) * width, values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(np.arange(len(names)))
     ax.set_xticklabels(names, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel("throughput (items/s, log scale)")
+    ax.set_ylabel("throughput (items/s)")
     ax.set_xlabel("encoder")
-    ax.set_title("encoding throughput, CPU" + (" (efficiency = engine ÷ bare)" if names else ""))
+    effs = ", ".join(f"{n}: {r['pipeline_efficiency']:.2f}" for n, r in result["encoders"].items() if r.get("pipeline_efficiency"))
+    ax.set_title(f"encoding throughput (pipeline_efficiency = engine ÷ bare: {effs or 'n/a'})", fontsize=9)
     ax.legend(fontsize=8)
     save_plot(fig, out_dir, NAME)
