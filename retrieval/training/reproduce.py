@@ -21,7 +21,7 @@ SHIPPED: dict = {
     "lr": 1e-3,
     "loss": "infonce",
     "head": "linear",
-    "embed_dim": 512,
+    "embed_dim": 1024,
     "image_top": 0,
     "text_top": 0,
     "seed": 0,
