@@ -18,7 +18,7 @@ import torch
 
 from retrieval.encoders.base import Encoder, l2_normalize
 from retrieval.encoders.registry import register
-from retrieval.errors import BadImageError, EncoderError
+from retrieval.errors import EncoderError
 from retrieval.images import ImageInput
 
 KIND = "openclip"
@@ -135,16 +135,9 @@ class OpenClipEncoder(Encoder):
         return self._spec
 
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        from retrieval.encoders.towers import image_batches
+        from retrieval.encoders.towers import encode_image_batches
 
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        with torch.no_grad():
-            for start, x, reasons in image_batches(images, batch_size, transform=self.preprocess):
-                bad = next((r for r in reasons if r), None)
-                if bad:
-                    raise BadImageError(images[start + reasons.index(bad)], bad.split(": ", 1)[-1])
-                out[start : start + len(x)] = self.model.encode_image(x).float().numpy()
-        return l2_normalize(out)
+        return l2_normalize(encode_image_batches(images, batch_size, self.dim, self.model.encode_image, self.preprocess))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -158,9 +151,9 @@ class OpenClipEncoder(Encoder):
         return {"arch": self.arch, "pretrained": self.pretrained, "model_cfg": self.model_cfg}
 
     def save_weights(self, directory: Path) -> None:
-        tmp = Path(directory) / (WEIGHTS + ".tmp")
-        torch.save(self.model.state_dict(), tmp)
-        tmp.replace(Path(directory) / WEIGHTS)
+        from retrieval.encoders.towers import save_state
+
+        save_state(self.model.state_dict(), Path(directory) / WEIGHTS)
 
     @classmethod
     def from_saved(cls, directory: Path, config: dict[str, Any]) -> "OpenClipEncoder":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -168,6 +168,27 @@ def image_batches(images: Sequence[ImageInput], batch_size: int = 64, workers: i
         start += len(x)
 
 
+@torch.no_grad()
+def encode_image_batches(
+    images: Sequence[ImageInput], batch_size: int, dim: int, encode: Callable[[torch.Tensor], torch.Tensor], transform=None
+) -> np.ndarray:
+    """(n, dim) float32 rows of `encode` over decoded batches; a bad file raises BadImageError naming it."""
+    out = np.zeros((len(images), dim), dtype=np.float32)
+    for start, x, reasons in image_batches(images, batch_size, transform=transform):
+        bad = next((r for r in reasons if r), None)
+        if bad:
+            raise BadImageError(images[start + reasons.index(bad)], bad.split(": ", 1)[-1])
+        out[start : start + len(x)] = encode(x).float().numpy()
+    return out
+
+
+def save_state(state: dict, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves half a weight file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
 class TowersEncoder(Encoder):
     """Frozen EfficientNet-Lite0 + sentence-transformers towers with trained heads."""
 
@@ -204,15 +225,7 @@ class TowersEncoder(Encoder):
         return self.heads.image(fmap)
 
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        for start, x, reasons in image_batches(images, batch_size):
-            bad = next((r for r in reasons if r), None)
-            if bad:
-                raise BadImageError(images[start + reasons.index(bad)], bad.split(": ", 1)[-1])
-            out[start : start + len(x)] = self.encode_image_tensors(x).numpy()
-            if progress:
-                print(f"  images {start + len(x)}/{len(images)}", flush=True)
-        return out
+        return encode_image_batches(images, batch_size, self.dim, self.encode_image_tensors)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
@@ -232,9 +245,7 @@ class TowersEncoder(Encoder):
         return dict(self.cfg)
 
     def save_weights(self, directory: Path) -> None:
-        tmp = Path(directory) / (WEIGHTS + ".tmp")
-        torch.save(self.heads.state_dict(), tmp)
-        tmp.replace(Path(directory) / WEIGHTS)
+        save_state(self.heads.state_dict(), Path(directory) / WEIGHTS)
 
     @classmethod
     def from_saved(cls, directory: Path, config: dict[str, Any]) -> "TowersEncoder":

@@ -15,7 +15,7 @@ import torch
 
 from retrieval.encoders.base import Encoder, l2_normalize
 from retrieval.encoders.registry import register
-from retrieval.errors import BadImageError, EncoderError
+from retrieval.errors import EncoderError
 from retrieval.images import ImageInput
 from retrieval.towers import efficientnet as effnet
 from retrieval.towers import sentence
@@ -74,15 +74,9 @@ class ZeroShotEncoder(Encoder):
         return probs @ self.class_vecs
 
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        from retrieval.encoders.towers import image_batches
+        from retrieval.encoders.towers import encode_image_batches
 
-        out = np.zeros((len(images), self.dim), dtype=np.float32)
-        for start, x, reasons in image_batches(images, batch_size):
-            bad = next((r for r in reasons if r), None)
-            if bad:
-                raise BadImageError(images[start + reasons.index(bad)], bad.split(": ", 1)[-1])
-            out[start : start + len(x)] = self.encode_image_tensors(x).numpy()
-        return l2_normalize(out)
+        return l2_normalize(encode_image_batches(images, batch_size, self.dim, self.encode_image_tensors))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         if not len(texts):
