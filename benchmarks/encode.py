@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from benchmarks.report import figure, machine, save_plot
+from benchmarks.report import FLICKR, figure, machine, save_plot
 from retrieval.embedding import encode_captions, encode_image_files
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import load_encoder
@@ -31,7 +31,6 @@ NAME = "encode"
 DEFAULT_ENCODERS = ("default",)
 # Same architecture and cost as `default`, untrained heads: measured when no other encoder loads.
 FALLBACK = "towers-untrained"
-FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 RANDOM_OPENCLIP = "openclip-random:"
 
 

@@ -31,6 +31,8 @@ ROOFLINE_BATCHES = (1, 16, 64, 256, 4096)
 # The batch sizes flat_bandwidth_fraction is judged on (the list).
 JUDGED_BATCHES = (1, 16, 256, 4096)
 TARGET_RECALL = 0.95
+DATA_KINDS = ("uniform", "clustered")
+APPROXIMATE = ("ivfpq", "hnsw")
 
 
 def unit_vectors(n: int, d: int, rng: np.random.Generator, data: str = "uniform", centres: np.ndarray | None = None) -> np.ndarray:

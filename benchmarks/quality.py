@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from benchmarks.report import figure, machine, save_plot
+from benchmarks.report import FLICKR, figure, machine, save_plot
 from retrieval.datasets import Record, load_dataset
 from retrieval.embedding import encode_captions, encode_image_files
 from retrieval.encoders.base import Encoder, as_float32_rows
@@ -27,7 +27,6 @@ from retrieval.encoders.registry import load_encoder
 from retrieval.metrics import recall_at_k
 
 NAME = "quality"
-FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "bench-bow"
 CURVE_KS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 50)
 NEURAL = ("zeroshot", "default")

@@ -27,7 +27,8 @@ import faiss
 import numpy as np
 from sqlalchemy import insert
 
-from benchmarks.report import figure, latencies_ms, machine, percentiles, save_plot
+from benchmarks.index_speed import unit_vectors
+from benchmarks.report import FLICKR, figure, latencies_ms, machine, percentiles, save_plot
 from indexer import Index
 from indexer.exact_search import ExactSearch
 from indexer.store import ItemRow
@@ -38,7 +39,7 @@ from retrieval.errors import SeesayError
 
 NAME = "query"
 DEFAULT_ENCODERS = ("default", "zeroshot")
-FLICKR_CAPTIONS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k" / "captions.csv"
+FLICKR_CAPTIONS = FLICKR / "captions.csv"
 WORDS = "a dog runs on the grass man in red shirt riding bike two children play near water girl jumps".split()
 INSERT_CHUNK = 20_000
 
@@ -65,11 +66,6 @@ def query_texts(count: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=8)) for _ in range(count)]
 
 
-def _unit(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
-    x = rng.standard_normal((n, d), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def build_synthetic(directory: Path, encoder: Encoder, n: int, factory: str = "Flat", seed: int = 0) -> Index:
     """An index of n synthetic images with one caption each and random vectors (see module doc)."""
     rng = np.random.default_rng(seed)
@@ -90,8 +86,8 @@ def build_synthetic(directory: Path, encoder: Encoder, n: int, factory: str = "F
                  "image_item_id": int(image_ids[i]), "split": "bench", "hash": f"cap{i:061d}"}
                 for i in chunk
             ])
-        sets["image"].add(_unit(n, encoder.dim, rng), image_ids)
-        sets["caption"].add(_unit(n, encoder.dim, rng), caption_ids)
+        sets["image"].add(unit_vectors(n, encoder.dim, rng), image_ids)
+        sets["caption"].add(unit_vectors(n, encoder.dim, rng), caption_ids)
     return index
 
 

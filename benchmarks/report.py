@@ -16,6 +16,8 @@ from typing import Any, Callable
 import numpy as np
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# The shared data set beside the project's root (see ../shared/README.md).
+FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 
 
 def machine() -> dict[str, Any]:

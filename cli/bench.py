@@ -113,6 +113,11 @@ def index_cmd(
     """Flat (vs its roofline), IVF-PQ and HNSW: build time, memory, latency, QPS, recall@10."""
     from benchmarks import index_speed
 
+    if data not in index_speed.DATA_KINDS:
+        raise typer.BadParameter(f"use one of {', '.join(index_speed.DATA_KINDS)}", param_hint="--data")
+    unknown = sorted(set(index) - set(index_speed.APPROXIMATE))
+    if unknown:
+        raise typer.BadParameter(f"unknown index {unknown[0]!r}; use {', '.join(index_speed.APPROXIMATE)}", param_hint="--index")
     result = index_speed.run(n=n, d=dim, quick=quick, large=large, data=data, indexes=tuple(index),
                                  refine=tuple(refine), log=_logger(as_json))
     table = Table(title=f"{result['n']:,} × {result['d']} ({result['data']}), k={result['k']}")

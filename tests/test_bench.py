@@ -72,3 +72,11 @@ def test_bench_quick_runs(tmp_path: Path) -> None:
     assert r["n"] == 20000
     r = _run(["query", "--quick"], tmp_path)
     assert r["n_items"] == 10000
+
+
+def test_bench_index_rejects_bad_options(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for args in (["--data", "gaussian"], ["--index", "lsh"]):
+        result = runner.invoke(app, ["bench", "index", "--n", "100", "--out", str(tmp_path), *args])
+        assert result.exit_code == 2
+        assert "--data" in result.output or "--index" in result.output
