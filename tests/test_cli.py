@@ -133,3 +133,9 @@ def test_train_towers_from_the_cli_then_eval_it(shapes, tmp_path):
     assert metrics["n_images"] == 24 and 0 <= metrics["t2i"]["R@1"] <= 100
     wrong = seesay("train", "--encoder", "openclip:RN50/openai", "--data", shapes, "--out", tmp_path / "x")
     assert wrong.returncode != 0 and "openclip" in wrong.stderr
+
+
+def test_demo_runs_the_whole_loop(tmp_path):
+    output = run("demo", "--dir", tmp_path / "demo")
+    assert "a red square" in output and "default" in output and "bow-pmi" in output
+    assert (tmp_path / "demo" / "index" / "meta.sqlite").is_file()
