@@ -262,6 +262,10 @@ class Index:
         """The captions of one image item."""
         return self._db.captions_of(int(image_item_id))
 
+    def captions_by_image(self, image_item_ids: Sequence[int]) -> dict[int, list[Item]]:
+        """The captions of many image items at once: {image id: captions}."""
+        return self._db.captions_by_image([int(i) for i in image_item_ids])
+
     def vectors(self, kind: str, ids: Sequence[int]) -> np.ndarray:
         """Stored vectors of items of `kind`, by id, as an (n, dim) float32 array."""
         return self._set(kind).lookup(ids)

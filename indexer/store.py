@@ -190,13 +190,21 @@ class Store:
 
     def captions_of(self, image_item_id: int) -> list[Item]:
         """Captions attached to an image item, in id order."""
+        return self.captions_by_image([image_item_id]).get(image_item_id, [])
+
+    def captions_by_image(self, image_item_ids: Sequence[int]) -> dict[int, list[Item]]:
+        """Captions of many image items in one query per chunk of ids: {image id: captions in id order}."""
+        found: dict[int, list[Item]] = {}
         with self._sessions() as session:
-            rows = session.scalars(
-                select(ItemRow)
-                .where(ItemRow.kind == "caption", ItemRow.image_item_id == image_item_id)
-                .order_by(ItemRow.id)
-            )
-            return [_item(row) for row in rows]
+            for chunk in _chunks(sorted(set(image_item_ids))):
+                rows = session.scalars(
+                    select(ItemRow)
+                    .where(ItemRow.kind == "caption", ItemRow.image_item_id.in_(chunk))
+                    .order_by(ItemRow.id)
+                )
+                for row in rows:
+                    found.setdefault(row.image_item_id, []).append(_item(row))
+        return found
 
     def ids_by_hash(self, kind: str, hashes: Sequence[str]) -> dict[str, int]:
         """Committed item ids of `kind` whose hash is among `hashes`."""

@@ -58,6 +58,7 @@ class QueryEngine:
         scores, ids = self.index.search(target, vectors, k)
         found = sorted({int(i) for i in ids.ravel() if i >= 0})
         items = {item.id: item for item in self.index.items(found)}
+        captions = self.index.captions_by_image([i for i, item in items.items() if item.kind == "image"])
         results = []
         for row_scores, row_ids in zip(scores, ids):
             hits = []
@@ -65,8 +66,8 @@ class QueryEngine:
                 item = items.get(int(item_id))
                 if item is None:
                     continue
-                captions = [c.text for c in self.index.captions_of(item.id)] if item.kind == "image" else []
-                hits.append(Hit(len(hits) + 1, float(score), item, captions))
+                texts = [c.text for c in captions.get(item.id, [])]
+                hits.append(Hit(len(hits) + 1, float(score), item, texts))
             results.append(hits)
         return results
 

@@ -374,3 +374,13 @@ def test_gpu_search_matches_cpu(built) -> None:
     cpu_scores, cpu_ids = index._set("image").index.search(queries, 3)
     np.testing.assert_array_equal(ids, cpu_ids)
     np.testing.assert_allclose(scores, cpu_scores, atol=1e-5)
+
+
+def test_captions_by_image_answers_many_images_in_one_call(built) -> None:
+    index, _ = built
+    image_ids = [int(i) for i in index.search("image", index.encoder.encode_texts(["red"]), 3)[1][0]]
+    together = index.captions_by_image(image_ids + [987654])
+    assert {i: [c.id for c in caps] for i, caps in together.items()} == {
+        i: [c.id for c in index.captions_of(i)] for i in image_ids if index.captions_of(i)
+    }
+    assert sum(len(caps) for caps in together.values()) == 4 and 987654 not in together
