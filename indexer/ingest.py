@@ -19,8 +19,7 @@ from rich.progress import Progress
 from retrieval.datasets import Record
 from retrieval.encoders.base import Encoder
 from retrieval.errors import BadImageError, IndexMismatchError
-from retrieval.embedding import encode_image_files
-from retrieval.images import batched
+from retrieval.embedding import encode_captions, encode_image_files
 
 # Looks up committed item ids by content hash: (kind, hashes) -> {hash: id}.
 KnownHashes = Callable[[str, Sequence[str]], dict[str, int]]
@@ -171,12 +170,8 @@ def encode_chunk(
                 report.problems.append(f"{record.image_id}: caption {number} is empty")
     captions = _unindexed_captions(captions, known, report)
     meter.captions_due(len(captions))
-    caption_vectors: list[np.ndarray] = []
-    for batch in batched(captions, batch_size):
-        encoded = encoder.encode_texts([caption.text for caption in batch], batch_size=batch_size)
-        caption_vectors.append(_checked(encoded, len(batch), encoder, dim))
-        meter.captions_done(len(batch))
-    return Encoded(images, image_vectors, captions, _stack(caption_vectors, dim))
+    caption_vectors = encode_captions(encoder, [caption.text for caption in captions], batch_size, meter.captions_done)
+    return Encoded(images, image_vectors, captions, _checked(caption_vectors, len(captions), encoder, dim))
 
 
 def _hashed(records: Sequence[Record], workers: int, report: AddReport) -> list[tuple[Record, str]]:
@@ -215,7 +210,3 @@ def _unindexed_captions(captions: list[NewCaption], known: KnownHashes, report: 
             seen.add(caption.hash)
             fresh.append(caption)
     return fresh
-
-
-def _stack(parts: list[np.ndarray], dim: int) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros((0, dim), dtype=np.float32)

@@ -5,10 +5,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from retrieval.encoders.base import Encoder, as_float32_rows
+from retrieval.encoders.base import Encoder
 from retrieval.errors import BadImageError
 from retrieval.images import ImageInput, batched, decode_many
-from retrieval.progress import track
 
 
 def encode_image_files(
@@ -36,9 +35,12 @@ def encode_image_files(
     return (np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), dtype=np.float32)), kept, failed
 
 
-def encode_captions(encoder: Encoder, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
-    """Encode captions in batches, checking the encoder's dimension."""
-    chunks = [np.zeros((0, encoder.dim), dtype=np.float32)]
-    for batch in track(batched(texts, batch_size * 8), len(texts), "encoding captions", progress):
-        chunks.append(as_float32_rows(encoder.encode_texts(batch, batch_size), encoder.dim))
-    return np.concatenate(chunks)
+def encode_captions(
+    encoder: Encoder, texts: Sequence[str], batch_size: int = 256, advance: Callable[[int], None] = lambda _n: None
+) -> np.ndarray:
+    """Encode captions in batches, calling `advance(n)` after each; callers check the width, as for images."""
+    chunks: list[np.ndarray] = []
+    for batch in batched(texts, batch_size):
+        chunks.append(np.asarray(encoder.encode_texts(batch, batch_size), dtype=np.float32))
+        advance(len(batch))
+    return np.concatenate(chunks) if chunks else np.zeros((0, encoder.dim), dtype=np.float32)

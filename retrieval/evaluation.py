@@ -26,7 +26,8 @@ def evaluate(encoder: Encoder, records: Sequence[Record], batch_size: int = 64, 
     kept_records = [captioned[i] for i in kept]
     texts = [c for r in kept_records for c in r.captions]
     owner = np.repeat(np.arange(len(kept_records)), [len(r.captions) for r in kept_records])
-    text_vecs = encode_captions(encoder, texts, progress=progress)
+    with progress_bar(len(texts), "encoding captions", progress) as advance:
+        text_vecs = as_float32_rows(encode_captions(encoder, texts, advance=advance), encoder.dim)
     result = recall_at_k(image_vecs, text_vecs, owner)
     result["encoder"] = encoder.spec
     result["problems"] = [str(error) for error in failed.values()]
