@@ -136,8 +136,9 @@ def _block_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 class ExactSearch:
     """Exact top-k over fixed vectors, by FAISS flat or blocked GEMM, whichever suits the batch.
 
-    Holds a transposed copy of the vectors for the blocked path, and a FAISS flat copy
-    unless an existing exact index is passed as `flat`.
+    Builds a transposed copy of the vectors for the blocked path the first time a batch of
+    several queries takes it (single queries read the vectors as they are), and a FAISS flat
+    copy unless an existing exact index is passed as `flat`.
 
     `choice` maps a batch-size bucket (the power of two at or below the batch size)
     to the method measured fastest there; buckets not calibrated use the fixed rule.
@@ -149,7 +150,7 @@ class ExactSearch:
         """`flat`: an existing exact FAISS index over the same vectors that returns ids
         itself (e.g. the index wrapper's IndexIDMap2 over Flat), used instead of a new copy."""
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.columns = np.ascontiguousarray(self.vectors.T)
+        self._columns: np.ndarray | None = None
         self.ids = None if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
         self._flat_gives_ids = flat is not None
         if flat is None:
@@ -158,6 +159,13 @@ class ExactSearch:
                 flat.add(self.vectors)
         self.flat = flat
         self.choice: dict[int, Method] = {}
+
+    @property
+    def columns(self) -> np.ndarray:
+        """The vectors transposed, (d, n) C-contiguous, made on first use."""
+        if self._columns is None:
+            self._columns = np.ascontiguousarray(self.vectors.T)
+        return self._columns
 
     @property
     def dim(self) -> int:
@@ -185,7 +193,8 @@ class ExactSearch:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         method = method or self.method_for(len(queries))
         if method == "blocked":
-            return blocked_topk(self.columns, queries, k, self.ids, vectors=self.vectors)
+            columns = self.vectors.T if len(queries) == 1 else self.columns  # one query reads `vectors`
+            return blocked_topk(columns, queries, k, self.ids, vectors=self.vectors)
         if method != "faiss":
             raise ValueError(f"unknown exact-search method {method!r}; use one of {METHODS}")
         nq = len(queries)

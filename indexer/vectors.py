@@ -20,6 +20,7 @@ from typing import Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
+from indexer.exact_search import ExactSearch
 from retrieval.errors import SeesayError
 
 DEFAULT_SEARCH_PARAMS: dict[str, int] = {"nprobe": 16, "efSearch": 128}
@@ -110,6 +111,7 @@ class VectorSet:
     saved_as: int | None = None
     _device: faiss.Index | None = field(default=None, repr=False)
     _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _exact: ExactSearch | None = field(default=None, repr=False)
 
     @classmethod
     def empty(cls, name: str, dim: int, factory: str, params: Mapping[str, int] | None = None) -> "VectorSet":
@@ -203,6 +205,7 @@ class VectorSet:
         self.saved_as = None
         self._device = None
         self._sorted = None
+        self._exact = None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids), each (nq, k); missing hits have id -1 and score -inf."""
@@ -217,6 +220,11 @@ class VectorSet:
             )
         kk = min(k, len(self.ids))
         index = self._on_device() if kk <= GPU_MAX_K else self.index
+        if index is self.index and isinstance(_unwrapped(index), faiss.IndexFlat):
+            # Exact search on the CPU: seesay's blocked GEMM or FAISS, whichever suits the batch.
+            if self._exact is None:
+                self._exact = ExactSearch(self.vectors, self.ids, flat=self.index)
+            return self._exact.search(queries, k)
         found_scores, found_ids = index.search(queries, kk)
         scores[:, :kk] = np.where(found_ids >= 0, found_scores, -np.inf)
         ids[:, :kk] = found_ids

@@ -79,3 +79,26 @@ def test_duplicate_scores_and_small_k() -> None:
     ref_scores, _ = _faiss_flat(x, q, 3)
     np.testing.assert_allclose(scores, ref_scores, atol=1e-5)
     np.testing.assert_allclose(np.einsum("qd,qkd->qk", q, x[ids]), scores, atol=1e-5)
+
+
+def test_flat_vector_set_searches_exactly_after_adds_and_removes() -> None:
+    """A Flat VectorSet answers through ExactSearch; after a removal it sees the new contents."""
+    from indexer.vectors import VectorSet
+
+    rng = np.random.default_rng(4)
+    x = _unit(rng, 3000, 32)
+    ids = np.arange(10, 3010, dtype=np.int64)
+    vs = VectorSet.empty("image", 32, "Flat")
+    vs.add(x, ids)
+    for nq in (1, 16, 1500):
+        q = _unit(rng, nq, 32)
+        ref_scores, pos = _faiss_flat(x, q, 10)
+        _same_topk(vs.search(q, 10), (ref_scores, ids[pos]))
+    assert vs._exact is not None  # the exact path served those searches
+    gone = ids[:1500]
+    vs.remove(gone.tolist())
+    q = x[:5]  # each removed vector's best match is now someone else
+    _, found = vs.search(q, 10)
+    assert not np.isin(found, gone).any()
+    ref_scores, pos = _faiss_flat(x[1500:], q, 10)
+    _same_topk(vs.search(q, 10), (ref_scores, ids[1500:][pos]))
