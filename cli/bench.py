@@ -154,22 +154,21 @@ def query_cmd(
     encoder: List[str] = typer.Option([], "--encoder", help="Encoder spec to encode queries with (repeatable: the first that loads; default: default, zeroshot)."),
     queries: Optional[int] = typer.Option(None, "--queries", help="Queries to time (default 300, --quick 50)."),
     k: int = typer.Option(10, "--k", help="Results per query."),
-    factory: str = typer.Option("Flat", "--factory", help="FAISS factory string of the index."),
+    factory: List[str] = typer.Option([], "--factory", help="FAISS factory string of the index (repeatable; the first is the headline; default: IVF1024,Flat then Flat)."),
+    data: str = typer.Option("clustered", "--data", help="Synthetic vectors: clustered (around 1,024 centres) or uniform."),
 ) -> None:
     """End-to-end text → image query latency (encode, search, SQL fetch) in a warm process."""
     from benchmarks import query
 
+    if data not in ("clustered", "uniform"):
+        raise typer.BadParameter(f"unknown data {data!r}: use clustered or uniform", param_hint="--data")
     result = query.run(n=n, quick=quick, encoders=tuple(encoder) or query.DEFAULT_ENCODERS, queries=queries, k=k,
-                       factory=factory, log=_logger(as_json))
-    table = Table(title=f"text → image, {result['n_items']:,} images, {result['encoder']} ({result['factory']})")
-    for column in ("stage", "p50 ms", "p99 ms", "mean ms"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
-    for name, r in (("end to end", result["end_to_end"]), *result["stages"].items()):
-        table.add_row(name, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}")
-    if "faiss_one_thread" in result:
-        r = result["faiss_one_thread"]
-        table.add_row("end to end, FAISS on 1 thread", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}")
-    if "search_seesay_exact" in result:
-        r = result["search_seesay_exact"]
-        table.add_row("search on seesay's exact path", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}")
+                       factories=tuple(factory) or query.DEFAULT_FACTORIES, data=data, log=_logger(as_json))
+    table = Table(title=f"text → image, {result['n_items']:,} images, {result['encoder']} (ms per query)")
+    for column in ("index", "stage", "p50 ms", "p99 ms", "mean ms", f"recall@{result['k']}"):
+        table.add_column(column, justify="left" if column in ("index", "stage") else "right")
+    for name, run in result["factories"].items():
+        for stage, r in (("end to end", run["end_to_end"]), *run["stages"].items()):
+            recall = f"{run['recall_at_k']:.3f}" if stage == "end to end" else ""
+            table.add_row(name, stage, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}", recall)
     _finish(result, query.NAME, out_dir, as_json, query.plot, table)

@@ -38,10 +38,14 @@ def test_bench_index_tiny(tmp_path: Path) -> None:
 
 
 def test_bench_query_tiny(tmp_path: Path) -> None:
-    r = _run(["query", "--n", "500", "--queries", "10", "--encoder", "test-colour:8"], tmp_path)
-    assert r["n_items"] == 500 and r["encoder"] == "test-colour:8"
+    r = _run(["query", "--n", "500", "--queries", "10", "--encoder", "test-colour:8",
+              "--factory", "IVF16,Flat", "--factory", "Flat"], tmp_path)
+    assert r["n_items"] == 500 and r["encoder"] == "test-colour:8" and r["factory"] == "IVF16,Flat"
     assert 0 < r["query_p50_ms"] <= r["query_p99_ms"]
     assert set(r["stages"]) == {"encode_text", "search", "fetch_sql"}
+    assert set(r["factories"]) == {"IVF16,Flat", "Flat"}
+    assert r["factories"]["Flat"]["recall_at_k"] == 1.0  # exact search against itself
+    assert 0 < r["recall_at_k"] <= 1.0
 
 
 @needs_flickr
