@@ -197,13 +197,15 @@ class Store:
         found: dict[int, list[Item]] = {}
         with self._sessions() as session:
             for chunk in _chunks(sorted(set(image_item_ids))):
-                rows = session.scalars(
-                    select(ItemRow)
-                    .where(ItemRow.kind == "caption", ItemRow.image_item_id.in_(chunk))
-                    .order_by(ItemRow.id)
-                )
+                # Only captions have an image_item_id. Filtering on kind in SQL too makes
+                # SQLite pick the (kind, hash) index and walk every caption: 20 ms instead of
+                # well under 1 ms at 100k captions.
+                rows = session.scalars(select(ItemRow).where(ItemRow.image_item_id.in_(chunk)))
                 for row in rows:
-                    found.setdefault(row.image_item_id, []).append(_item(row))
+                    if row.kind == "caption":
+                        found.setdefault(row.image_item_id, []).append(_item(row))
+        for captions in found.values():
+            captions.sort(key=lambda item: item.id)
         return found
 
     def ids_by_hash(self, kind: str, hashes: Sequence[str]) -> dict[str, int]:
@@ -233,16 +235,22 @@ def caption_ids_of(session: Session, image_ids: Sequence[int]) -> list[int]:
     """Ids of the captions attached to any of `image_ids`."""
     found: list[int] = []
     for chunk in _chunks(sorted(set(image_ids))):
-        query = select(ItemRow.id).where(ItemRow.kind == "caption", ItemRow.image_item_id.in_(chunk))
-        found.extend(session.scalars(query))
+        # Only captions have an image_item_id; see Store.captions_by_image for why kind is not filtered here.
+        found.extend(session.scalars(select(ItemRow.id).where(ItemRow.image_item_id.in_(chunk))))
     return found
 
 
 def delete_ids(session: Session, ids: Sequence[int]) -> None:
     """Delete items by id, captions first so no caption outlives its image mid-transaction."""
+    # Look the kinds up by primary key: `kind = ? AND id IN (...)` makes SQLite walk the
+    # (kind, hash) index over every item of that kind.
+    kinds: dict[str, list[int]] = {"caption": [], "image": []}
+    for chunk in _chunks(sorted(set(ids))):
+        for item_id, kind in session.execute(select(ItemRow.id, ItemRow.kind).where(ItemRow.id.in_(chunk))):
+            kinds[kind].append(item_id)
     for kind in ("caption", "image"):
-        for chunk in _chunks(sorted(set(ids))):
-            session.execute(delete(ItemRow).where(ItemRow.kind == kind, ItemRow.id.in_(chunk)))
+        for chunk in _chunks(kinds[kind]):
+            session.execute(delete(ItemRow).where(ItemRow.id.in_(chunk)))
 
 
 def count(session: Session, kind: str) -> int:
