@@ -35,10 +35,12 @@ NEURAL = ("zeroshot", "default")
 def bow_encoder(kind: str, train: Sequence[Record], config_overrides: dict[str, Any], cache: Path, log: Callable[[str], None]) -> Encoder:
     """A bag-of-words encoder fitted on `train` by `fit_bow`, reused from `cache` when fitted before."""
     from retrieval.encoders.bow import BowConfig, fit_bow
+    from retrieval.towers.efficientnet import PREPROCESS_ID
 
     config = BowConfig(theta="pmi" if kind == "bow-pmi" else "ratio", **config_overrides)
     key = hashlib.sha256(
-        json.dumps({"config": asdict(config), "train": [str(r.image_path) for r in train]}, sort_keys=True).encode()
+        json.dumps({"config": asdict(config), "labels": PREPROCESS_ID, "train": [str(r.image_path) for r in train]},
+                   sort_keys=True).encode()
     ).hexdigest()[:16]
     directory = cache / f"{kind}-{key}"
     if (directory / "encoder.json").is_file():

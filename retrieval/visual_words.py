@@ -75,7 +75,9 @@ class ObjectWords:
             raise ValueError(f"object words: top-k must be 1..{self.CACHED_LABELS}, got {top_k}")
         self.top_k = top_k
         self.batch_size = batch_size
-        self.cache_dir = cache_root() / "objects" if cache else None
+        from retrieval.towers.efficientnet import PREPROCESS_ID
+
+        self.cache_dir = cache_root() / "objects" / PREPROCESS_ID if cache else None
 
     def _cache_path(self, image: Image.Image) -> Path | None:
         if self.cache_dir is None:

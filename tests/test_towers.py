@@ -83,3 +83,24 @@ def test_shipped_default_loads_and_encodes(tmp_path):
     _unit_rows(txt, 1, enc.dim)
     # Small: only the trained parts ship.
     assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) < 20_000_000
+
+
+def test_image_preprocessing_scales_pixels_as_efficientnet_lite_expects():
+    """Lite weights were trained on (pixel - 127) / 128: white → ~1, black → ~-1, mid-grey → ~0."""
+    import torch
+
+    from retrieval.towers.efficientnet import channels_last, load_efficientnet_lite0, pooled_and_logits, preprocess
+
+    tf = preprocess()
+    for colour, expected in (((255, 255, 255), 128 / 128), ((0, 0, 0), -127 / 128), ((127, 127, 127), 0.0)):
+        x = tf(Image.new("RGB", (300, 200), colour))
+        assert x.shape == (3, 224, 224)
+        assert torch.allclose(x, torch.full_like(x, expected), atol=1e-5), colour
+    # The channels-last model gives the default layout's outputs.
+    model = load_efficientnet_lite0()
+    batch = torch.stack([tf(Image.new("RGB", (64, 64), c)) for c in ("red", "navy")])
+    pooled, logits = pooled_and_logits(model, batch)
+    with torch.no_grad():
+        plain = model.extract_features(batch.contiguous()).mean(dim=(2, 3))
+    assert channels_last(batch).is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(pooled, plain, atol=1e-4) and logits.shape == (2, 1000)

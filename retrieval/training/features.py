@@ -50,7 +50,7 @@ def image_features(
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """(N, C, H, W) fp16 maps below the top `depth` blocks (of the mirrored images with `flip`) and {index: reason} of bad images."""
     cache_dir = Path(cache_dir or default_cache_dir())
-    key = _key(["efficientnet-lite0", depth, flip, [_file_id(Path(p)) for p in paths]])
+    key = _key([effnet.PREPROCESS_ID, depth, flip, [_file_id(Path(p)) for p in paths]])
     path = cache_dir / f"img-d{depth}{'-flip' if flip else ''}-{key}.pt"
     if path.is_file():
         data = torch.load(path, weights_only=True)
