@@ -14,15 +14,15 @@ from pathlib import Path
 
 # The settings of the shipped model (see retrieval/models/towers-flickr8k/encoder.json).
 SHIPPED: dict = {
-    "epochs": 10,
-    "flip": False,
-    "patience": 3,
+    "epochs": 15,
+    "flip": True,
+    "patience": 4,
     "batch_size": 256,
     "lr": 1e-3,
     "loss": "infonce",
     "head": "linear",
     "embed_dim": 1024,
-    "image_top": 0,
+    "image_top": 1,
     "text_top": 1,
     "seed": 0,
 }
