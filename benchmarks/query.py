@@ -81,7 +81,7 @@ def build_synthetic(
 ) -> Index:
     """An index of n synthetic images with one caption each and random vectors (see module doc)."""
     rng = np.random.default_rng(seed)
-    centres = unit_vectors(CENTRES, encoder.dim, rng) if data == "clustered" else None
+    centres = _centres(encoder.dim, data, seed)
     index = Index.create(directory, encoder, factory)
     image_ids = np.arange(1, n + 1, dtype=np.int64)
     caption_ids = image_ids + n
@@ -102,6 +102,11 @@ def build_synthetic(
         sets["image"].add(unit_vectors(n, encoder.dim, rng, data, centres), image_ids)
         sets["caption"].add(unit_vectors(n, encoder.dim, rng, data, centres), caption_ids)
     return index
+
+
+def _centres(dim: int, data: str, seed: int) -> np.ndarray | None:
+    """The cluster centres of the synthetic vectors (None for uniform data): the same for a given seed."""
+    return unit_vectors(CENTRES, dim, np.random.default_rng(seed + 2)) if data == "clustered" else None
 
 
 def time_factory(
@@ -158,9 +163,7 @@ def _recall_against_exact(index: Index, k: int, seed: int, data: str, count: int
     their exact neighbours would be near-ties and say nothing about the index.
     """
     images = index._set("image")
-    rng = np.random.default_rng(seed + 1)
-    centres = unit_vectors(CENTRES, images.dim, np.random.default_rng(seed)) if data == "clustered" else None
-    queries = unit_vectors(count, images.dim, rng, data, centres)
+    queries = unit_vectors(count, images.dim, np.random.default_rng(seed + 1), data, _centres(images.dim, data, seed))
     _, found = index.search("image", queries, k)
     _, truth = ExactSearch(images.vectors, images.ids).search(queries, k, "faiss")
     return recall_at(found, truth, k)
