@@ -84,3 +84,10 @@ def test_bench_index_rejects_bad_options(tmp_path: Path) -> None:
         result = runner.invoke(app, ["bench", "index", "--n", "100", "--out", str(tmp_path), *args])
         assert result.exit_code == 2
         assert "--data" in result.output or "--index" in result.output
+
+
+def test_bench_query_rejects_unknown_data(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "query", "--n", "100", "--data", "gaussian", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--data" in result.output and "clustered or uniform" in result.output
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
