@@ -2,16 +2,18 @@
 
 For each encoder, on the same Flickr8k dev images:
 - `engine`: `retrieval.embedding.encode_image_files` (what `seesay index` and `seesay eval`
-  run): JPEG decode on threads a window ahead, then `encoder.encode_images` on the
-  decoded batch;
-- `loader`: `encoder.encode_images(paths)`, the encoder's own DataLoader path (decode and
-  preprocess in worker processes, prefetching ahead of the model);
+  run, skipping and reporting bad files): decode and preprocess in worker processes a few
+  batches ahead, the model on the preprocessed tensors;
+- `loader`: `encoder.encode_images(paths)`, the same worker pipeline behind the encoder's
+  own interface (a bad file raises);
 - `bare`: the model's forward alone on tensors decoded and preprocessed beforehand.
 `pipeline_efficiency` = engine images/s ÷ bare images/s (1.0 = decoding fully hidden);
 `loader_efficiency` is the same for the encoder's own path. Captions/s is
-`retrieval.embedding.encode_captions` (tokenise + model). Where CUDA is present the bare
-forward is also timed on the GPU in bfloat16, and an open_clip ViT-B-32 with random
-weights is added (`openclip-random:ViT-B-32` names it on any machine).
+`retrieval.embedding.encode_captions` (tokenise + model). Every figure is on the encoder's
+device (`retrieval.runtime`): a GPU when there is one, in bfloat16 autocast, where an
+open_clip ViT-B-32 with random weights is added (`openclip-random:ViT-B-32` names it on any
+machine). With `--n` above the 1,000 dev images, the images are cycled (each one still
+decoded every time).
 """
 from __future__ import annotations
 
@@ -35,9 +37,10 @@ RANDOM_OPENCLIP = "openclip-random:"
 
 
 def flickr_sample(n_images: int, n_captions: int, data: Path = FLICKR) -> tuple[list[Path], list[str]]:
-    """The first dev images and captions (train images if there is no dev list)."""
+    """The first `n_images` dev images (cycled when there are fewer) and the first captions."""
     split = data / "splits" / "dev.txt"
     names = [line.strip() for line in split.read_text().splitlines() if line.strip()]
+    names = (names * -(-n_images // len(names)))[:n_images] if names else names
     with open(data / "captions.csv", newline="") as handle:
         captions = [row["caption"] for row in csv.DictReader(handle)]
     return [data / "images" / name for name in names[:n_images]], captions[:n_captions]
@@ -57,54 +60,11 @@ def make_encoder(spec: str) -> Encoder:
 
 
 def bare_model(encoder: Encoder) -> tuple[Callable, Callable] | None:
-    """(preprocess PIL → tensor, forward tensor batch → vectors) for encoders whose image
-    side is one torch model; None for others (e.g. bag-of-words)."""
-    import torch
-
-    if hasattr(encoder, "encode_image_tensors"):
-        from retrieval.towers import efficientnet as effnet
-
-        transform = getattr(encoder, "preprocess", None) if callable(getattr(encoder, "preprocess", None)) else None
-        return transform or effnet.preprocess(), encoder.encode_image_tensors
-    model = getattr(encoder, "model", None)
-    if model is not None and hasattr(model, "encode_image") and callable(getattr(encoder, "preprocess", None)):
-        def forward(x):
-            with torch.no_grad():
-                return model.encode_image(x)
-
-        return encoder.preprocess, forward
+    """(preprocess PIL → tensor, forward tensor batch → vectors) for an encoder whose image side is
+    one torch model (`TorchImageEncoder`); None for others (e.g. bag-of-words)."""
+    if callable(getattr(encoder, "encode_image_tensors", None)):
+        return encoder.image_transform, encoder.encode_image_tensors
     return None
-
-
-def _gpu_bf16(encoder: Encoder, batches: list, repeats: int = 3) -> dict[str, Any]:
-    """Bare forward on CUDA in bfloat16 autocast, images/s; unavailable without CUDA."""
-    import copy
-
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"available": False, "reason": "torch.cuda.is_available() is False"}
-    modules = [m for m in (getattr(encoder, "image_model", None), getattr(encoder, "heads", None), getattr(encoder, "model", None)) if m is not None]
-    if not modules:
-        return {"available": False, "reason": "no torch image model on this encoder"}
-    gpu = copy.copy(encoder)
-    for name in ("image_model", "heads", "model"):
-        if getattr(encoder, name, None) is not None:
-            setattr(gpu, name, copy.deepcopy(getattr(encoder, name)).cuda().eval())
-    _, forward = bare_model(gpu)
-    pinned = [b.pin_memory() for b in batches]
-    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
-        forward(pinned[0].cuda(non_blocking=True))
-        torch.cuda.synchronize()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for b in pinned:
-                forward(b.cuda(non_blocking=True))
-            torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - start)
-    n = sum(len(b) for b in batches)
-    return {"available": True, "device": torch.cuda.get_device_name(0), "dtype": "bfloat16", "images_per_s": n / best}
 
 
 def bench_encoder(encoder: Encoder, paths: Sequence[Path], captions: Sequence[str], batch_size: int, repeats: int) -> dict[str, Any]:
@@ -112,8 +72,11 @@ def bench_encoder(encoder: Encoder, paths: Sequence[Path], captions: Sequence[st
 
     from retrieval.images import load_rgb
 
+    device = getattr(encoder, "device", torch.device("cpu"))
     out: dict[str, Any] = {"encoder": encoder.spec, "dim": encoder.dim, "batch_size": batch_size,
-                           "n_images": len(paths), "n_captions": len(captions), "torch_threads": torch.get_num_threads()}
+                           "n_images": len(paths), "n_distinct_images": len(set(paths)), "n_captions": len(captions),
+                           "torch_threads": torch.get_num_threads(), "device": _device_name(device),
+                           "precision": "bfloat16 autocast" if device.type == "cuda" else "float32"}
     # Warm up: first calls pay for lazy initialisation and allocator growth.
     encoder.encode_images(list(paths[: min(8, len(paths))]), batch_size)
     encoder.encode_texts(list(captions[:8]))
@@ -135,8 +98,9 @@ def bench_encoder(encoder: Encoder, paths: Sequence[Path], captions: Sequence[st
         transform, forward = parts
         tensors = torch.stack([transform(load_rgb(p)) for p in paths])
         batches = list(torch.split(tensors, batch_size))
-        with torch.no_grad():
-            bare_s = best(lambda: [forward(b) for b in batches])
+        if device.type == "cuda":  # as the pipeline hands them over: page-locked, copied asynchronously
+            batches = [b.pin_memory() for b in batches]
+        bare_s = best(lambda: [forward(b) for b in batches])
         out["bare_images_per_s"] = len(paths) / bare_s
         start = time.perf_counter()
         for p in paths:
@@ -144,7 +108,6 @@ def bench_encoder(encoder: Encoder, paths: Sequence[Path], captions: Sequence[st
         out["decode_preprocess_images_per_s_one_thread"] = len(paths) / (time.perf_counter() - start)
         out["pipeline_efficiency"] = out["engine_images_per_s"] / out["bare_images_per_s"]
         out["loader_efficiency"] = out["loader_images_per_s"] / out["bare_images_per_s"]
-        out["gpu_bf16"] = _gpu_bf16(encoder, batches)
     else:
         out["bare_images_per_s"] = None
         out["pipeline_efficiency"] = None
@@ -152,6 +115,12 @@ def bench_encoder(encoder: Encoder, paths: Sequence[Path], captions: Sequence[st
     captions_s = best(lambda: encode_captions(encoder, list(captions)))
     out["captions_per_s"] = len(captions) / captions_s
     return out
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
 def run(

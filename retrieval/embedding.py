@@ -1,13 +1,16 @@
-"""Embedding a corpus in batches: decode image files on threads, skip and report bad ones."""
+"""Embedding a corpus in batches: decode image files ahead of the model, skip and report bad ones."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from retrieval.encoders.base import Encoder
 from retrieval.errors import BadImageError
 from retrieval.images import ImageInput, batched, decode_many
+
+if TYPE_CHECKING:  # importing it would load torch, which bag-of-words runs never need
+    from retrieval.encoders.torch_image import TorchImageEncoder
 
 
 def encode_image_files(
@@ -19,9 +22,13 @@ def encode_image_files(
 ) -> tuple[np.ndarray, list[int], dict[int, BadImageError]]:
     """Encode the decodable images: (vectors, positions of the encoded images, errors by position).
 
-    Decoding runs on `workers` threads ahead of the model; `advance(n)` is called after each batch.
-    The vectors are returned as the encoder gave them: callers check their width.
+    A neural encoder (`TorchImageEncoder`) gets preprocessed tensors from decoding worker
+    processes, as many as its device needs; any other encoder gets PIL images decoded on
+    `workers` threads ahead of it. `advance(n)` is called after each batch. The vectors are
+    returned as the encoder gave them: callers check their width.
     """
+    if callable(getattr(encoder, "image_tensor_batches", None)):  # a TorchImageEncoder
+        return _encode_tensors(encoder, images, batch_size, advance)
     vectors: list[np.ndarray] = []
     kept: list[int] = []
     failed: dict[int, BadImageError] = {}
@@ -32,6 +39,24 @@ def encode_image_files(
             vectors.append(np.asarray(encoder.encode_images([im for _, im in good], batch_size), dtype=np.float32))
             kept.extend(i for i, _ in good)
         advance(len(batch))
+    return (np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), dtype=np.float32)), kept, failed
+
+
+def _encode_tensors(
+    encoder: "TorchImageEncoder", images: Sequence[ImageInput], batch_size: int, advance: Callable[[int], None]
+) -> tuple[np.ndarray, list[int], dict[int, BadImageError]]:
+    vectors: list[np.ndarray] = []
+    kept: list[int] = []
+    failed: dict[int, BadImageError] = {}
+    from retrieval.image_batches import bad_images
+
+    for start, x, reasons in encoder.image_tensor_batches(images, batch_size):
+        failed.update(bad_images(images, start, reasons))
+        good = [j for j, reason in enumerate(reasons) if not reason]
+        if good:
+            vectors.append(encoder.encode_image_tensors(x if len(good) == len(x) else x[good]))
+            kept.extend(start + j for j in good)
+        advance(len(x))
     return (np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), dtype=np.float32)), kept, failed
 
 

@@ -85,3 +85,21 @@ def test_download_failure_suggests_a_local_checkpoint(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
     with pytest.raises(EncoderError, match=r"no network access.*openclip:ViT-B-32@PATH"):
         load_encoder("openclip:ViT-B-32/openai")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_gpu_bfloat16_encoding_agrees_with_the_cpu(tiny_archs, tmp_path):
+    from retrieval.encoders.openclip import OpenClipEncoder
+
+    arch, _ = tiny_archs
+    ckpt = str(_checkpoint(arch, tmp_path / "tiny.pt"))
+    cpu = OpenClipEncoder(arch, checkpoint=ckpt, device=torch.device("cpu"))
+    gpu = OpenClipEncoder(arch, checkpoint=ckpt, device=torch.device("cuda"))
+    paths = []
+    for i, colour in enumerate(("red", "green", "blue", "white", "black", "orange")):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (48, 40), colour).save(paths[-1])
+    texts = ["a red square", "a green field", "nothing at all"]
+    for a, b in ((cpu.encode_images(paths, 4), gpu.encode_images(paths, 4)), (cpu.encode_texts(texts), gpu.encode_texts(texts))):
+        assert b.dtype == np.float32 and np.allclose(np.linalg.norm(b, axis=1), 1, atol=1e-3)
+        assert (a * b).sum(axis=1).min() > 0.99  # bfloat16 rounding only

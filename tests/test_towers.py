@@ -64,6 +64,20 @@ def test_bad_image_names_the_file(tmp_path):
         TowersEncoder({"embed_dim": 8}).encode_images(_images(tmp_path, 1) + [bad])
 
 
+def test_engine_path_skips_a_bad_file_and_matches_the_encoder(tmp_path):
+    from retrieval.embedding import encode_image_files
+    from retrieval.encoders.towers import TowersEncoder
+
+    enc = TowersEncoder({"embed_dim": 16})
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    good = _images(tmp_path, 4)
+    vectors, kept, failed = encode_image_files(enc, good[:2] + [bad] + good[2:], batch_size=2)
+    assert kept == [0, 1, 3, 4] and list(failed) == [2] and "bad.jpg" in str(failed[2])
+    _unit_rows(vectors, 4, 16)
+    assert np.allclose(vectors, enc.encode_images(good, batch_size=3), atol=1e-5)
+
+
 def test_unknown_text_model_is_a_clear_error(tmp_path):
     from retrieval.encoders.towers import TowersEncoder
 

@@ -16,10 +16,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from retrieval import runtime
 from retrieval.encoders.base import Encoder, l2_normalize
 from retrieval.encoders.registry import register
+from retrieval.encoders.torch_image import TorchImageEncoder
 from retrieval.errors import EncoderError
-from retrieval.images import ImageInput
 
 KIND = "openclip"
 WEIGHTS = "open_clip.pt"
@@ -61,12 +62,13 @@ def _arch_config(arch: str) -> dict:
     return json.loads(json.dumps(cfg))
 
 
-class OpenClipEncoder(Encoder):
+class OpenClipEncoder(TorchImageEncoder):
     kind = KIND
     version = 1
 
     def __init__(self, arch: str, pretrained: str | None = None, checkpoint: str | None = None,
-                 model_cfg: dict | None = None, spec: str | None = None, state: dict | None = None) -> None:
+                 model_cfg: dict | None = None, spec: str | None = None, state: dict | None = None,
+                 device: torch.device | None = None) -> None:
         import open_clip
 
         _ensure_arch(arch, model_cfg)
@@ -106,8 +108,9 @@ class OpenClipEncoder(Encoder):
                 where = "saved state"
             if state is not None:
                 self._load_state(model, state, where)
-        self.model = model.eval()
-        self.preprocess = preprocess
+        self.device = device or runtime.default_device()
+        self.model = model.to(self.device).eval()
+        self.image_transform = preprocess
         self.tokenizer = open_clip.get_tokenizer(arch)
         self._dim = int(self.model_cfg["embed_dim"])
         self._spec = spec or (f"{KIND}:{arch}/{pretrained}" if pretrained else f"{KIND}:{arch}@{checkpoint}")
@@ -134,17 +137,16 @@ class OpenClipEncoder(Encoder):
     def spec(self) -> str:
         return self._spec
 
-    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        from retrieval.encoders.towers import encode_image_batches
-
-        return l2_normalize(encode_image_batches(images, batch_size, self.dim, self.model.encode_image, self.preprocess))
+    def image_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(x)
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        with torch.no_grad():
+        with torch.no_grad(), runtime.autocast(self.device):
             for s in range(0, len(texts), batch_size):
                 chunk = [str(t) for t in texts[s : s + batch_size]]
-                out[s : s + len(chunk)] = self.model.encode_text(self.tokenizer(chunk)).float().numpy()
+                tokens = self.tokenizer(chunk).to(self.device)
+                out[s : s + len(chunk)] = self.model.encode_text(tokens).float().cpu().numpy()
         return l2_normalize(out)
 
     def config(self) -> dict[str, Any]:

@@ -7,23 +7,24 @@ each side (linear or a small MLP) and optionally the top `image_top` MBConv bloc
 convolution) and the top `text_top` transformer layers. A saved directory holds only the
 trained parts (heads.pt); the frozen towers come from the installed wheels.
 
-Image encoding overlaps decoding with compute: a torch DataLoader with worker processes
-decodes and preprocesses the next batches while the model runs the current one.
+Both towers run on `retrieval.runtime.default_device()` (a GPU when there is one, in
+bfloat16); image decoding runs in worker processes ahead of the model (`TorchImageEncoder`).
 """
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retrieval import runtime
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import register
-from retrieval.errors import BadImageError, EncoderError
-from retrieval.images import ImageInput, load_rgb
+from retrieval.encoders.torch_image import TorchImageEncoder
+from retrieval.errors import EncoderError
 from retrieval.towers import efficientnet as effnet
 from retrieval.towers import sentence
 
@@ -120,68 +121,6 @@ class TowerHeads(torch.nn.Module):
         return F.normalize(self.text_head(self.text_pooled(h, mask).float()), dim=-1)
 
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """Decodes and preprocesses one image per item; a bad file yields (zeros, reason)."""
-
-    def __init__(self, images: Sequence[ImageInput], transform=None) -> None:
-        self.images = list(images)
-        self.transform = transform or effnet.preprocess()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int):
-        try:
-            x = self.transform(load_rgb(self.images[i]))
-            return x, ""
-        except BadImageError as exc:
-            return self._blank(), str(exc) or "bad image"
-
-    def _blank(self) -> torch.Tensor:
-        from PIL import Image
-
-        return torch.zeros_like(self.transform(Image.new("RGB", (32, 32))))
-
-
-def image_batches(images: Sequence[ImageInput], batch_size: int = 64, workers: int | None = None, transform=None):
-    """Yield (start, tensor batch, reasons) with decoding on DataLoader workers ahead of the model.
-
-    Paths decode in worker processes; PIL images in memory are preprocessed in-process.
-    `reasons[j]` is "" for a good image, else the BadImageError message.
-    """
-    items = list(images)
-    if workers is None:
-        in_memory = any(not isinstance(i, (str, Path)) for i in items)
-        workers = 0 if in_memory or len(items) <= batch_size else min(2, max(1, (torch.get_num_threads() or 2)))
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles(items, transform),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-    )
-    start = 0
-    for x, reasons in loader:
-        yield start, x, list(reasons)
-        start += len(x)
-
-
-@torch.no_grad()
-def encode_image_batches(
-    images: Sequence[ImageInput], batch_size: int, dim: int, encode: Callable[[torch.Tensor], torch.Tensor], transform=None
-) -> np.ndarray:
-    """(n, dim) float32 rows of `encode` over decoded batches; a bad file raises BadImageError naming it."""
-    out = np.zeros((len(images), dim), dtype=np.float32)
-    for start, x, reasons in image_batches(images, batch_size, transform=transform):
-        bad = next((r for r in reasons if r), None)
-        if bad:
-            raise BadImageError(images[start + reasons.index(bad)], bad.split(": ", 1)[-1])
-        out[start : start + len(x)] = encode(x).float().numpy()
-    return out
-
-
 def save_state(state: dict, path: Path) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves half a weight file."""
     tmp = path.with_name(path.name + ".tmp")
@@ -189,23 +128,26 @@ def save_state(state: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-class TowersEncoder(Encoder):
+class TowersEncoder(TorchImageEncoder):
     """Frozen EfficientNet-Lite0 + sentence-transformers towers with trained heads."""
 
     kind = KIND
     version = 1
 
-    def __init__(self, cfg: dict[str, Any] | None = None, heads: TowerHeads | None = None, spec: str | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any] | None = None, heads: TowerHeads | None = None, spec: str | None = None,
+                 device: torch.device | None = None) -> None:
         self.cfg = {**DEFAULT_CONFIG, **(cfg or {})}
+        self.device = device or runtime.default_device()
         self.text_path = sentence.resolve_text_model(self.cfg["text_model"])
-        self.st = sentence.load_sentence_model(self.text_path)
+        self.st = sentence.load_sentence_model(self.text_path, str(self.device))
         get_dim = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
         self.cfg["text_in"] = int(get_dim())
-        self.image_model = effnet.load_efficientnet_lite0()
+        self.image_model = effnet.load_efficientnet_lite0(str(self.device))
+        self.image_transform = effnet.preprocess()
         if heads is None:
             layers = sentence.bert_parts(self.st)[1] if self.cfg["text_top"] else None
             heads = TowerHeads(self.cfg, self.image_model, layers)
-        self.heads = heads.eval()
+        self.heads = heads.to(self.device).eval()
         self._spec = spec or KIND
 
     @property
@@ -216,16 +158,12 @@ class TowersEncoder(Encoder):
     def spec(self) -> str:
         return self._spec
 
-    @torch.no_grad()
-    def encode_image_tensors(self, x: torch.Tensor) -> torch.Tensor:
+    def image_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Preprocessed (B, 3, 224, 224) batch → (B, dim) unit vectors."""
         fmap = effnet.features_below(self.image_model, x, self.cfg["image_top"])
         if not self.cfg["image_top"]:
             fmap = fmap.mean(dim=(2, 3))
         return self.heads.image(fmap)
-
-    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        return encode_image_batches(images, batch_size, self.dim, self.encode_image_tensors)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
@@ -233,12 +171,13 @@ class TowersEncoder(Encoder):
         texts = [str(t) for t in texts]
         for s in range(0, len(texts), batch_size):
             chunk = texts[s : s + batch_size]
-            if self.cfg["text_top"]:
-                h, mask = sentence.hidden_below(self.st, chunk, self.cfg["text_top"])
-                v = self.heads.text(h, mask)
-            else:
-                v = self.heads.text(sentence.sentence_embeddings(self.st, chunk, batch_size))
-            out[s : s + len(chunk)] = v.numpy()
+            with runtime.autocast(self.device):
+                if self.cfg["text_top"]:
+                    h, mask = sentence.hidden_below(self.st, chunk, self.cfg["text_top"])
+                    v = self.heads.text(h, mask)
+                else:
+                    v = self.heads.text(sentence.sentence_embeddings(self.st, chunk, batch_size).to(self.device))
+            out[s : s + len(chunk)] = v.float().cpu().numpy()
         return out
 
     def config(self) -> dict[str, Any]:
@@ -253,7 +192,7 @@ class TowersEncoder(Encoder):
         path = Path(directory) / WEIGHTS
         if not path.is_file():
             raise EncoderError(f"{directory}: no {WEIGHTS}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location=enc.device, weights_only=True)
         load_heads_state(enc.heads, state, str(path))
         enc.heads.eval()
         return enc

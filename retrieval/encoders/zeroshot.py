@@ -13,10 +13,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from retrieval import runtime
 from retrieval.encoders.base import Encoder, l2_normalize
 from retrieval.encoders.registry import register
+from retrieval.encoders.torch_image import TorchImageEncoder
 from retrieval.errors import EncoderError
-from retrieval.images import ImageInput
 from retrieval.towers import efficientnet as effnet
 from retrieval.towers import sentence
 
@@ -49,34 +50,30 @@ def class_prompt_vectors() -> torch.Tensor:
     return vecs
 
 
-class ZeroShotEncoder(Encoder):
+class ZeroShotEncoder(TorchImageEncoder):
     kind = KIND
     version = 1
 
     def __init__(self, top_k: int = 0, temperature: float = 1.0) -> None:
         self.top_k = int(top_k)  # 0: every class; k: the k most probable classes only
         self.temperature = float(temperature)
-        self.st = sentence.load_sentence_model(sentence.resolve_text_model(None))
-        self.model = effnet.load_efficientnet_lite0()
-        self.class_vecs = class_prompt_vectors()  # (1000, 384), unit rows
+        self.device = runtime.default_device()
+        self.st = sentence.load_sentence_model(sentence.resolve_text_model(None), str(self.device))
+        self.model = effnet.load_efficientnet_lite0(str(self.device))
+        self.image_transform = effnet.preprocess()
+        self.class_vecs = class_prompt_vectors().to(self.device)  # (1000, 384), unit rows
 
     @property
     def dim(self) -> int:
         return int(self.class_vecs.shape[1])
 
-    @torch.no_grad()
-    def encode_image_tensors(self, x: torch.Tensor) -> torch.Tensor:
+    def image_forward(self, x: torch.Tensor) -> torch.Tensor:
         _, logits = effnet.pooled_and_logits(self.model, x)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
         if self.top_k:
             top = probs.topk(self.top_k, dim=-1)
             probs = torch.zeros_like(probs).scatter(1, top.indices, top.values)
         return probs @ self.class_vecs
-
-    def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        from retrieval.encoders.towers import encode_image_batches
-
-        return l2_normalize(encode_image_batches(images, batch_size, self.dim, self.encode_image_tensors))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
         if not len(texts):

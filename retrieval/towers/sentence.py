@@ -30,15 +30,15 @@ def resolve_text_model(name: str | None) -> str:
 
 
 @lru_cache(maxsize=4)
-def load_sentence_model(path: str):
-    """The SentenceTransformer at `path` on the CPU, in eval mode (cached per process)."""
+def load_sentence_model(path: str, device: str = "cpu"):
+    """The SentenceTransformer at `path` on `device`, in eval mode (cached per process)."""
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
     try:
-        model = SentenceTransformer(path, device="cpu")
+        model = SentenceTransformer(path, device=device)
     except Exception as exc:  # noqa: BLE001 - sentence-transformers raises many kinds
         raise EncoderError(f"cannot load sentence-transformers model {path}: {exc}") from exc
     return model.eval()
@@ -81,7 +81,8 @@ def run_layers(layers, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
 def hidden_below(st_model, texts: list[str], n_top: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token hidden states after all but the top `n_top` layers, and the attention mask."""
     embeddings, layers = bert_parts(st_model)
-    tok = tokenize(st_model, texts)
+    device = next(embeddings.parameters()).device
+    tok = {name: t.to(device) for name, t in tokenize(st_model, texts).items()}
     kwargs = {"input_ids": tok["input_ids"]}
     if "token_type_ids" in tok:
         kwargs["token_type_ids"] = tok["token_type_ids"]

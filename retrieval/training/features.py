@@ -17,6 +17,8 @@ from typing import Sequence
 
 import torch
 
+from retrieval import runtime
+from retrieval.image_batches import image_batches
 from retrieval.towers import efficientnet as effnet
 from retrieval.towers import sentence
 
@@ -46,7 +48,7 @@ def _save(obj: dict, path: Path) -> None:
 
 def image_features(
     paths: Sequence[Path], depth: int, flip: bool = False, cache_dir: Path | None = None,
-    batch_size: int = 64, log=print,
+    batch_size: int = 64, log=print, device: torch.device | None = None,
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """(N, C, H, W) fp16 maps below the top `depth` blocks (of the mirrored images with `flip`) and {index: reason} of bad images."""
     cache_dir = Path(cache_dir or default_cache_dir())
@@ -55,15 +57,15 @@ def image_features(
     if path.is_file():
         data = torch.load(path, weights_only=True)
         return data["feats"], {int(k): v for k, v in data["bad"].items()}
-    from retrieval.encoders.towers import image_batches
-
-    model = effnet.load_efficientnet_lite0()
+    device = device or torch.device("cpu")
+    model = effnet.load_efficientnet_lite0(str(device))
     feats = None
     bad: dict[int, str] = {}
     t0 = time.time()
     with torch.no_grad():
-        for start, x, reasons in image_batches(list(paths), batch_size, workers=2):
-            f = effnet.features_below(model, torch.flip(x, dims=[3]) if flip else x, depth).half()
+        for start, x, reasons in image_batches(list(paths), batch_size, effnet.preprocess(), runtime.loader_workers(device)):
+            x = x.to(device)
+            f = effnet.features_below(model, torch.flip(x, dims=[3]) if flip else x, depth).half().cpu()
             if feats is None:
                 feats = torch.zeros((len(paths), *f.shape[1:]), dtype=torch.float16)
             feats[start : start + len(x)] = f

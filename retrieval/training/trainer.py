@@ -52,22 +52,23 @@ class TrainingError(SeesayError):
 class _Split:
     """Cached features of one dataset split, restricted to images that decoded."""
 
-    def __init__(self, ds: Dataset, cfg: dict, flip: bool, cache_dir: Path | None, log: Callable, name: str) -> None:
+    def __init__(self, ds: Dataset, cfg: dict, flip: bool, cache_dir: Path | None, log: Callable, name: str,
+                 device: torch.device) -> None:
         records = [r for r in ds.records if r.captions]
         self.problems = [f"{r.image_id}: no captions" for r in ds.records if not r.captions]
         img_depth = max(IMAGE_CACHE_DEPTH, cfg["image_top"])
         paths = [r.image_path for r in records]
-        fmap, bad = feats.image_features(paths, img_depth, flip=False, cache_dir=cache_dir, log=log)
+        fmap, bad = feats.image_features(paths, img_depth, flip=False, cache_dir=cache_dir, log=log, device=device)
         views = [fmap]
         if flip:  # the mirrored images as a second view (augmentation)
-            views.append(feats.image_features(paths, img_depth, flip=True, cache_dir=cache_dir, log=log)[0])
+            views.append(feats.image_features(paths, img_depth, flip=True, cache_dir=cache_dir, log=log, device=device)[0])
         fmap = torch.stack(views, dim=1)
         self.problems += [f"{records[i].image_id}: skipped, {reason}" for i, reason in sorted(bad.items())]
         keep = [i for i in range(len(records)) if i not in bad]
         if not keep:
             raise TrainingError(f"{name}: no readable images ({len(bad)} bad)")
         self.records = [records[i] for i in keep]
-        self.images = _lift_images(fmap[keep], img_depth, cfg["image_top"], log, cache_dir)  # (N, V, ...)
+        self.images = _lift_images(fmap[keep], img_depth, cfg["image_top"], log, cache_dir, device)  # (N, V, ...)
         self.captions = [c for r in self.records for c in r.captions]
         self.caption_start = np.cumsum([0] + [len(r.captions) for r in self.records])
         self.text_to_image = np.repeat(np.arange(len(self.records)), [len(r.captions) for r in self.records])
@@ -92,7 +93,8 @@ class _Split:
         return h.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
-def _lift_images(fmap: torch.Tensor, depth: int, image_top: int, log: Callable, cache_dir: Path | None) -> torch.Tensor:
+def _lift_images(fmap: torch.Tensor, depth: int, image_top: int, log: Callable, cache_dir: Path | None,
+                 device: torch.device) -> torch.Tensor:
     """Run the frozen blocks between the cache depth and the trained top once (pooled when image_top is 0)."""
     if image_top == depth:
         return fmap
@@ -102,31 +104,28 @@ def _lift_images(fmap: torch.Tensor, depth: int, image_top: int, log: Callable, 
     path = Path(cache_dir or feats.default_cache_dir()) / f"lift-d{depth}-t{image_top}-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    out = _run_frozen(fmap, depth, image_top)
+    out = _run_frozen(fmap, depth, image_top, device)
     feats._save(out, path)
     log(f"  lifted image features to {'pooled' if image_top == 0 else f'depth {image_top}'}")
     return out
 
 
-def _run_frozen(fmap: torch.Tensor, depth: int, image_top: int) -> torch.Tensor:
-    model = effnet.load_efficientnet_lite0()
-    n = effnet.num_blocks(model)
-    frozen = effnet.TopBlocks(model, depth).eval()
+def _run_frozen(fmap: torch.Tensor, depth: int, image_top: int, device: torch.device) -> torch.Tensor:
+    frozen = effnet.TopBlocks(effnet.load_efficientnet_lite0(str(device)), depth).eval()
     keep_blocks = depth - image_top
     out = []
     with torch.no_grad():
         for s in range(0, len(fmap), 256):
             x = fmap[s : s + 256]
             shape = x.shape
-            x = x.flatten(0, 1).float()
+            x = x.flatten(0, 1).to(device).float()
             for block in frozen.blocks[:keep_blocks]:
                 x = block(x)
             if image_top == 0:
                 x = frozen.act(frozen.bn1(frozen.conv_head(x))).mean(dim=(2, 3))
-                out.append(x.reshape(shape[0], shape[1], -1))
+                out.append(x.reshape(shape[0], shape[1], -1).cpu())
             else:
-                out.append(x.half().reshape(shape[0], shape[1], *x.shape[1:]))
-    del n
+                out.append(x.half().reshape(shape[0], shape[1], *x.shape[1:]).cpu())
     return torch.cat(out)
 
 
@@ -245,13 +244,13 @@ def train_encoder(
 
     cfg = {**DEFAULT_CONFIG, **parse_spec(spec), "head": head, "embed_dim": embed_dim,
            "image_top": image_top, "text_top": text_top, "dropout": dropout}
-    base = TowersEncoder(cfg, spec=spec)  # validates the text model, builds fresh heads
+    base = TowersEncoder(cfg, spec=spec, device=dev)  # validates the text model, builds fresh heads
     cfg = base.cfg
     heads = base.heads.to(dev)
 
     say(f"caching frozen-tower features (train {len(train.records)} images)")
-    tr = _Split(train, cfg, flip, cache_dir, say, "train")
-    va = _Split(val, cfg, False, cache_dir, say, "val") if val is not None and val.records else None
+    tr = _Split(train, cfg, flip, cache_dir, say, "train", dev)
+    va = _Split(val, cfg, False, cache_dir, say, "val", dev) if val is not None and val.records else None
     skipped = tr.problems + (va.problems if va else [])
     for p in skipped[:20]:
         say(f"  {p}")
@@ -354,7 +353,7 @@ def train_encoder(
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             if improved:
-                enc = TowersEncoder(cfg, heads=_cpu_copy(heads), spec=spec)
+                enc = TowersEncoder(cfg, heads=_cpu_copy(heads), spec=spec, device=torch.device("cpu"))
                 enc.cfg["train"] = {**train_args, "best_epoch": epoch + 1, **{k: v for k, v in entry.items() if k.startswith("val_")}}
                 enc.save(out)
             _save_checkpoint(ckpt_path, heads, opt, cfg, epoch, best_rsum, since_best, history)

@@ -1,0 +1,66 @@
+"""Image files → preprocessed tensor batches, decoded in worker processes ahead of the model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from retrieval.errors import BadImageError
+from retrieval.images import ImageInput, load_rgb
+
+Transform = Callable[..., torch.Tensor]  # PIL RGB image → (3, H, W) tensor
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Decodes and preprocesses one image per item; a bad file yields (zeros, reason)."""
+
+    def __init__(self, images: Sequence[ImageInput], transform: Transform) -> None:
+        self.images = list(images)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_rgb(self.images[i])), ""
+        except BadImageError as exc:
+            return self._blank(), str(exc) or "bad image"
+
+    def _blank(self) -> torch.Tensor:
+        from PIL import Image
+
+        return torch.zeros_like(self.transform(Image.new("RGB", (32, 32))))
+
+
+def image_batches(
+    images: Sequence[ImageInput], batch_size: int, transform: Transform, workers: int = 2, pin: bool = False
+) -> Iterator[tuple[int, torch.Tensor, list[str]]]:
+    """Yield (start, tensor batch, reasons), decoding on `workers` processes a few batches ahead.
+
+    Paths decode in worker processes; PIL images already in memory (or a corpus of one batch)
+    are preprocessed in-process. `reasons[j]` is "" for a good image, else the BadImageError
+    message. `pin` puts batches in page-locked memory for fast, asynchronous copies to a GPU.
+    """
+    items = list(images)
+    if any(not isinstance(i, (str, Path)) for i in items) or len(items) <= batch_size:
+        workers = 0
+    loader = torch.utils.data.DataLoader(
+        _ImageFiles(items, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    start = 0
+    for x, reasons in loader:
+        yield start, x, list(reasons)
+        start += len(x)
+
+
+def bad_images(images: Sequence[ImageInput], start: int, reasons: Sequence[str]) -> dict[int, BadImageError]:
+    """{position in `images`: BadImageError naming the file} for the bad images of one batch."""
+    return {start + j: BadImageError(images[start + j], r.split(": ", 1)[-1]) for j, r in enumerate(reasons) if r}

@@ -1,0 +1,46 @@
+"""Where the torch models run: the device (a GPU when there is one), its precision, its loader workers.
+
+`SEESAY_DEVICE` (e.g. `cpu`, `cuda`, `cuda:1`) overrides the choice. On a CUDA device the
+encoders run under bfloat16 autocast and batches travel from pinned memory; on the CPU they
+run in float32.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import ContextManager
+
+import torch
+
+DEVICE_ENV = "SEESAY_DEVICE"
+
+
+def default_device() -> torch.device:
+    """`$SEESAY_DEVICE` if set, else the first CUDA GPU if there is one, else the CPU."""
+    chosen = os.environ.get(DEVICE_ENV)
+    if chosen:
+        device = torch.device(chosen)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            from retrieval.errors import SeesayError
+
+            raise SeesayError(f"{DEVICE_ENV}={chosen} but torch sees no CUDA GPU")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device) -> ContextManager:
+    """bfloat16 autocast on a CUDA device; nothing (float32) on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def loader_workers(device: torch.device) -> int:
+    """Decode/preprocess worker processes to keep `device` fed.
+
+    A GPU outruns one core's JPEG decoding many times over, so it gets a worker per core (at
+    most 16; the main process mostly waits on the GPU); on the CPU the model needs the cores
+    itself, and two workers hide decoding.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    if device.type == "cuda":
+        return max(1, min(16, cores))
+    return min(2, max(1, cores))
