@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from benchmarks.report import FLICKR, figure, machine, save_plot
+from retrieval import runtime
 from retrieval.embedding import encode_captions, encode_image_files
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import load_encoder
@@ -106,6 +107,9 @@ def bench_encoder(encoder: Encoder, paths: Sequence[Path], captions: Sequence[st
         for p in paths:
             transform(load_rgb(p))
         out["decode_preprocess_images_per_s_one_thread"] = len(paths) / (time.perf_counter() - start)
+        # The decode workers alone, no model: the most the pipeline could deliver.
+        out["decode_workers"] = runtime.loader_workers(device)
+        out["decode_only_images_per_s"] = len(paths) / best(lambda: list(encoder.image_tensor_batches(list(paths), batch_size)))
         out["pipeline_efficiency"] = out["engine_images_per_s"] / out["bare_images_per_s"]
         out["loader_efficiency"] = out["loader_images_per_s"] / out["bare_images_per_s"]
     else:

@@ -89,11 +89,13 @@ def encode_cmd(
     result = encode.run(encoders=tuple(encoder) or encode.DEFAULT_ENCODERS, quick=quick, n_images=n,
                         n_captions=captions, batch_size=batch_size, log=_logger(as_json))
     table = Table(title="encoding throughput (items/s)")
-    for column in ("encoder", "engine img/s", "loader img/s", "bare img/s", "pipeline eff.", "loader eff.", "captions/s"):
+    for column in ("encoder", "device", "engine img/s", "loader img/s", "bare img/s", "decode-only img/s",
+                   "pipeline eff.", "loader eff.", "captions/s"):
         table.add_column(column, justify="left" if column == "encoder" else "right")
     fmt = lambda v, f="{:.1f}": "—" if v is None else f.format(v)  # noqa: E731
     for name, r in result["encoders"].items():
-        table.add_row(name, fmt(r["engine_images_per_s"]), fmt(r["loader_images_per_s"]), fmt(r["bare_images_per_s"]),
+        table.add_row(name, r["device"], fmt(r["engine_images_per_s"]), fmt(r["loader_images_per_s"]),
+                      fmt(r["bare_images_per_s"]), fmt(r.get("decode_only_images_per_s")),
                       fmt(r["pipeline_efficiency"], "{:.2f}"), fmt(r["loader_efficiency"], "{:.2f}"), fmt(r["captions_per_s"]))
     _finish(result, encode.NAME, out_dir, as_json, encode.plot, table)
 
