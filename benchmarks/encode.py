@@ -6,7 +6,9 @@ For each encoder, on the same Flickr8k dev images:
   batches ahead, the model on the preprocessed tensors;
 - `loader`: `encoder.encode_images(paths)`, the same worker pipeline behind the encoder's
   own interface (a bad file raises);
-- `bare`: the model's forward alone on tensors decoded and preprocessed beforehand.
+- `bare`: the model's forward alone on batches decoded beforehand into what the workers
+  send (uint8 pixels; scaling and normalisation stay in the forward, on the device);
+- `decode-only`: the workers alone, no model: the most the pipeline could deliver.
 `pipeline_efficiency` = engine images/s ÷ bare images/s (1.0 = decoding fully hidden);
 `loader_efficiency` is the same for the encoder's own path. Captions/s is
 `retrieval.embedding.encode_captions` (tokenise + model). Every figure is on the encoder's
@@ -61,10 +63,10 @@ def make_encoder(spec: str) -> Encoder:
 
 
 def bare_model(encoder: Encoder) -> tuple[Callable, Callable] | None:
-    """(preprocess PIL → tensor, forward tensor batch → vectors) for an encoder whose image side is
-    one torch model (`TorchImageEncoder`); None for others (e.g. bag-of-words)."""
+    """(preprocess PIL → tensor as the decode workers do, forward tensor batch → vectors) for an
+    encoder whose image side is one torch model (`TorchImageEncoder`); None for others (e.g. bag-of-words)."""
     if callable(getattr(encoder, "encode_image_tensors", None)):
-        return encoder.image_transform, encoder.encode_image_tensors
+        return encoder.worker_transform, encoder.encode_image_tensors
     return None
 
 

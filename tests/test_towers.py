@@ -118,3 +118,34 @@ def test_image_preprocessing_scales_pixels_as_efficientnet_lite_expects():
         plain = model.extract_features(batch.contiguous()).mean(dim=(2, 3))
     assert channels_last(batch).is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(pooled, plain, atol=1e-4) and logits.shape == (2, 1000)
+
+
+@pytest.mark.parametrize("which", ["efficientnet", "open_clip"])
+def test_uint8_worker_output_finished_on_the_device_equals_the_full_transform(which):
+    import torch
+
+    from retrieval.image_batches import split_at_tensor
+
+    if which == "open_clip":
+        import open_clip
+
+        transform = open_clip.image_transform(224, is_train=False)
+    else:
+        from retrieval.towers.efficientnet import preprocess
+
+        transform = preprocess()
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (180, 250, 3), dtype=np.uint8))
+    cpu_part, finish = split_at_tensor(transform)
+    pixels = cpu_part(image)
+    assert pixels.dtype == torch.uint8 and finish is not None
+    assert torch.allclose(finish(pixels[None])[0], transform(image), atol=1e-6)
+
+
+def test_a_transform_of_another_shape_is_not_split():
+    from torchvision import transforms
+
+    from retrieval.image_batches import split_at_tensor
+
+    odd = transforms.Compose([transforms.ToTensor(), transforms.Lambda(lambda x: x * 2)])
+    assert split_at_tensor(odd) == (odd, None)

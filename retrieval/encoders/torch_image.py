@@ -2,11 +2,14 @@
 
 Subclasses provide `image_transform` (PIL → tensor) and `image_forward` (a batch on
 `self.device` → vectors); this class runs them on the encoder's device (bfloat16 autocast on
-a GPU), feeds the device from decoding worker processes, and L2-normalises the output.
+a GPU), feeds the device from decoding worker processes, and L2-normalises the output. The
+workers stop at uint8 pixels; scaling and normalisation run on the device
+(`split_at_tensor`).
 """
 from __future__ import annotations
 
 from abc import abstractmethod
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -15,7 +18,8 @@ import torch.nn.functional as F
 
 from retrieval import runtime
 from retrieval.encoders.base import Encoder
-from retrieval.image_batches import Transform, bad_images, image_batches
+from retrieval.errors import EncoderError
+from retrieval.image_batches import Finish, Transform, bad_images, image_batches, split_at_tensor
 from retrieval.images import ImageInput
 
 
@@ -29,16 +33,35 @@ class TorchImageEncoder(Encoder):
     def image_forward(self, x: torch.Tensor) -> torch.Tensor:
         """A preprocessed batch already on `self.device` → (B, dim) vectors (any scale)."""
 
+    @cached_property
+    def _split_transform(self) -> tuple[Transform, Finish | None]:
+        return split_at_tensor(self.image_transform)
+
+    @property
+    def worker_transform(self) -> Transform:
+        """What the decode workers run: PIL image → uint8 tensor (or `image_transform` whole)."""
+        return self._split_transform[0]
+
     @torch.no_grad()
     def encode_image_tensors(self, x: torch.Tensor) -> np.ndarray:
-        """A preprocessed (B, 3, H, W) batch on any device → (B, dim) float32 unit rows."""
+        """A (B, 3, H, W) batch on any device → (B, dim) float32 unit rows.
+
+        `x` is float, as `image_transform` makes it, or uint8, as the decode workers send it
+        (then scaled and normalised here, on the device).
+        """
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            finish = self._split_transform[1]
+            if finish is None:
+                raise EncoderError(f"{self.spec} takes float image tensors made by its image_transform, not uint8")
+            x = finish(x)
         with runtime.autocast(self.device):
-            v = self.image_forward(x.to(self.device, non_blocking=True))
+            v = self.image_forward(x)
         return F.normalize(v.float(), dim=-1).cpu().numpy()
 
     def image_tensor_batches(self, images: Sequence[ImageInput], batch_size: int):
         """(start, batch, reasons) over `images`, decoded by as many workers as the device needs."""
-        return image_batches(images, batch_size, self.image_transform,
+        return image_batches(images, batch_size, self.worker_transform,
                              runtime.loader_workers(self.device), pin=self.device.type == "cuda")
 
     def encode_images(self, images: Sequence[ImageInput], batch_size: int = 64, progress: bool = False) -> np.ndarray:
