@@ -111,7 +111,7 @@ def bench_encoder(encoder: Encoder, paths: Sequence[Path], captions: Sequence[st
         out["decode_preprocess_images_per_s_one_thread"] = len(paths) / (time.perf_counter() - start)
         # The decode workers alone, no model: the most the pipeline could deliver.
         out["decode_workers"] = runtime.loader_workers(device)
-        out["decode_only_images_per_s"] = len(paths) / best(lambda: list(encoder.image_tensor_batches(list(paths), batch_size)))
+        out["decode_only_images_per_s"] = len(paths) / best(lambda: sum(len(x) for _, x, _ in encoder.image_tensor_batches(list(paths), batch_size)))
         out["pipeline_efficiency"] = out["engine_images_per_s"] / out["bare_images_per_s"]
         out["loader_efficiency"] = out["loader_images_per_s"] / out["bare_images_per_s"]
     else:
