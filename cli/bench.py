@@ -81,13 +81,15 @@ def encode_cmd(
     encoder: List[str] = typer.Option([], "--encoder", help="Encoder spec (repeatable; default: default, else towers with untrained heads). `openclip-random:ViT-B-32` is open_clip with random weights."),
     n: Optional[int] = typer.Option(None, "--n", help="Images to encode (default 384, --quick 64)."),
     captions: Optional[int] = typer.Option(None, "--captions", help="Captions to encode (default 2000, --quick 128)."),
-    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch (256 suits a GPU)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A folder laid out as Flickr8k (captions.csv, images/, splits/dev.txt); default ../shared/data/flickr8k."),
 ) -> None:
-    """Images/s and captions/s through the real pipeline vs the bare model forward."""
+    """Images/s and captions/s through the real pipeline vs the bare model forward (on the GPU when there is one)."""
     from benchmarks import encode
 
     result = encode.run(encoders=tuple(encoder) or encode.DEFAULT_ENCODERS, quick=quick, n_images=n,
-                        n_captions=captions, batch_size=batch_size, log=_logger(as_json))
+                        n_captions=captions, batch_size=batch_size, log=_logger(as_json),
+                        **({"data": data} if data is not None else {}))
     table = Table(title="encoding throughput (items/s)")
     for column in ("encoder", "device", "engine img/s", "loader img/s", "bare img/s", "decode-only img/s",
                    "pipeline eff.", "loader eff.", "captions/s"):
