@@ -26,6 +26,10 @@ app.command()(demo)
 app.command()(serve)
 app.add_typer(bench_app, name="bench")
 
+# Click's base of usage errors (bad options, typer.BadParameter): recent typer releases carry
+# their own copy of click, older ones use the click package, so take it from typer itself.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 
 def main() -> None:
     """Console entry point: run the app, turning seesay's errors into one line and exit code 1."""
@@ -42,13 +46,9 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors carry their own message and exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except ClickException as exc:  # usage errors carry their own message and exit code
+        exc.show()
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

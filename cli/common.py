@@ -21,6 +21,23 @@ ImagesOpt = typer.Option(None, "--images", help="Root folder for relative image 
 SplitOpt = typer.Option(None, "--split", help="Split name (Karpathy JSON `split` field).")
 SplitFileOpt = typer.Option(None, "--split-file", help="Text file listing the image names to use, one a line.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
+SearchParamOpt = typer.Option(
+    [], "--search-param",
+    help="FAISS search parameter of an approximate index as NAME=VALUE, repeatable: nprobe (IVF, default 16) "
+         "or efSearch (HNSW, default 128). Higher: better recall, slower queries.",
+)
+
+
+def parse_search_params(values: list[str]) -> dict[str, int]:
+    """["nprobe=64", ...] → {"nprobe": 64, ...}, or a BadParameter naming the malformed one."""
+    params: dict[str, int] = {}
+    for value in values:
+        name, sep, number = value.partition("=")
+        if not sep or not name.strip() or not number.strip().isdigit() or int(number) < 1:
+            raise typer.BadParameter(f"expected NAME=POSITIVE_INTEGER (e.g. nprobe=64), got {value!r}",
+                                     param_hint="--search-param")
+        params[name.strip()] = int(number)
+    return params
 
 
 def read_data(data: Path, images: Optional[Path], split: Optional[str], split_file: Optional[Path], quiet: bool = False) -> Dataset:

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import JsonOpt, err, out, print_json
+from cli.common import JsonOpt, SearchParamOpt, err, out, parse_search_params, print_json
 from cli.index import IndexOpt
 from indexer import Index
 from retrieval.engine import Hit, QueryEngine
@@ -34,11 +34,16 @@ def search(
     target: Optional[str] = typer.Option(None, "--target", help="image | caption (default: images for text, captions for an image)."),
     as_json: bool = JsonOpt,
     html_out: Optional[Path] = typer.Option(None, "--html", help="Also write the results as a self-contained HTML contact sheet (thumbnails embedded) to this file."),
+    search_param: list[str] = SearchParamOpt,
 ) -> None:
     """Text → images (or captions), or image → captions (or images)."""
     if (query is None) == (image is None):
         raise typer.BadParameter("give either a text query or --image FILE, not both or neither")
-    engine = QueryEngine(Index.open(index_dir, read_only=True))
+    params = parse_search_params(search_param)
+    index = Index.open(index_dir, read_only=True)
+    if params:
+        index.set_search_params(**params)
+    engine = QueryEngine(index)
     if image is not None:
         chosen = target or "caption"
         hits = engine.search_images([image], chosen, k)[0]

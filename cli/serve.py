@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import err
+from cli.common import SearchParamOpt, err, parse_search_params
 from cli.index import IndexOpt
 
 
@@ -28,6 +28,7 @@ def serve(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Thumbnail cache folder (default: ~/.cache/seesay/thumbnails/<index>)."),
     no_disk_cache: bool = typer.Option(False, "--no-disk-cache", help="Keep thumbnails in memory only."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
+    search_param: list[str] = SearchParamOpt,
 ) -> None:
     """Serve the search API (/docs) and a search page (/) over an index, read-only."""
     import uvicorn
@@ -39,6 +40,7 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         cache_dir=cache_dir,
         disk_cache=not no_disk_cache,
+        search_params=parse_search_params(search_param),
     )
     if not _is_loopback(host):
         err.print(f"[yellow]warning: binding {host}: anyone who can reach this address can query the index[/yellow]")

@@ -109,7 +109,25 @@ def test_errors_exit_non_zero_with_one_clear_line(shapes, model, tmp_path):
     no_data = seesay("index", "--encoder", model, "--data", tmp_path / "none.csv", "--index", tmp_path / "i")
     assert no_data.returncode == 1 and "none.csv" in no_data.stderr and "Traceback" not in no_data.stderr
     both = seesay("search", "--index", tmp_path, "x", "--image", shapes)
-    assert both.returncode != 0 and "either" in both.stderr
+    assert both.returncode == 2 and "either" in both.stderr and "Traceback" not in both.stderr
+
+
+def test_search_params_tune_an_approximate_index_and_are_checked(shapes, model, tmp_path):
+    index = tmp_path / "ivf"
+    run("index", "--encoder", model, "--data", shapes, "--index", index, "--factory", "IVF4,Flat")
+    exact = tmp_path / "flat"
+    run("index", "--encoder", model, "--data", shapes, "--index", exact)
+    query = ("search", "a red square", "-k", "24", "--json")
+    probed = json.loads(run(*query, "--index", index, "--search-param", "nprobe=4"))["hits"]
+    truth = json.loads(run(*query, "--index", exact))["hits"]
+    score = lambda hits: [round(h["score"], 5) for h in hits]  # noqa: E731 - copies tie, so compare scores
+    assert score(probed) == score(truth)  # every list probed: exact
+    one_list = json.loads(run(*query, "--index", index, "--search-param", "nprobe=1"))["hits"]
+    assert len(one_list) < 24  # one of the 4 lists probed: the parameter took effect
+    wrong = seesay(*query, "--index", index, "--search-param", "efSearch=64")
+    assert wrong.returncode == 1 and "efSearch" in wrong.stderr and "nprobe" in wrong.stderr
+    malformed = seesay(*query, "--index", index, "--search-param", "nprobe")
+    assert malformed.returncode == 2 and "NAME=POSITIVE_INTEGER" in malformed.stderr
 
 
 def test_index_refuses_another_model_of_the_same_kind(shapes, model, tmp_path):

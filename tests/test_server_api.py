@@ -487,3 +487,10 @@ def test_serve_command_binds_loopback_by_default(index_dir, tmp_path, monkeypatc
 
     result = runner.invoke(app, ["serve", "--index", str(tmp_path / "no-index")])
     assert result.exit_code != 0 and "not a seesay index" in str(result.exception)
+
+
+def test_search_params_that_do_not_fit_the_index_stop_the_start(index_dir, cache_dir):
+    from retrieval.errors import SeesayError
+
+    with pytest.raises(SeesayError, match="efSearch"):
+        create_app(index_dir, cache_dir=cache_dir, search_params={"efSearch": 64})

@@ -262,15 +262,22 @@ def create_app(
     cache_dir: Path | None = None,
     disk_cache: bool = True,
     memory_cache_bytes: int = 32 * 1024 * 1024,
+    search_params: dict[str, int] | None = None,
 ) -> FastAPI:
     """The seesay web app over the index in `index_dir`, opened read-only.
 
     `cache_dir` holds rendered thumbnails (default: a per-index folder under
     ~/.cache/seesay/thumbnails, never inside the index); `disk_cache=False` keeps
-    them in memory only.
+    them in memory only. `search_params` (e.g. {"nprobe": 64}) tune an approximate index.
     """
     index_dir = Path(index_dir)
     index = Index.open(index_dir, read_only=True)
+    if search_params:
+        try:
+            index.set_search_params(**search_params)
+        except SeesayError:
+            index.close()
+            raise
     index.encoder  # load the encoder now: a broken one is a start-up error, not a failed first query
     disk = (cache_dir or default_cache_dir(index_dir)) if disk_cache else None
     service = Service(index, ThumbnailCache(disk, memory_cache_bytes))
