@@ -30,7 +30,7 @@ def train(
     loss: str = typer.Option("infonce", help="towers: infonce (symmetric, learnable temperature) or vse (max-violation hinge)."),
     head: str = typer.Option("linear", help="towers: projection head, linear or mlp."),
     embed_dim: int = typer.Option(1024, help="towers: dimension of the shared space."),
-    image_top: int = typer.Option(1, help="towers: unfreeze the top N blocks of the image tower."),
+    image_top: int = typer.Option(4, help="towers: unfreeze the top N blocks of the image tower (at most 4 reuse the cached features below them)."),
     text_top: int = typer.Option(1, help="towers: unfreeze the top N layers of the text tower (0: heads only)."),
     flip: bool = typer.Option(True, help="towers: also train on mirrored images (doubles the one-off feature caching)."),
     patience: int = typer.Option(4, help="towers: stop after this many epochs without a validation gain."),

@@ -22,7 +22,7 @@ SHIPPED: dict = {
     "loss": "infonce",
     "head": "linear",
     "embed_dim": 1024,
-    "image_top": 1,
+    "image_top": 4,
     "text_top": 1,
     "seed": 0,
 }
