@@ -7,9 +7,14 @@ the vectors once per batch whatever its size: a GEMM per database block against 
 vectors stored transposed (a no-transpose GEMM, about twice as fast for few queries),
 then each block's top k through a threshold from per-group maxima and `argpartition`
 on the few entries above it. A single query is one row-major matrix-vector product.
-Neither path wins at every size, so `ExactSearch` chooses per batch size: by a measured
-calibration (`calibrate`) when it has one, by a fixed rule otherwise (blocked below
-1,024 queries, where FAISS is weakest; FAISS's BLAS path from there up).
+A third path, `screened`, is exact too: it scores a bfloat16 copy of the vectors (half
+the bytes, and the CPU's bf16 dot-product units where it has them), keeps every vector
+whose approximate score could still reach the top k under a proven bound on the
+rounding error, and re-scores those few in float32. Neither path wins at every size, so
+`ExactSearch` chooses per batch size: by a measured calibration (`calibrate`) when it
+has one, by a fixed rule otherwise (below 256 queries, where FAISS is weakest, blocked
+for one query and screened for more where the CPU has bf16 dot products; FAISS's BLAS
+path from 256 up).
 
 Scores are inner products; results are (scores, ids), each (nq, k), best first. Ties
 between equal scores may be broken differently by the two paths.
@@ -17,20 +22,28 @@ between equal scores may be broken differently by the two paths.
 from __future__ import annotations
 
 import time
+import warnings
+from functools import lru_cache
 from typing import Literal, Sequence
 
 import faiss
 import numpy as np
 
-Method = Literal["faiss", "blocked"]
-METHODS: tuple[Method, ...] = ("faiss", "blocked")
+Method = Literal["faiss", "blocked", "screened"]
+METHODS: tuple[Method, ...] = ("faiss", "blocked", "screened")
 # Bytes of the (queries × database block) score matrix the blocked path aims for: about
 # an L3 slice, so the filter re-reads scores from cache, while blocks stay wide enough for
 # BLAS to run near its peak (measured: 1 MiB blocks ran at a third the speed of 16 MiB).
 SCORE_BLOCK_BYTES = 1 << 24
 MIN_BLOCK_ROWS = 256
-# Fixed rule when not calibrated: blocked GEMM for batches in [lo, hi), FAISS otherwise.
-DEFAULT_BLOCKED_RANGE = (1, 1024)
+# Fixed rule when not calibrated: seesay's paths for batches in [lo, hi), FAISS's BLAS path
+# from hi up; within the range, blocked for one query and screened for more where the CPU
+# has bf16 dot products (blocked elsewhere). Measured at 100k × 512 on 2 cores: FAISS
+# wins from 256 queries, the screen below.
+DEFAULT_BLOCKED_RANGE = (1, 256)
+# The screen pays off for small batches; large ones get short database blocks, where
+# keeping the best few of each block re-scores a large share of the corpus.
+SCREEN_MAX_QUERIES = 1024
 
 
 def block_rows(n_queries: int, n: int, score_bytes: int = SCORE_BLOCK_BYTES) -> int:
@@ -133,12 +146,113 @@ def _block_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return cand, pos
 
 
+# bfloat16 keeps 8 significant bits: each rounding moves a value by at most this fraction.
+BF16_UNIT_ROUNDOFF = 2.0 ** -8
+# The screened path gives up (and runs `blocked`) when the candidates to re-score exceed
+# this share of the scores computed: only near-duplicate corpora get there.
+MAX_CANDIDATE_SHARE = 1 / 16
+# Sorted scores taken per query and block beyond k; rows whose candidates outnumber them are scanned whole.
+SCREEN_EXTRA = 246
+
+
+def screening_margin(query_norms: np.ndarray, max_vector_norm: float, d: int) -> np.ndarray:
+    """Per query, a bound on |exact score − bf16 score| for every database vector.
+
+    bf16 inputs: q·x − qb·xb ≤ (2u + u²)·Σ|q_i x_i| ≤ (2u + u²)·‖q‖‖x‖ (Cauchy–Schwarz);
+    float32 accumulation of d products: ≤ d·2⁻²⁴·Σ|qb_i xb_i|; the bf16 result: ≤ u·|s̃|;
+    with Σ|qb_i xb_i| and |s̃| ≤ (1 + u)²‖q‖‖x‖. Doubled accumulation term for safety.
+    """
+    u = BF16_UNIT_ROUNDOFF
+    factor = 2 * u + u * u + (u + 2 * d * 2.0 ** -24) * (1 + u) ** 2
+    return factor * query_norms * max_vector_norm
+
+
+def screened_topk(
+    vectors: np.ndarray, low, queries: np.ndarray, k: int, max_norm: float, ids: np.ndarray | None = None,
+    score_bytes: int = SCORE_BLOCK_BYTES,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Exact top-k by a bf16 screen and a float32 re-score; None when too many candidates
+    survive, or for batches over `SCREEN_MAX_QUERIES`.
+
+    `low` is `vectors` as a (n, d) torch bfloat16 tensor and `max_norm` their largest row
+    norm. A vector in the true top k scores at least s_k (the true k-th score) exactly,
+    so at least s_k − m in bf16 (m = `screening_margin`); and s_k ≥ t − m, where t is any
+    k-th largest bf16 score seen so far. Every vector with a bf16 score ≥ t − 2m is kept
+    and re-scored in float32, so nothing of the top k is lost.
+    """
+    import torch
+
+    queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    nq, n = len(queries), len(vectors)
+    if nq > SCREEN_MAX_QUERIES:
+        return None
+    kk = min(k, n)
+    margin = torch.from_numpy(2 * screening_margin(np.linalg.norm(queries, axis=1), max_norm, vectors.shape[1]))
+    q_low = torch.from_numpy(queries).to(torch.bfloat16)
+    rows = max(block_rows(nq, n, score_bytes * 2), kk)  # bf16 scores: twice the rows per byte budget
+    kth = torch.full((nq,), -float("inf"))
+    found_q: list[np.ndarray] = []
+    found_r: list[np.ndarray] = []
+    budget = MAX_CANDIDATE_SHARE * nq * n + nq * kk
+    kept = 0
+    for start in range(0, n, rows):
+        scores = q_low @ low[start : start + rows].T  # (nq, block rows) in bf16
+        b = scores.shape[1]
+        # The candidates are nearly always among each row's best few: take those sorted, and
+        # scan a whole row only where even its last one still passes the threshold.
+        vals, pos = scores.topk(min(b, kk + SCREEN_EXTRA), dim=1)
+        vals = vals.float()
+        if b >= kk:
+            kth = torch.maximum(kth, vals[:, kk - 1])
+        threshold = kth - margin
+        keep = (vals >= threshold[:, None]).numpy()
+        q, j = np.nonzero(keep)
+        r = pos.numpy()[q, j]
+        spill = np.flatnonzero(keep[:, -1]) if vals.shape[1] < b else np.zeros(0, dtype=np.int64)
+        if len(spill):  # rows with more candidates than the sorted few: scan them whole
+            q_rest = ~np.isin(q, spill)
+            q, r = q[q_rest], r[q_rest]
+            wide = (scores[torch.from_numpy(spill)].float() >= threshold[spill][:, None]).numpy()
+            sq, sr = np.nonzero(wide)
+            q, r = np.concatenate([q, spill[sq]]), np.concatenate([r, sr])
+        kept += len(r)
+        if kept > budget:
+            return None
+        found_q.append(q)
+        found_r.append(r + start)
+    cand_q = np.concatenate(found_q)
+    cand_r = np.concatenate(found_r)
+    exact = np.einsum("cd,cd->c", vectors[cand_r], queries[cand_q])
+    order = np.lexsort((-exact, cand_q))  # by query, best first
+    cand_q, cand_r, exact = cand_q[order], cand_r[order], exact[order]
+    first = np.searchsorted(cand_q, np.arange(nq))
+    rank = np.arange(len(cand_q)) - first[cand_q]
+    top = rank < kk
+    out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_ids = np.full((nq, k), -1, dtype=np.int64)
+    out_scores[cand_q[top], rank[top]] = exact[top]
+    out_ids[cand_q[top], rank[top]] = cand_r[top] if ids is None else np.asarray(ids, dtype=np.int64)[cand_r[top]]
+    return out_scores, out_ids
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16_dot() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates it, slowly."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class ExactSearch:
     """Exact top-k over fixed vectors, by FAISS flat or blocked GEMM, whichever suits the batch.
 
     Builds a transposed copy of the vectors for the blocked path the first time a batch of
-    several queries takes it (single queries read the vectors as they are), and a FAISS flat
-    copy unless an existing exact index is passed as `flat`.
+    several queries takes it (single queries read the vectors as they are), a bfloat16 copy
+    (half the size) the first time the screened path runs, and a FAISS flat copy unless an
+    existing exact index is passed as `flat`.
 
     `choice` maps a batch-size bucket (the power of two at or below the batch size)
     to the method measured fastest there; buckets not calibrated use the fixed rule.
@@ -151,6 +265,7 @@ class ExactSearch:
         itself (e.g. the index wrapper's IndexIDMap2 over Flat), used instead of a new copy."""
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self._columns: np.ndarray | None = None
+        self._low = None
         self.ids = None if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
         self._flat_gives_ids = flat is not None
         if flat is None:
@@ -166,6 +281,23 @@ class ExactSearch:
         if self._columns is None:
             self._columns = np.ascontiguousarray(self.vectors.T)
         return self._columns
+
+    @property
+    def low(self):
+        """The vectors as a torch bfloat16 tensor (half the bytes), made on first use."""
+        if self._low is None:
+            import torch
+
+            with warnings.catch_warnings():  # memory-mapped vectors are read-only; this only reads them
+                warnings.simplefilter("ignore", UserWarning)
+                self._low = torch.from_numpy(self.vectors).to(torch.bfloat16)
+            self._max_norm = float(np.linalg.norm(self.vectors, axis=1).max()) if len(self.vectors) else 0.0
+        return self._low
+
+    def _screenable(self, queries: np.ndarray) -> bool:
+        """The screen's error bound holds: finite queries and vectors, something to search."""
+        return bool(len(queries) and len(self.vectors) and np.isfinite(queries).all()
+                    and self.low is not None and np.isfinite(self._max_norm))
 
     @property
     def dim(self) -> int:
@@ -184,7 +316,9 @@ class ExactSearch:
         if bucket in self.choice:
             return self.choice[bucket]
         lo, hi = DEFAULT_BLOCKED_RANGE
-        return "blocked" if lo <= n_queries < hi else "faiss"
+        if not lo <= n_queries < hi:
+            return "faiss"
+        return "screened" if n_queries > 1 and cpu_has_bf16_dot() else "blocked"
 
     def search(
         self, queries: np.ndarray, k: int, method: Method | None = None
@@ -192,7 +326,12 @@ class ExactSearch:
         """Top-k (scores, ids), best first; missing hits have id -1 and score -inf."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         method = method or self.method_for(len(queries))
-        if method == "blocked":
+        if method == "screened" and self._screenable(queries):
+            found = screened_topk(self.vectors, self.low, queries, k, self._max_norm, self.ids)
+            if found is not None:
+                return found
+            method = "blocked"  # near-duplicates everywhere: the screen keeps too much
+        if method in ("blocked", "screened"):
             columns = self.vectors.T if len(queries) == 1 else self.columns  # one query reads `vectors`
             return blocked_topk(columns, queries, k, self.ids, vectors=self.vectors)
         if method != "faiss":

@@ -102,3 +102,35 @@ def test_flat_vector_set_searches_exactly_after_adds_and_removes() -> None:
     assert not np.isin(found, gone).any()
     ref_scores, pos = _faiss_flat(x[1500:], q, 10)
     _same_topk(vs.search(q, 10), (ref_scores, ids[1500:][pos]))
+
+
+@pytest.mark.parametrize("nq", [1, 5, 16, 64])
+@pytest.mark.parametrize("data", ["uniform", "clustered", "scaled"])
+def test_screened_matches_faiss_flat(nq: int, data: str) -> None:
+    from indexer.exact_search import screened_topk
+
+    rng = np.random.default_rng(10 + nq)
+    x = _unit(rng, 6007, 96)
+    if data == "clustered":  # many close scores: the screen must keep every contender
+        x = _unit(rng, 30, 96)[rng.integers(0, 30, 6007)] + 0.01 * rng.standard_normal((6007, 96), dtype=np.float32)
+    if data == "scaled":  # norms far from 1: the bound scales with them
+        x = x * rng.uniform(0.1, 30, (6007, 1)).astype(np.float32)
+    q = _unit(rng, nq, 96) * 3
+    search = ExactSearch(x)
+    found = screened_topk(search.vectors, search.low, q, 10, search._max_norm, score_bytes=1 << 14)
+    assert found is not None
+    ref = _faiss_flat(x, q, 10)
+    np.testing.assert_allclose(found[0], ref[0], rtol=1e-5, atol=1e-4)
+    _same_topk((found[0], found[1]), (found[0], ref[1]))  # ids agree up to ties
+
+
+def test_screened_falls_back_on_a_corpus_of_duplicates() -> None:
+    from indexer.exact_search import screened_topk
+
+    rng = np.random.default_rng(4)
+    x = np.repeat(_unit(rng, 3, 16), 2000, axis=0)  # every score ties with 1,999 others
+    q = _unit(rng, 4, 16)
+    search = ExactSearch(x)
+    assert screened_topk(search.vectors, search.low, q, 5, search._max_norm) is None
+    scores, ids = search.search(q, 5, "screened")  # the blocked path answers instead
+    np.testing.assert_allclose(scores, _faiss_flat(x, q, 5)[0], atol=1e-5)
