@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from benchmarks import roofline
-from benchmarks.report import best_time, figure, latencies_ms, machine, percentiles, rss_bytes, save, save_plot
+from benchmarks.report import best_time, figure, latencies_ms, machine, percentiles, rss_bytes, save_plot
 from indexer.exact_search import ExactSearch
 from indexer.vectors import VectorSet
 
