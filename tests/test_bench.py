@@ -48,6 +48,33 @@ def test_bench_query_tiny(tmp_path: Path) -> None:
     assert 0 < r["recall_at_k"] <= 1.0
 
 
+def test_bench_encode_neural_on_a_folder_of_its_own(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "splits").mkdir()
+    names = []
+    for i, colour in enumerate(("red", "green", "blue", "white", "black")):
+        names.append(f"{colour}.jpg")
+        Image.new("RGB", (80, 60), colour).save(data / "images" / names[-1])
+    (data / "splits" / "dev.txt").write_text("\n".join(names) + "\n")
+    (data / "captions.csv").write_text("image,caption\n" + "".join(f"{n},a {n[:-4]} square\n" for n in names))
+    r = _run(["encode", "--data", str(data), "--n", "7", "--captions", "5", "--batch-size", "2",
+              "--encoder", "towers-untrained"], tmp_path / "out")
+    enc = r["encoders"]["towers-untrained"]
+    assert enc["n_images"] == 7 and enc["n_distinct_images"] == 5  # cycled past the 5 it has
+    assert enc["device"].startswith("cuda" if torch_cuda() else "cpu")
+    assert enc["decode_workers"] >= 1 and enc["decode_only_images_per_s"] > 0
+    assert enc["bare_images_per_s"] > 0 and enc["pipeline_efficiency"] > 0 and enc["captions_per_s"] > 0
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @needs_flickr
 def test_bench_encode_tiny(tmp_path: Path) -> None:
     r = _run(["encode", "--n", "6", "--captions", "10", "--batch-size", "4", "--encoder", "test-colour:8"], tmp_path)
