@@ -52,7 +52,7 @@ class _ImageFiles(torch.utils.data.Dataset):
         try:
             return self.transform(load_rgb(self.images[i])), ""
         except BadImageError as exc:
-            return self._blank(), str(exc) or "bad image"
+            return self._blank(), exc.reason or "bad image"
 
     def _blank(self) -> torch.Tensor:
         from PIL import Image
@@ -66,8 +66,8 @@ def image_batches(
     """Yield (start, tensor batch, reasons), decoding on `workers` processes a few batches ahead.
 
     Paths decode in worker processes; PIL images already in memory (or a corpus of one batch)
-    are preprocessed in-process. `reasons[j]` is "" for a good image, else the BadImageError
-    message. `pin` puts batches in page-locked memory for fast, asynchronous copies to a GPU.
+    are preprocessed in-process. `reasons[j]` is "" for a good image, else why it is bad
+    (`bad_images` turns them into BadImageErrors naming the files). `pin` puts batches in page-locked memory for fast, asynchronous copies to a GPU.
     """
     items = list(images)
     if any(not isinstance(i, (str, Path)) for i in items) or len(items) <= batch_size:
@@ -89,4 +89,4 @@ def image_batches(
 
 def bad_images(images: Sequence[ImageInput], start: int, reasons: Sequence[str]) -> dict[int, BadImageError]:
     """{position in `images`: BadImageError naming the file} for the bad images of one batch."""
-    return {start + j: BadImageError(images[start + j], r.split(": ", 1)[-1]) for j, r in enumerate(reasons) if r}
+    return {start + j: BadImageError(images[start + j], reason) for j, reason in enumerate(reasons) if reason}

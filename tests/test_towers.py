@@ -78,6 +78,15 @@ def test_engine_path_skips_a_bad_file_and_matches_the_encoder(tmp_path):
     assert np.allclose(vectors, enc.encode_images(good, batch_size=3), atol=1e-5)
 
 
+def test_a_bad_file_whose_name_holds_a_colon_keeps_its_reason(tmp_path):
+    from retrieval.embedding import encode_image_files
+    from retrieval.encoders.towers import TowersEncoder
+
+    odd = tmp_path / "photo: night.jpg"
+    _, kept, failed = encode_image_files(TowersEncoder({"embed_dim": 8}), _images(tmp_path, 2) + [odd], batch_size=2)
+    assert kept == [0, 1] and failed[2].path == odd and failed[2].reason == "no such file"
+
+
 def test_unknown_text_model_is_a_clear_error(tmp_path):
     from retrieval.encoders.towers import TowersEncoder
 

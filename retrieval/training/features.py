@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from retrieval import runtime
-from retrieval.image_batches import image_batches
+from retrieval.image_batches import bad_images, image_batches
 from retrieval.towers import efficientnet as effnet
 from retrieval.towers import sentence
 
@@ -69,9 +69,7 @@ def image_features(
             if feats is None:
                 feats = torch.zeros((len(paths), *f.shape[1:]), dtype=torch.float16)
             feats[start : start + len(x)] = f
-            for j, r in enumerate(reasons):
-                if r:
-                    bad[start + j] = r
+            bad.update((i, str(err)) for i, err in bad_images(paths, start, reasons).items())
             done = start + len(x)
             if done % (batch_size * 4) == 0 or done == len(paths):
                 log(f"  image features {done}/{len(paths)} ({done / (time.time() - t0):.1f} img/s)")
