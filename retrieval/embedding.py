@@ -1,7 +1,7 @@
 """Embedding a corpus in batches: decode image files ahead of the model, skip and report bad ones."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -28,36 +28,41 @@ def encode_image_files(
     returned as the encoder gave them: callers check their width.
     """
     if callable(getattr(encoder, "image_tensor_batches", None)):  # a TorchImageEncoder
-        return _encode_tensors(encoder, images, batch_size, advance)
+        batches = _tensor_batches(encoder, images, batch_size)
+    else:
+        batches = _decoded_batches(encoder, images, batch_size, workers)
     vectors: list[np.ndarray] = []
     kept: list[int] = []
     failed: dict[int, BadImageError] = {}
-    for batch in batched(enumerate(decode_many(images, workers, lookahead=2 * batch_size)), batch_size):
-        good = [(i, im) for i, im in batch if not isinstance(im, BadImageError)]
-        failed.update((i, im) for i, im in batch if isinstance(im, BadImageError))
-        if good:
-            vectors.append(np.asarray(encoder.encode_images([im for _, im in good], batch_size), dtype=np.float32))
-            kept.extend(i for i, _ in good)
-        advance(len(batch))
+    for positions, batch_vectors, batch_failed, size in batches:
+        failed.update(batch_failed)
+        if positions:
+            vectors.append(batch_vectors)
+            kept.extend(positions)
+        advance(size)
     return (np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), dtype=np.float32)), kept, failed
 
 
-def _encode_tensors(
-    encoder: "TorchImageEncoder", images: Sequence[ImageInput], batch_size: int, advance: Callable[[int], None]
-) -> tuple[np.ndarray, list[int], dict[int, BadImageError]]:
-    vectors: list[np.ndarray] = []
-    kept: list[int] = []
-    failed: dict[int, BadImageError] = {}
+Batch = tuple[list[int], "np.ndarray | None", dict[int, BadImageError], int]  # good positions, their vectors, errors, size
+
+
+def _decoded_batches(encoder: Encoder, images: Sequence[ImageInput], batch_size: int, workers: int) -> Iterator[Batch]:
+    """PIL images decoded on `workers` threads ahead of `encoder.encode_images`."""
+    for batch in batched(enumerate(decode_many(images, workers, lookahead=2 * batch_size)), batch_size):
+        good = [(i, im) for i, im in batch if not isinstance(im, BadImageError)]
+        errors = {i: im for i, im in batch if isinstance(im, BadImageError)}
+        found = np.asarray(encoder.encode_images([im for _, im in good], batch_size), dtype=np.float32) if good else None
+        yield [i for i, _ in good], found, errors, len(batch)
+
+
+def _tensor_batches(encoder: "TorchImageEncoder", images: Sequence[ImageInput], batch_size: int) -> Iterator[Batch]:
+    """Preprocessed tensors from the encoder's decode workers, straight into its model."""
     from retrieval.image_batches import bad_images
 
     for start, x, reasons in encoder.image_tensor_batches(images, batch_size):
-        failed.update(bad_images(images, start, reasons))
         good = [j for j, reason in enumerate(reasons) if not reason]
-        if good:
-            vectors.append(encoder.encode_image_tensors(x if len(good) == len(x) else x[good]))
-            kept.extend(start + j for j in good)
-        advance(len(x))
-    return (np.concatenate(vectors) if vectors else np.zeros((0, encoder.dim), dtype=np.float32)), kept, failed
+        found = encoder.encode_image_tensors(x if len(good) == len(x) else x[good]) if good else None
+        yield [start + j for j in good], found, bad_images(images, start, reasons), len(x)
 
 
 def encode_captions(
