@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Literal, Sequence
 
 import faiss
@@ -265,7 +265,6 @@ class ExactSearch:
         itself (e.g. the index wrapper's IndexIDMap2 over Flat), used instead of a new copy."""
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         self._columns: np.ndarray | None = None
-        self._low = None
         self.ids = None if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
         self._flat_gives_ids = flat is not None
         if flat is None:
@@ -285,19 +284,26 @@ class ExactSearch:
     @property
     def low(self):
         """The vectors as a torch bfloat16 tensor (half the bytes), made on first use."""
-        if self._low is None:
-            import torch
+        return self._screen[0]
 
-            with warnings.catch_warnings():  # memory-mapped vectors are read-only; this only reads them
-                warnings.simplefilter("ignore", UserWarning)
-                self._low = torch.from_numpy(self.vectors).to(torch.bfloat16)
-            self._max_norm = float(np.linalg.norm(self.vectors, axis=1).max()) if len(self.vectors) else 0.0
-        return self._low
+    @property
+    def max_norm(self) -> float:
+        """The largest vector norm, which scales the screen's error bound."""
+        return self._screen[1]
+
+    @cached_property
+    def _screen(self) -> tuple:
+        """(the bf16 copy, the largest vector norm): what the screened path needs."""
+        import torch
+
+        with warnings.catch_warnings():  # memory-mapped vectors are read-only; this only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            low = torch.from_numpy(self.vectors).to(torch.bfloat16)
+        return low, float(np.linalg.norm(self.vectors, axis=1).max()) if len(self.vectors) else 0.0
 
     def _screenable(self, queries: np.ndarray) -> bool:
         """The screen's error bound holds: finite queries and vectors, something to search."""
-        return bool(len(queries) and len(self.vectors) and np.isfinite(queries).all()
-                    and self.low is not None and np.isfinite(self._max_norm))
+        return bool(len(queries) and len(self.vectors) and np.isfinite(queries).all() and np.isfinite(self.max_norm))
 
     @property
     def dim(self) -> int:
@@ -327,7 +333,7 @@ class ExactSearch:
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         method = method or self.method_for(len(queries))
         if method == "screened" and self._screenable(queries):
-            found = screened_topk(self.vectors, self.low, queries, k, self._max_norm, self.ids)
+            found = screened_topk(self.vectors, self.low, queries, k, self.max_norm, self.ids)
             if found is not None:
                 return found
             method = "blocked"  # near-duplicates everywhere: the screen keeps too much

@@ -117,7 +117,7 @@ def test_screened_matches_faiss_flat(nq: int, data: str) -> None:
         x = x * rng.uniform(0.1, 30, (6007, 1)).astype(np.float32)
     q = _unit(rng, nq, 96) * 3
     search = ExactSearch(x)
-    found = screened_topk(search.vectors, search.low, q, 10, search._max_norm, score_bytes=1 << 14)
+    found = screened_topk(search.vectors, search.low, q, 10, search.max_norm, score_bytes=1 << 14)
     assert found is not None
     ref = _faiss_flat(x, q, 10)
     np.testing.assert_allclose(found[0], ref[0], rtol=1e-5, atol=1e-4)
@@ -131,6 +131,6 @@ def test_screened_falls_back_on_a_corpus_of_duplicates() -> None:
     x = np.repeat(_unit(rng, 3, 16), 2000, axis=0)  # every score ties with 1,999 others
     q = _unit(rng, 4, 16)
     search = ExactSearch(x)
-    assert screened_topk(search.vectors, search.low, q, 5, search._max_norm) is None
+    assert screened_topk(search.vectors, search.low, q, 5, search.max_norm) is None
     scores, ids = search.search(q, 5, "screened")  # the blocked path answers instead
     np.testing.assert_allclose(scores, _faiss_flat(x, q, 5)[0], atol=1e-5)
