@@ -20,9 +20,10 @@ class Roofline:
     sgemm_flops_per_s: float
     threads: int
 
-    def bound_s(self, n_queries: int, n: int, d: int) -> float:
-        """Lower bound on one flat search of `n_queries` over n×d float32 vectors."""
-        read = 4.0 * n * d / self.read_bytes_per_s
+    def bound_s(self, n_queries: int, n: int, d: int, bytes_per_value: float = 4.0) -> float:
+        """Lower bound on one flat search of `n_queries` over n×d float32 vectors (or, with
+        `bytes_per_value`, over a copy of them in another format: 1 for int8 codes)."""
+        read = bytes_per_value * n * d / self.read_bytes_per_s
         compute = 2.0 * n_queries * n * d / self.sgemm_flops_per_s
         return max(read, compute)
 

@@ -1,4 +1,4 @@
-"""Exact (flat) inner-product top-k search that picks, per batch size, the faster of two paths.
+"""Exact (flat) inner-product top-k search that picks, per batch size, the fastest of three paths.
 
 FAISS `IndexFlatIP` scans the database once per query for batches under its BLAS
 threshold (20 queries), so a batch of 16 reads the vectors 16 times from memory; from
@@ -7,27 +7,30 @@ the vectors once per batch whatever its size: a GEMM per database block against 
 vectors stored transposed (a no-transpose GEMM, about twice as fast for few queries),
 then each block's top k through a threshold from per-group maxima and `argpartition`
 on the few entries above it. A single query is one row-major matrix-vector product.
-A third path, `screened`, is exact too: it scores a bfloat16 copy of the vectors (half
-the bytes, and the CPU's bf16 dot-product units where it has them), keeps every vector
-whose approximate score could still reach the top k under a proven bound on the
-rounding error, and re-scores those few in float32. Neither path wins at every size, so
-`ExactSearch` chooses per batch size: by a measured calibration (`calibrate`) when it
-has one, by a fixed rule otherwise (below 256 queries, where FAISS is weakest, blocked
-for one query and screened for more where the CPU has bf16 dot products; FAISS's BLAS
-path from 256 up).
+The screened path is exact too: it scores int8 codes of the vectors (a quarter of the
+bytes, and the CPU's int8 dot-product units) as exact integer sums, keeps every vector
+whose code score could still reach the top k under a proven bound on the rounding
+error, and re-scores those few in float32 with FAISS. `ExactSearch` chooses per batch
+size: by a measured calibration (`calibrate`) when it has one, by a fixed rule
+otherwise (the screen at every size where the CPU has int8 dot products, once its codes
+pay for themselves; elsewhere blocked below 256 queries and FAISS's BLAS path from 256).
 
 Scores are inner products; results are (scores, ids), each (nq, k), best first. Ties
-between equal scores may be broken differently by the two paths.
+between equal scores may be broken differently by the paths.
 """
 from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import faiss
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 Method = Literal["faiss", "blocked", "screened"]
 METHODS: tuple[Method, ...] = ("faiss", "blocked", "screened")
@@ -36,14 +39,20 @@ METHODS: tuple[Method, ...] = ("faiss", "blocked", "screened")
 # BLAS to run near its peak (measured: 1 MiB blocks ran at a third the speed of 16 MiB).
 SCORE_BLOCK_BYTES = 1 << 24
 MIN_BLOCK_ROWS = 256
-# Fixed rule when not calibrated: seesay's paths for batches in [lo, hi), FAISS's BLAS path
-# from hi up; within the range, blocked for one query and screened for more where the CPU
-# has bf16 dot products (blocked elsewhere). Measured at 100k × 512 on 2 cores: FAISS
-# wins from 256 queries, the screen below.
+# Fixed rule when not calibrated, on CPUs without int8 dot products: the blocked path for
+# batches in [lo, hi), FAISS's BLAS path from hi up (measured at 100k × 512 on 2 cores).
 DEFAULT_BLOCKED_RANGE = (1, 256)
-# The screen pays off for small batches; large ones get short database blocks, where
-# keeping the best few of each block re-scores a large share of the corpus.
-SCREEN_MAX_QUERIES = 1024
+# The screen runs batches in chunks of this many queries. Measured at 100k × 512 on 2
+# cores: 64 beat 32, 48, 96, 128, 256 and 512 at 256 and 1,024 queries; the int8 GEMM's
+# time per query is lowest near 64 rows, and fewer queries leave longer database blocks,
+# whose k-th best code score is a tighter threshold.
+SCREEN_MAX_QUERIES = 64
+# Building the int8 codes costs about this many single-query scans of the vectors (0.35 s
+# against 8.6 ms at 100k × 512 on 2 cores). Single queries go without the codes until
+# searches without them have cost as much (ski rental): a one-off query (`seesay search`)
+# never pays for them, and an index in steady use has them after a few dozen queries.
+# A batch builds them at once: it gains more than they cost from a few hundred queries up.
+CODES_BUILD_SCANS = 40
 
 
 def block_rows(n_queries: int, n: int, score_bytes: int = SCORE_BLOCK_BYTES) -> int:
@@ -146,113 +155,210 @@ def _block_topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return cand, pos
 
 
-# bfloat16 keeps 8 significant bits: each rounding moves a value by at most this fraction.
-BF16_UNIT_ROUNDOFF = 2.0 ** -8
 # The screened path gives up (and runs `blocked`) when the candidates to re-score exceed
 # this share of the scores computed: only near-duplicate corpora get there.
 MAX_CANDIDATE_SHARE = 1 / 16
-# Sorted scores taken per query and block beyond k; rows whose candidates outnumber them are scanned whole.
-SCREEN_EXTRA = 246
+# int8 codes: an int32 sum of d products of at most 127² stays exact up to this dimension.
+INT8_MAX_DIM = (2**31 - 1) // 127**2
+# Relative slack on the screen's error bound, for the float64 rounding in combining its terms.
+MARGIN_SLACK = 1e-6
+# Rows quantised at a time: the float32 temporaries stay near 128 MiB for d = 512.
+ENCODE_CHUNK = 1 << 16
+# float32's unit roundoff.
+F32_ROUNDOFF = 2.0**-24
 
 
-def screening_margin(query_norms: np.ndarray, max_vector_norm: float, d: int) -> np.ndarray:
-    """Per query, a bound on |exact score − bf16 score| for every database vector.
+@dataclass(frozen=True)
+class Int8Codes:
+    """Vectors as int8 codes, x ≈ scale · codes, with what the screen's error bound needs.
 
-    bf16 inputs: q·x − qb·xb ≤ (2u + u²)·Σ|q_i x_i| ≤ (2u + u²)·‖q‖‖x‖ (Cauchy–Schwarz);
-    float32 accumulation of d products: ≤ d·2⁻²⁴·Σ|qb_i xb_i|; the bf16 result: ≤ u·|s̃|;
-    with Σ|qb_i xb_i| and |s̃| ≤ (1 + u)²‖q‖‖x‖. Doubled accumulation term for safety.
+    `codes` is (n, d) torch int8 on one `scale` for all rows; `max_error` bounds
+    ‖x − scale·codes‖ and `max_norm` bounds ‖scale·codes‖ over the rows.
     """
-    u = BF16_UNIT_ROUNDOFF
-    factor = 2 * u + u * u + (u + 2 * d * 2.0 ** -24) * (1 + u) ** 2
-    return factor * query_norms * max_vector_norm
+
+    codes: "torch.Tensor"
+    scale: float
+    max_error: float
+    max_norm: float
+
+
+def int8_encode(x: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, errors, norms): `x` rounded to int8 multiples of `scale` (float32, (n, 1) or
+    (1, 1)), and for each row upper bounds on ‖x − scale·codes‖ and on ‖scale·codes‖.
+
+    Both are computed in float32 (torch, all threads) and widened to cover its rounding:
+    forming x − scale·codes errs by at most 2u(|x_i| + scale) per entry, and a float32 norm
+    of d terms by a factor under 1 + 2(d + 2)u (u = 2⁻²⁴).
+    """
+    import torch
+
+    d = x.shape[1]
+    widen = 1 + 2 * (d + 2) * F32_ROUNDOFF
+    codes = np.empty(x.shape, dtype=np.int8)
+    errors = np.empty(len(x))
+    norms = np.empty(len(x))
+    steps = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32))
+    for start in range(0, len(x), ENCODE_CHUNK):
+        part = slice(start, start + ENCODE_CHUNK)
+        rows = torch.from_numpy(x[part])
+        step = steps[part] if len(steps) > 1 else steps
+        rounded = torch.round(rows / step).clamp_(-127, 127)
+        approx = rounded * step
+        codes[part] = rounded.to(torch.int8).numpy()
+        miss = torch.linalg.vector_norm(rows - approx, dim=1).double() * widen
+        size = torch.linalg.vector_norm(rows, dim=1).double() * widen
+        entry_slack = 2 * F32_ROUNDOFF * (size + step[:, 0].double() * d**0.5)
+        errors[part] = (miss + entry_slack).numpy()
+        norms[part] = (torch.linalg.vector_norm(approx, dim=1).double() * widen * (1 + 2 * F32_ROUNDOFF)).numpy()
+    return codes, errors, norms
+
+
+def int8_scale(peaks: np.ndarray) -> np.ndarray:
+    """The float32 step that maps each largest magnitude in `peaks` to about 127 (1 where it is 0)."""
+    peaks = np.asarray(peaks, dtype=np.float64)
+    step = np.maximum(peaks / 127, np.finfo(np.float32).tiny)
+    return np.where(peaks > 0, step, 1.0).astype(np.float32)
+
+
+def int8_codes(vectors: np.ndarray) -> Int8Codes:
+    """The database side of the screen: one scale for every row, so scores compare as integers."""
+    import torch
+
+    peak = float(np.abs(vectors).max()) if vectors.size else 0.0
+    if not np.isfinite(peak):  # no bound holds: the screen is never used
+        return Int8Codes(torch.zeros((0, vectors.shape[1]), dtype=torch.int8), 1.0, float("inf"), float("inf"))
+    scale = int8_scale(np.full((1, 1), peak))
+    codes, errors, norms = int8_encode(vectors, scale)
+    return Int8Codes(
+        torch.from_numpy(codes), float(scale.item()), float(errors.max(initial=0.0)), float(norms.max(initial=0.0))
+    )
+
+
+def query_codes(queries: np.ndarray, screen: Int8Codes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes, scales, margins): each query as int8 codes on its own scale, and a bound m
+    on |q·x − s_q·s·(codes·codes)| that holds for every vector x behind `screen`:
+    m = ‖q‖·max‖x − x̃‖ + ‖q − q̃‖·max‖x̃‖ (Cauchy–Schwarz on each side's rounding)."""
+    scale = int8_scale(np.abs(queries).max(axis=1, keepdims=True))
+    codes, errors, _ = int8_encode(queries, scale)
+    margin = np.linalg.norm(queries.astype(np.float64), axis=1) * screen.max_error + errors * screen.max_norm
+    return codes, scale[:, 0], margin * (1 + MARGIN_SLACK)
+
+
+def _screen_block(scores, kk: int, kth, gap) -> tuple[np.ndarray, np.ndarray]:
+    """(query, column) of the entries of one block of screen scores at or above each
+    query's threshold kth − gap, after raising `kth` (in place) to this block's k-th
+    largest score (or a lower bound of it: the k-th largest of a subset of its entries).
+
+    Whole groups of `GROUP` columns are tested by their maxima first, so only the few
+    groups that reach the threshold are compared entry by entry.
+    """
+    import torch
+
+    nq, b = scores.shape
+    groups = b // GROUP
+    whole = torch.as_strided(scores, (nq, groups, GROUP), (scores.stride(0), GROUP, 1))
+    maxima = whole.amax(dim=2) if groups else scores[:, :0]
+    if groups >= kk:  # the k-th largest entry of the kk best groups: nearly always the block's own
+        best = maxima.topk(kk, dim=1).indices
+        entries = whole[torch.arange(nq)[:, None], best].reshape(nq, -1)
+        torch.maximum(kth, entries.topk(kk, dim=1).values[:, -1], out=kth)
+    elif b >= kk:
+        torch.maximum(kth, scores.topk(kk, dim=1).values[:, -1], out=kth)
+    threshold = kth - gap
+    qi, gi = torch.nonzero(maxima >= threshold[:, None], as_tuple=True)
+    ci, offset = torch.nonzero(whole[qi, gi] >= threshold[qi, None], as_tuple=True)
+    tq, tr = torch.nonzero(scores[:, groups * GROUP :] >= threshold[:, None], as_tuple=True)
+    return torch.cat([qi[ci], tq]).numpy(), torch.cat([gi[ci] * GROUP + offset, tr + groups * GROUP]).numpy()
 
 
 def screened_topk(
-    vectors: np.ndarray, low, queries: np.ndarray, k: int, max_norm: float, ids: np.ndarray | None = None,
+    vectors: np.ndarray, screen: Int8Codes, queries: np.ndarray, k: int, ids: np.ndarray | None = None,
     score_bytes: int = SCORE_BLOCK_BYTES,
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Exact top-k by a bf16 screen and a float32 re-score; None when too many candidates
-    survive, or for batches over `SCREEN_MAX_QUERIES`.
+    """Exact top-k by an int8 screen and a float32 re-score; None when too many candidates
+    survive, or for dimensions over `INT8_MAX_DIM`.
 
-    `low` is `vectors` as a (n, d) torch bfloat16 tensor and `max_norm` their largest row
-    norm. A vector in the true top k scores at least s_k (the true k-th score) exactly,
-    so at least s_k − m in bf16 (m = `screening_margin`); and s_k ≥ t − m, where t is any
-    k-th largest bf16 score seen so far. Every vector with a bf16 score ≥ t − 2m is kept
-    and re-scored in float32, so nothing of the top k is lost.
+    Each query is rounded to int8 on its own scale s_q, the database is `screen` (scale s),
+    and the screen's scores a = s_q·s·(codes·codes) are exact integer sums, within m of
+    q·x for every vector (`query_codes`). A vector in the true top k scores at least s_k (the true k-th score), so at
+    least s_k − m on the screen; and s_k ≥ t − m for any k-th largest screen score t seen
+    so far. Every vector whose screen score is at least t − 2m is kept and re-scored in
+    float32, so nothing of the top k is lost; t and 2m are compared in integer units.
     """
     import torch
 
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     nq, n = len(queries), len(vectors)
-    if nq > SCREEN_MAX_QUERIES:
+    if queries.shape[1] > INT8_MAX_DIM:
         return None
     kk = min(k, n)
-    margin = torch.from_numpy(2 * screening_margin(np.linalg.norm(queries, axis=1), max_norm, vectors.shape[1]))
-    q_low = torch.from_numpy(queries).to(torch.bfloat16)
-    rows = max(block_rows(nq, n, score_bytes * 2), kk)  # bf16 scores: twice the rows per byte budget
-    kth = torch.full((nq,), -float("inf"))
+    q_codes, q_scale, margin = query_codes(queries, screen)
+    # 2m in each query's integer score units, rounded up
+    gap = torch.from_numpy(np.ceil(2 * margin / (q_scale * screen.scale)).astype(np.int64))
+    q_codes = torch.from_numpy(q_codes)
+    rows = block_rows(nq, n, score_bytes)
+    if rows < n:  # every block but the last in whole groups
+        rows = max(rows // GROUP * GROUP, GROUP, kk)
+    kth = torch.full((nq,), torch.iinfo(torch.int64).min // 2)
     found_q: list[np.ndarray] = []
     found_r: list[np.ndarray] = []
     budget = MAX_CANDIDATE_SHARE * nq * n + nq * kk
     kept = 0
     for start in range(0, n, rows):
-        scores = q_low @ low[start : start + rows].T  # (nq, block rows) in bf16
-        b = scores.shape[1]
-        # The candidates are nearly always among each row's best few: take those sorted, and
-        # scan a whole row only where even its last one still passes the threshold.
-        vals, pos = scores.topk(min(b, kk + SCREEN_EXTRA), dim=1)
-        vals = vals.float()
-        if b >= kk:
-            kth = torch.maximum(kth, vals[:, kk - 1])
-        threshold = kth - margin
-        keep = (vals >= threshold[:, None]).numpy()
-        q, j = np.nonzero(keep)
-        r = pos.numpy()[q, j]
-        spill = np.flatnonzero(keep[:, -1]) if vals.shape[1] < b else np.zeros(0, dtype=np.int64)
-        if len(spill):  # rows with more candidates than the sorted few: scan them whole
-            q_rest = ~np.isin(q, spill)
-            q, r = q[q_rest], r[q_rest]
-            wide = (scores[torch.from_numpy(spill)].float() >= threshold[spill][:, None]).numpy()
-            sq, sr = np.nonzero(wide)
-            q, r = np.concatenate([q, spill[sq]]), np.concatenate([r, sr])
+        scores = torch._int_mm(q_codes, screen.codes[start : start + rows].T)  # (nq, block rows) int32
+        q, r = _screen_block(scores, kk, kth, gap)
         kept += len(r)
         if kept > budget:
             return None
         found_q.append(q)
         found_r.append(r + start)
-    cand_q = np.concatenate(found_q)
-    cand_r = np.concatenate(found_r)
-    exact = np.einsum("cd,cd->c", vectors[cand_r], queries[cand_q])
-    order = np.lexsort((-exact, cand_q))  # by query, best first
-    cand_q, cand_r, exact = cand_q[order], cand_r[order], exact[order]
-    first = np.searchsorted(cand_q, np.arange(nq))
-    rank = np.arange(len(cand_q)) - first[cand_q]
-    top = rank < kk
+    return rescore(vectors, queries, np.concatenate(found_q), np.concatenate(found_r), k, ids)
+
+
+def rescore(
+    vectors: np.ndarray, queries: np.ndarray, cand_q: np.ndarray, cand_r: np.ndarray, k: int, ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, ids) of each query among its candidates: rows `cand_r` of `vectors`
+    for queries `cand_q`, scored in float32 by FAISS straight from the rows (no copies)."""
+    nq = len(queries)
+    order = np.argsort(cand_q, kind="stable")
+    counts = np.bincount(cand_q, minlength=nq)
+    slot = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    subset = np.full((nq, max(int(counts.max(initial=0)), 1)), -1, dtype=np.int64)
+    subset[cand_q[order], slot] = cand_r[order]
+    kk = min(k, subset.shape[1])
     out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
     out_ids = np.full((nq, k), -1, dtype=np.int64)
-    out_scores[cand_q[top], rank[top]] = exact[top]
-    out_ids[cand_q[top], rank[top]] = cand_r[top] if ids is None else np.asarray(ids, dtype=np.int64)[cand_r[top]]
+    scores = np.empty((nq, kk), dtype=np.float32)
+    pos = np.empty((nq, kk), dtype=np.int64)
+    faiss.knn_inner_products_by_idx(
+        faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(subset), queries.shape[1], nq,
+        len(vectors), subset.shape[1], kk, faiss.swig_ptr(scores), faiss.swig_ptr(pos), subset.shape[1],
+    )  # the row stride of `subset` is given: its default is the database size
+    found = pos >= 0  # queries with fewer than k candidates leave -1 after their last
+    out_scores[:, :kk] = np.where(found, scores, -np.inf)
+    out_ids[:, :kk] = pos if ids is None else np.where(found, np.asarray(ids, dtype=np.int64)[np.maximum(pos, 0)], -1)
     return out_scores, out_ids
 
 
 @lru_cache(maxsize=1)
-def cpu_has_bf16_dot() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere torch emulates it, slowly."""
+def cpu_has_int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
     try:
         with open("/proc/cpuinfo") as info:
             flags = next((line for line in info if line.startswith("flags")), "").split()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 class ExactSearch:
-    """Exact top-k over fixed vectors, by FAISS flat or blocked GEMM, whichever suits the batch.
+    """Exact top-k over fixed vectors, by FAISS flat, blocked GEMM or the int8 screen, whichever suits the batch.
 
     Builds a transposed copy of the vectors for the blocked path the first time a batch of
-    several queries takes it (single queries read the vectors as they are), a bfloat16 copy
-    (half the size) the first time the screened path runs, and a FAISS flat copy unless an
-    existing exact index is passed as `flat`.
+    several queries takes it (single queries read the vectors as they are), int8 codes
+    (a quarter of the size) the first time the screened path runs, and a FAISS flat copy
+    unless an existing exact index is passed as `flat`.
 
     `choice` maps a batch-size bucket (the power of two at or below the batch size)
     to the method measured fastest there; buckets not calibrated use the fixed rule.
@@ -273,6 +379,8 @@ class ExactSearch:
                 flat.add(self.vectors)
         self.flat = flat
         self.choice: dict[int, Method] = {}
+        self._unscreened_s = 0.0  # time spent in searches before the codes were built
+        self._fastest_s = float("inf")  # the quickest of those: about one scan of the vectors
 
     @property
     def columns(self) -> np.ndarray:
@@ -281,29 +389,16 @@ class ExactSearch:
             self._columns = np.ascontiguousarray(self.vectors.T)
         return self._columns
 
-    @property
-    def low(self):
-        """The vectors as a torch bfloat16 tensor (half the bytes), made on first use."""
-        return self._screen[0]
-
-    @property
-    def max_norm(self) -> float:
-        """The largest vector norm, which scales the screen's error bound."""
-        return self._screen[1]
-
     @cached_property
-    def _screen(self) -> tuple:
-        """(the bf16 copy, the largest vector norm): what the screened path needs."""
-        import torch
-
+    def codes(self) -> Int8Codes:
+        """The vectors as int8 codes (a quarter of the bytes) for the screened path, made on first use."""
         with warnings.catch_warnings():  # memory-mapped vectors are read-only; this only reads them
             warnings.simplefilter("ignore", UserWarning)
-            low = torch.from_numpy(self.vectors).to(torch.bfloat16)
-        return low, float(np.linalg.norm(self.vectors, axis=1).max()) if len(self.vectors) else 0.0
+            return int8_codes(self.vectors)
 
     def _screenable(self, queries: np.ndarray) -> bool:
         """The screen's error bound holds: finite queries and vectors, something to search."""
-        return bool(len(queries) and len(self.vectors) and np.isfinite(queries).all() and np.isfinite(self.max_norm))
+        return bool(len(queries) and len(self.vectors) and np.isfinite(queries).all() and np.isfinite(self.codes.max_error))
 
     @property
     def dim(self) -> int:
@@ -321,10 +416,10 @@ class ExactSearch:
         bucket = self.bucket(n_queries)
         if bucket in self.choice:
             return self.choice[bucket]
+        if cpu_has_int8_dot() and (n_queries > 1 or self._codes_pay()):
+            return "screened"
         lo, hi = DEFAULT_BLOCKED_RANGE
-        if not lo <= n_queries < hi:
-            return "faiss"
-        return "screened" if n_queries > 1 and cpu_has_bf16_dot() else "blocked"
+        return "blocked" if lo <= n_queries < hi else "faiss"
 
     def search(
         self, queries: np.ndarray, k: int, method: Method | None = None
@@ -332,16 +427,23 @@ class ExactSearch:
         """Top-k (scores, ids), best first; missing hits have id -1 and score -inf."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         method = method or self.method_for(len(queries))
-        if method == "screened" and self._screenable(queries):
-            found = screened_topk(self.vectors, self.low, queries, k, self.max_norm, self.ids)
-            if found is not None:
-                return found
-            method = "blocked"  # near-duplicates everywhere: the screen keeps too much
-        if method in ("blocked", "screened"):
-            columns = self.vectors.T if len(queries) == 1 else self.columns  # one query reads `vectors`
-            return blocked_topk(columns, queries, k, self.ids, vectors=self.vectors)
-        if method != "faiss":
+        if method not in METHODS:
             raise ValueError(f"unknown exact-search method {method!r}; use one of {METHODS}")
+        if method == "screened":
+            return self._screened(queries, k)
+        start = time.perf_counter()
+        found = self._blocked(queries, k) if method == "blocked" else self._faiss(queries, k)
+        if "codes" not in self.__dict__:
+            spent = time.perf_counter() - start
+            self._unscreened_s += spent
+            self._fastest_s = min(self._fastest_s, spent)
+        return found
+
+    def _codes_pay(self) -> bool:
+        """The int8 codes exist, or searches without them have cost about as much as building them."""
+        return "codes" in self.__dict__ or self._unscreened_s >= CODES_BUILD_SCANS * self._fastest_s
+
+    def _faiss(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         nq = len(queries)
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
         ids = np.full((nq, k), -1, dtype=np.int64)
@@ -355,6 +457,22 @@ class ExactSearch:
         else:
             ids[:, :kk] = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
         return scores, ids
+
+    def _blocked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        columns = self.vectors.T if len(queries) == 1 else self.columns  # one query reads `vectors`
+        return blocked_topk(columns, queries, k, self.ids, vectors=self.vectors)
+
+    def _screened(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The int8 screen, `SCREEN_MAX_QUERIES` queries at a time; what it cannot serve
+        (non-finite values, clusters of near-copies) goes to the blocked path."""
+        if not self._screenable(queries):
+            return self._blocked(queries, k)
+        parts = []
+        for start in range(0, len(queries), SCREEN_MAX_QUERIES):
+            chunk = queries[start : start + SCREEN_MAX_QUERIES]
+            found = screened_topk(self.vectors, self.codes, chunk, k, self.ids)
+            parts.append(found if found is not None else self._blocked(chunk, k))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def time_method(self, method: Method, queries: np.ndarray, k: int, repeats: int = 3) -> float:
         """Best wall time in seconds of `repeats` searches of `queries` by `method`."""

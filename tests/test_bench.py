@@ -26,7 +26,7 @@ def _run(args: list[str], out: Path) -> dict:
 def test_bench_index_tiny(tmp_path: Path) -> None:
     r = _run(["index", "--quick", "--n", "2000", "--dim", "32"], tmp_path)
     assert r["n"] == 2000 and r["d"] == 32
-    for key in ("flat_bandwidth_fraction", "flat_bandwidth_fraction_faiss", "ann_recall_at_10", "ann_speedup", "roofline"):
+    for key in ("flat_bandwidth_fraction", "flat_bandwidth_fraction_own_bytes", "flat_bandwidth_fraction_faiss", "ann_recall_at_10", "ann_speedup", "roofline"):
         assert key in r
     assert {row["batch"] for row in r["flat_roofline"]} >= {1, 16, 256, 4096}
     assert set(r["indexes"]) == {"flat", "ivfpq", "hnsw"}

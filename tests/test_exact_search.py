@@ -112,12 +112,12 @@ def test_screened_matches_faiss_flat(nq: int, data: str) -> None:
     rng = np.random.default_rng(10 + nq)
     x = _unit(rng, 6007, 96)
     if data == "clustered":  # many close scores: the screen must keep every contender
-        x = _unit(rng, 30, 96)[rng.integers(0, 30, 6007)] + 0.01 * rng.standard_normal((6007, 96), dtype=np.float32)
+        x = _unit(rng, 30, 96)[rng.integers(0, 30, 6007)] + 0.05 * rng.standard_normal((6007, 96), dtype=np.float32)
     if data == "scaled":  # norms far from 1: the bound scales with them
         x = x * rng.uniform(0.1, 30, (6007, 1)).astype(np.float32)
     q = _unit(rng, nq, 96) * 3
     search = ExactSearch(x)
-    found = screened_topk(search.vectors, search.low, q, 10, search.max_norm, score_bytes=1 << 14)
+    found = screened_topk(search.vectors, search.codes, q, 10, score_bytes=1 << 14)
     assert found is not None
     ref = _faiss_flat(x, q, 10)
     np.testing.assert_allclose(found[0], ref[0], rtol=1e-5, atol=1e-4)
@@ -131,6 +131,55 @@ def test_screened_falls_back_on_a_corpus_of_duplicates() -> None:
     x = np.repeat(_unit(rng, 3, 16), 2000, axis=0)  # every score ties with 1,999 others
     q = _unit(rng, 4, 16)
     search = ExactSearch(x)
-    assert screened_topk(search.vectors, search.low, q, 5, search.max_norm) is None
+    assert screened_topk(search.vectors, search.codes, q, 5) is None
     scores, ids = search.search(q, 5, "screened")  # the blocked path answers instead
     np.testing.assert_allclose(scores, _faiss_flat(x, q, 5)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("data", ["uniform", "scaled", "sparse"])
+def test_screen_scores_stay_within_the_proven_margin(data: str) -> None:
+    """Every int8 screen score lies within `query_codes`' margin of the exact inner product."""
+    from indexer.exact_search import int8_codes, query_codes
+
+    rng = np.random.default_rng(7)
+    x = _unit(rng, 2000, 64)
+    if data == "scaled":
+        x = x * rng.uniform(0.01, 50, (2000, 1)).astype(np.float32)
+    if data == "sparse":  # a few large coordinates: a coarse common scale
+        x[:, :3] *= 40
+    q = np.concatenate([_unit(rng, 20, 64) * 7, np.zeros((1, 64), dtype=np.float32)])
+    screen = int8_codes(x)
+    codes, scale, margin = query_codes(q, screen)
+    approx = scale[:, None] * screen.scale * (codes.astype(np.int64) @ screen.codes.numpy().astype(np.int64).T)
+    exact = q.astype(np.float64) @ x.astype(np.float64).T
+    assert (np.abs(exact - approx) <= margin[:, None]).all()
+    assert margin[-1] < 1e-5 * screen.max_norm and (approx[-1] == 0).all()  # a zero query: float slack only
+
+
+def test_screened_search_is_exact_among_near_duplicates() -> None:
+    """Clusters of near-copies: the screen may hand over to the blocked path, but the answer is exact."""
+    rng = np.random.default_rng(8)
+    x = _unit(rng, 30, 96)[rng.integers(0, 30, 6007)] + 0.01 * rng.standard_normal((6007, 96), dtype=np.float32)
+    q = _unit(rng, 16, 96)
+    _same_topk(ExactSearch(x).search(q, 10, "screened"), _faiss_flat(x, q, 10))
+
+
+def test_single_queries_build_the_screen_only_once_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-off single queries scan without the int8 codes; steady use builds them; a batch builds them at once."""
+    import indexer.exact_search as exact_search
+
+    monkeypatch.setattr(exact_search, "cpu_has_int8_dot", lambda: True)
+    rng = np.random.default_rng(9)
+    x = _unit(rng, 4000, 32)
+    search = ExactSearch(x)
+    q = _unit(rng, 1, 32)
+    assert search.method_for(1) == "blocked"
+    search.search(q, 5)
+    assert "codes" not in search.__dict__ and search.method_for(1) == "blocked"
+    for _ in range(exact_search.CODES_BUILD_SCANS):
+        _same_topk(search.search(q, 5), _faiss_flat(x, q, 5))
+    assert search.method_for(1) == "screened"
+    _same_topk(search.search(q, 5), _faiss_flat(x, q, 5))
+    assert "codes" in search.__dict__
+    fresh = ExactSearch(x)
+    assert fresh.method_for(2) == "screened"
