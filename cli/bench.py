@@ -111,8 +111,8 @@ def index_cmd(
     n: Optional[int] = typer.Option(None, "--n", help="Number of vectors (overrides --quick/--large)."),
     dim: int = typer.Option(512, "--dim", help="Vector dimension."),
     data: str = typer.Option("uniform", "--data", help="uniform (on the sphere) or clustered (around 1,024 centres)."),
-    index: List[str] = typer.Option(["ivfpq", "hnsw"], "--index", help="Approximate index to add: ivfpq, hnsw (repeatable)."),
-    refine: List[int] = typer.Option([1, 4, 16], "--refine", help="IVF-PQ re-ranking factors k_factor_rf to sweep (repeatable)."),
+    index: List[str] = typer.Option(["ivfpq", "ivfsq", "hnsw"], "--index", help="Approximate index to add: ivfpq, ivfsq, hnsw (repeatable)."),
+    refine: List[int] = typer.Option([1, 4, 16], "--refine", help="IVF-PQ and IVF-SQ8 re-ranking factors k_factor_rf to sweep (repeatable)."),
 ) -> None:
     """Flat (vs its roofline), IVF-PQ and HNSW: build time, memory, latency, QPS, recall@10."""
     from benchmarks import index_speed

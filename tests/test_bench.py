@@ -29,7 +29,7 @@ def test_bench_index_tiny(tmp_path: Path) -> None:
     for key in ("flat_bandwidth_fraction", "flat_bandwidth_fraction_own_bytes", "flat_bandwidth_fraction_faiss", "ann_recall_at_10", "ann_speedup", "roofline"):
         assert key in r
     assert {row["batch"] for row in r["flat_roofline"]} >= {1, 16, 256, 4096}
-    assert set(r["indexes"]) == {"flat", "ivfpq", "hnsw"}
+    assert set(r["indexes"]) == {"flat", "ivfpq", "ivfsq", "hnsw"}
     for name, info in r["indexes"].items():
         for key in ("build_s", "rss_delta_bytes", "index_bytes", "qps", "recall_at_10"):
             assert key in info, (name, key)
