@@ -310,8 +310,11 @@ def plot(result: dict[str, Any], out_dir) -> None:
     fig, (left, right) = figure(ncols=2, width=12)
     rows = result["flat_roofline"]
     batches = [r["batch"] for r in rows]
-    for key, label in (("faiss_fraction", "FAISS IndexFlatIP"), ("seesay_fraction", "seesay exact"), ("numpy_fraction", "numpy GEMM+argpartition")):
-        left.plot(batches, [np.nan if r[key] is None else r[key] for r in rows], marker="o", label=label)
+    lines = (("faiss_fraction", "FAISS IndexFlatIP", "-"), ("seesay_fraction", "seesay exact", "-"),
+             ("seesay_fraction_own_bytes", "seesay exact, bound on the bytes it reads", ":"),
+             ("numpy_fraction", "numpy GEMM+argpartition", "-"))
+    for key, label, style in lines:
+        left.plot(batches, [np.nan if r.get(key) is None else r[key] for r in rows], marker="o", ls=style, label=label)
     left.axhline(1.0, color="grey", lw=0.8, ls="--")
     left.set_xscale("log", base=2)
     left.set_xlabel("query batch size (queries per search call)")
