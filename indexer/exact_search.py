@@ -280,10 +280,11 @@ def screened_topk(
 
     Each query is rounded to int8 on its own scale s_q, the database is `screen` (scale s),
     and the screen's scores a = s_q·s·(codes·codes) are exact integer sums, within m of
-    q·x for every vector (`query_codes`). A vector in the true top k scores at least s_k (the true k-th score), so at
-    least s_k − m on the screen; and s_k ≥ t − m for any k-th largest screen score t seen
-    so far. Every vector whose screen score is at least t − 2m is kept and re-scored in
-    float32, so nothing of the top k is lost; t and 2m are compared in integer units.
+    q·x for every vector (`query_codes`). A vector in the true top k scores at least s_k
+    (the true k-th score), so at least s_k − m on the screen; and s_k ≥ t − m for any k-th
+    largest screen score t seen so far. Every vector whose screen score is at least t − 2m
+    is kept and re-scored in float32, so nothing of the top k is lost; t and 2m are
+    compared in integer units.
     """
     import torch
 
