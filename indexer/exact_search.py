@@ -328,17 +328,26 @@ def rescore(
     subset = np.full((nq, max(int(counts.max(initial=0)), 1)), -1, dtype=np.int64)
     subset[cand_q[order], slot] = cand_r[order]
     kk = min(k, subset.shape[1])
-    out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
-    out_ids = np.full((nq, k), -1, dtype=np.int64)
     scores = np.empty((nq, kk), dtype=np.float32)
     pos = np.empty((nq, kk), dtype=np.int64)
     faiss.knn_inner_products_by_idx(
         faiss.swig_ptr(queries), faiss.swig_ptr(vectors), faiss.swig_ptr(subset), queries.shape[1], nq,
         len(vectors), subset.shape[1], kk, faiss.swig_ptr(scores), faiss.swig_ptr(pos), subset.shape[1],
     )  # the row stride of `subset` is given: its default is the database size
-    found = pos >= 0  # queries with fewer than k candidates leave -1 after their last
+    return padded(scores, pos, k, ids)  # queries with fewer than k candidates have -1 after their last
+
+
+def padded(
+    scores: np.ndarray, pos: np.ndarray, k: int, ids: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(nq, k) results from (nq, kk ≤ k) search output: a missing hit (position -1, or a
+    column past kk) gets score -inf and id -1; positions map through `ids` when given."""
+    nq, kk = pos.shape
+    found = pos >= 0
+    out_scores = np.full((nq, k), -np.inf, dtype=np.float32)
+    out_ids = np.full((nq, k), -1, dtype=np.int64)
     out_scores[:, :kk] = np.where(found, scores, -np.inf)
-    out_ids[:, :kk] = pos if ids is None else np.where(found, np.asarray(ids, dtype=np.int64)[np.maximum(pos, 0)], -1)
+    out_ids[:, :kk] = np.where(found, pos if ids is None else np.asarray(ids, dtype=np.int64)[np.maximum(pos, 0)], -1)
     return out_scores, out_ids
 
 
@@ -445,19 +454,11 @@ class ExactSearch:
         return "codes" in self.__dict__ or self._unscreened_s >= CODES_BUILD_SCANS * self._fastest_s
 
     def _faiss(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        nq = len(queries)
-        scores = np.full((nq, k), -np.inf, dtype=np.float32)
-        ids = np.full((nq, k), -1, dtype=np.int64)
         kk = min(k, len(self.vectors))
-        if kk == 0 or nq == 0:
-            return scores, ids
-        found_scores, pos = self.flat.search(queries, kk)
-        scores[:, :kk] = found_scores
-        if self._flat_gives_ids or self.ids is None:
-            ids[:, :kk] = pos
-        else:
-            ids[:, :kk] = np.where(pos >= 0, self.ids[np.maximum(pos, 0)], -1)
-        return scores, ids
+        if kk == 0 or len(queries) == 0:
+            return padded(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+        scores, pos = self.flat.search(queries, kk)
+        return padded(scores, pos, k, None if self._flat_gives_ids else self.ids)
 
     def _blocked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         columns = self.vectors.T if len(queries) == 1 else self.columns  # one query reads `vectors`
