@@ -29,20 +29,28 @@ def serve(
     no_disk_cache: bool = typer.Option(False, "--no-disk-cache", help="Keep thumbnails in memory only."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
     search_param: list[str] = SearchParamOpt,
+    allow_host: list[str] = typer.Option(
+        [], "--allow-host",
+        help="Host name the server answers to (repeatable). Default: loopback names for a loopback --host, any name otherwise.",
+    ),
 ) -> None:
     """Serve the search API (/docs) and a search page (/) over an index, read-only."""
     import uvicorn
 
     from retrieval.server.app import create_app
+    from retrieval.server.hosts import LOOPBACK_HOSTS
 
+    loopback = _is_loopback(host)
+    allowed = [*LOOPBACK_HOSTS, *allow_host] if loopback else (allow_host or None)
     app = create_app(
         index_dir,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         cache_dir=cache_dir,
         disk_cache=not no_disk_cache,
         search_params=parse_search_params(search_param),
+        allowed_hosts=allowed,
     )
-    if not _is_loopback(host):
+    if not loopback:
         err.print(f"[yellow]warning: binding {host}: anyone who can reach this address can query the index[/yellow]")
     shown = f"[{host}]" if ":" in host else host
     err.print(f"seesay: serving {index_dir} at http://{shown}:{port}/ (API docs at /docs); Ctrl+C stops")

@@ -37,7 +37,7 @@ from indexer.vectors import (
 from retrieval.datasets import Record
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import load_encoder
-from retrieval.errors import IndexMismatchError, SeesayError
+from retrieval.errors import IndexMismatchError, ItemNotFoundError, SeesayError
 
 FORMAT = "seesay-index"
 FORMAT_VERSION = 1
@@ -215,6 +215,20 @@ class Index:
         self._sets = None
         return True
 
+    @property
+    def generation(self) -> int:
+        """The generation this object reads; it moves on `refresh()`, never by itself."""
+        return self._manifest.generation
+
+    def load(self) -> "Index":
+        """Load the committed generation's vectors now rather than at the first search; returns self.
+
+        A loaded read-only index that is never refreshed is an immutable snapshot that
+        threads may search at once.
+        """
+        self._loaded()
+        return self
+
     def _set(self, kind: str) -> VectorSet:
         if kind not in SET_NAMES:
             raise SeesayError(f"unknown item kind {kind!r}: use 'image' or 'caption'")
@@ -255,7 +269,7 @@ class Index:
         found = self._db.items(ids)
         missing = [i for i in ids if i not in found]
         if missing:
-            raise SeesayError(f"no items with ids {missing} in index {self.directory}")
+            raise ItemNotFoundError(f"no items with ids {missing} in index {self.directory}", missing)
         return [found[i] for i in ids]
 
     def captions_of(self, image_item_id: int) -> list[Item]:

@@ -7,7 +7,8 @@ from typing import Literal, Sequence
 import numpy as np
 
 from indexer import Index, Item
-from retrieval.errors import SeesayError
+from retrieval.encoders.base import Encoder
+from retrieval.errors import BadQueryError, ItemNotFoundError
 from retrieval.images import ImageInput
 
 Target = Literal["image", "caption"]
@@ -40,21 +41,31 @@ class Hit:
 
 
 class QueryEngine:
-    """Scores queries against an index in both directions; every method takes a batch."""
+    """Scores queries against an index in both directions; every method takes a batch.
 
-    def __init__(self, index: Index) -> None:
+    It reads the generation its index has loaded: whoever wants to follow writers calls
+    `index.refresh()` (the server swaps in a newly loaded index instead, so concurrent
+    searches never see one change under them). `encoder` defaults to the index's own.
+    """
+
+    def __init__(self, index: Index, encoder: Encoder | None = None) -> None:
         self.index = index
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder that turns queries into vectors."""
+        return self._encoder or self.index.encoder
 
     def _check(self, target: str, k: int) -> None:
         if target not in TARGETS:
-            raise SeesayError(f"search target must be one of {TARGETS}, got {target!r}")
+            raise BadQueryError(f"search target must be one of {TARGETS}, got {target!r}")
         if k < 1:
-            raise SeesayError(f"k must be at least 1, got {k}")
+            raise BadQueryError(f"k must be at least 1, got {k}")
 
     def search_vectors(self, vectors: np.ndarray, target: Target, k: int = 10) -> list[list[Hit]]:
         """Top-k `target` items for each query vector, best first."""
         self._check(target, k)
-        self.index.refresh()
         scores, ids = self.index.search(target, vectors, k)
         found = sorted({int(i) for i in ids.ravel() if i >= 0})
         items = {item.id: item for item in self.index.items(found)}
@@ -75,18 +86,18 @@ class QueryEngine:
         """Text queries → images (text → image) or captions (text → text)."""
         for i, text in enumerate(texts):
             if not text or not text.strip():
-                raise SeesayError(f"query {i + 1} is empty: give some words to search for")
-        return self.search_vectors(self.index.encoder.encode_texts(list(texts)), target, k)
+                raise BadQueryError(f"query {i + 1} is empty: give some words to search for")
+        return self.search_vectors(self.encoder.encode_texts(list(texts)), target, k)
 
     def search_images(self, images: Sequence[ImageInput], target: Target = "caption", k: int = 10) -> list[list[Hit]]:
         """Image queries (paths or PIL images) → captions (image → text) or images (image → image)."""
-        return self.search_vectors(self.index.encoder.encode_images(list(images)), target, k)
+        return self.search_vectors(self.encoder.encode_images(list(images)), target, k)
 
     def search_items(self, item_ids: Sequence[int], target: Target = "image", k: int = 10) -> list[list[Hit]]:
         """Queries by indexed items (their stored vectors): more like this image or this caption."""
         items = {item.id: item for item in self.index.items(list(item_ids))}
         missing = [i for i in item_ids if i not in items]
         if missing:
-            raise SeesayError(f"no indexed item with id {missing[0]}")
+            raise ItemNotFoundError(f"no indexed item with id {missing[0]}", missing)
         vectors = np.stack([self.index.vectors(items[i].kind, [i])[0] for i in item_ids])
         return self.search_vectors(vectors, target, k)

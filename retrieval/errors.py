@@ -7,12 +7,33 @@ class SeesayError(Exception):
 
 
 class BadImageError(SeesayError):
-    """An image file that is missing, unreadable, truncated or not an image."""
+    """An image file that is missing, unreadable, truncated, not an image, or of a refused shape.
 
-    def __init__(self, path: object, reason: str) -> None:
-        super().__init__(f"bad image {path}: {reason}")
+    `summary` says why in seesay's own words; `reason` adds the decoder's detail where there
+    is one (for people at a terminal; the server answers with `summary` only).
+    """
+
+    def __init__(self, path: object, reason: str, detail: str | None = None) -> None:
         self.path = path
-        self.reason = reason
+        self.summary = reason
+        self.reason = f"{reason} ({detail})" if detail else reason
+        super().__init__(f"bad image {path}: {self.reason}")
+
+
+class ImageTooLargeError(BadImageError):
+    """An image with more pixels than allowed, refused before it is decoded."""
+
+
+class BadQueryError(SeesayError):
+    """A search request that cannot be answered as asked (empty text, k out of range, unknown target)."""
+
+
+class ItemNotFoundError(SeesayError):
+    """Item ids that are not in the index."""
+
+    def __init__(self, message: str, ids: list[int]) -> None:
+        super().__init__(message)
+        self.ids = ids
 
 
 class BadDataError(SeesayError):

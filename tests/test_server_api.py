@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from indexer import Index
 from retrieval.datasets import load_dataset
 from retrieval.demo_data import draw_shape, make_shape_set
+from retrieval.engine import QueryEngine
 from retrieval.encoders.bow import BowConfig, fit_bow
 from retrieval.server.app import create_app
 from retrieval.server.thumbnails import ThumbnailCache
@@ -37,6 +38,11 @@ def build_index(root: Path, copies: int = 2, seed: int = 0) -> Path:
         report = index.add(records, workers=1)
     assert report.images_added == len(records)
     return root / "index"
+
+
+def local_client(app, **options) -> TestClient:
+    """A test client that calls the app as a browser on this machine would: Host 127.0.0.1."""
+    return TestClient(app, base_url="http://127.0.0.1", **options)
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -57,7 +63,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(index_dir, cache_dir) -> TestClient:
-    with TestClient(create_app(index_dir, cache_dir=cache_dir)) as c:
+    with local_client(create_app(index_dir, cache_dir=cache_dir)) as c:
         yield c
 
 
@@ -141,7 +147,7 @@ def test_item_lookup_with_captions_and_vector(client, index_dir):
     item_id = red_square_id(client)
     item = client.get(f"/api/items/{item_id}").json()
     assert item["id"] == item_id and item["kind"] == "image" and item["vector"] is None
-    assert Path(item["path"]).name == item["source_id"]
+    assert item["source_id"].startswith("red_square") and "path" not in item  # no server paths in answers
     assert {c["text"] for c in item["captions"]} == {"a red square on a white background", "the square is red"}
 
     with_vector = client.get(f"/api/items/{item_id}", params={"vector": "true"}).json()
@@ -209,8 +215,9 @@ def test_thumbnail_by_id_is_a_cached_jpeg(client, index_dir, cache_dir):
 
     # a fresh cache over the same folder serves from disk without rendering
     fresh = ThumbnailCache(cache_dir)
-    item = client.get(f"/api/items/{item_id}").json()
-    assert fresh.get(item_id, item["path"], 256).data == response.content and fresh.renders == 0
+    with Index.open(index_dir, read_only=True) as index:
+        path = index.items([item_id])[0].path
+    assert fresh.get(item_id, path, 256).data == response.content and fresh.renders == 0
 
 
 def test_thumbnail_errors(client):
@@ -243,7 +250,7 @@ def test_no_path_traversal(client, url):
 def test_missing_image_file_is_a_404_not_a_crash(tmp_path):
     index_dir = build_index(tmp_path, copies=1)
     (tmp_path / "data" / "images" / "red_square_0.png").unlink()
-    with TestClient(create_app(index_dir, disk_cache=False)) as c:
+    with local_client(create_app(index_dir, disk_cache=False)) as c:
         hit = c.get("/api/search/text", params={"q": "red square", "k": 6}).json()["hits"]
         gone = next(h for h in hit if h["source_id"] == "red_square_0.png")
         response = c.get(gone["thumbnail"])
@@ -301,7 +308,7 @@ def test_decompression_bomb_is_refused(client):
 
 
 def test_pixel_limit_is_configurable(index_dir):
-    with TestClient(create_app(index_dir, max_pixels=32 * 32, disk_cache=False)) as c:
+    with local_client(create_app(index_dir, max_pixels=32 * 32, disk_cache=False)) as c:
         response = upload(c, png_bytes(draw_shape("red", "circle")), name="big.png")  # 64×64
         assert response.status_code == 413 and "64x64" in response.json()["detail"]
 
@@ -310,7 +317,7 @@ def test_oversize_upload_is_413(index_dir, client):
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (128, 128, 3), dtype=np.uint8))
     data = png_bytes(noise)
     assert len(data) > 40_000
-    with TestClient(create_app(index_dir, max_upload_bytes=20_000, disk_cache=False)) as small:
+    with local_client(create_app(index_dir, max_upload_bytes=20_000, disk_cache=False)) as small:
         response = upload(small, data)
         assert response.status_code == 413
         assert "20000 bytes" in response.json()["detail"]
@@ -338,7 +345,7 @@ def test_info_and_health(client):
     assert info["n_images"] == N_IMAGES and info["n_captions"] == N_CAPTIONS
     assert info["encoder"]["kind"].startswith("bow") and info["dim"] > 0
     assert info["max_upload_bytes"] == 10 * 1024 * 1024
-    assert client.app.state.service.index.read_only
+    assert client.app.state.service.snapshot().index.read_only
 
 
 def test_openapi_lists_the_endpoints(client):
@@ -375,7 +382,7 @@ def test_queries_stay_consistent_while_another_writer_appends(tmp_path):
     extra = load_dataset(make_shape_set(tmp_path / "b", copies=2, seed=9)).records
     errors: list = []
     seen: list[int] = []
-    with TestClient(create_app(index_dir, disk_cache=False)) as c:
+    with local_client(create_app(index_dir, disk_cache=False)) as c:
         stop = threading.Event()
 
         def reader():
@@ -445,15 +452,14 @@ def test_search_html_contact_sheet(index_dir, tmp_path):
 
 
 def test_unexpected_errors_are_json_500s_and_the_server_keeps_serving(index_dir, monkeypatch):
-    with TestClient(create_app(index_dir, disk_cache=False), raise_server_exceptions=False) as c:
-        engine = c.app.state.service.engine
-
+    with local_client(create_app(index_dir, disk_cache=False), raise_server_exceptions=False) as c:
         def broken(*_args, **_kw):
             raise RuntimeError("boom")
 
-        monkeypatch.setattr(engine, "search_texts", broken)
+        monkeypatch.setattr(QueryEngine, "search_texts", broken)
         response = c.get("/api/search/text", params={"q": "red"})
-        assert response.status_code == 500 and "boom" in response.json()["detail"]
+        assert response.status_code == 500 and "internal error" in response.json()["detail"]
+        assert "boom" not in response.text and "RuntimeError" not in response.text  # no exception text
         monkeypatch.undo()
         assert c.get("/api/search/text", params={"q": "red"}).status_code == 200
 
@@ -473,7 +479,7 @@ def test_serve_command_binds_loopback_by_default(index_dir, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     served, options = calls[0]
     assert options["host"] == "127.0.0.1" and options["port"] == 8000
-    with TestClient(served) as c:
+    with local_client(served) as c:
         assert c.get("/api/health").status_code == 200
         assert c.app.state.service.thumbnails.disk_dir == tmp_path / "c"
 
@@ -481,7 +487,7 @@ def test_serve_command_binds_loopback_by_default(index_dir, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     assert calls[1][1]["host"] == "0.0.0.0" and calls[1][1]["port"] == 8123
     assert "warning" in result.output
-    with TestClient(calls[1][0]) as c:
+    with local_client(calls[1][0]) as c:
         assert c.get("/api/info").json()["max_upload_bytes"] == 1024 * 1024
         assert c.app.state.service.thumbnails.disk_dir is None
 

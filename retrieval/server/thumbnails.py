@@ -12,8 +12,10 @@ import os
 import tempfile
 import threading
 from collections import OrderedDict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image
 
@@ -24,7 +26,8 @@ DEFAULT_SIZE = 256
 MEDIA_TYPE = "image/jpeg"
 JPEG_QUALITY = 85
 # Bump when the rendering changes, so disk caches written by older versions are not served.
-RENDER_VERSION = 1
+# 2: EXIF orientation applied, transparency composited onto white.
+RENDER_VERSION = 2
 
 
 def render_thumbnail(path: str | Path, size: int = DEFAULT_SIZE) -> bytes:
@@ -77,8 +80,18 @@ class ThumbnailCache:
         raw = f"{RENDER_VERSION}:{item_id}:{size}:{stat.st_size}:{stat.st_mtime_ns}:{path}"
         return f"{item_id}-{size}-{hashlib.sha256(raw.encode()).hexdigest()[:20]}"
 
-    def get(self, item_id: int, path: str | Path, size: int) -> Thumbnail:
-        """The thumbnail of indexed image `item_id` stored at `path`, rendering it if needed."""
+    def get(
+        self,
+        item_id: int,
+        path: str | Path,
+        size: int,
+        render_guard: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> Thumbnail:
+        """The thumbnail of indexed image `item_id` stored at `path`, rendering it if needed.
+
+        Rendering (not a cache hit) runs inside `render_guard()`, e.g. a slot that bounds
+        how many images are decoded at once.
+        """
         path = Path(path)
         key = self.key(item_id, path, size)
         with self._lock:
@@ -88,7 +101,8 @@ class ThumbnailCache:
                 return hit
         thumb = self._from_disk(key)
         if thumb is None:
-            thumb = Thumbnail(render_thumbnail(path, size), etag=f'"{key}"')
+            with render_guard():
+                thumb = Thumbnail(render_thumbnail(path, size), etag=f'"{key}"')
             self.renders += 1
             self._to_disk(key, thumb.data)
         self._remember(key, thumb)
