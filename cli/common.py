@@ -55,7 +55,7 @@ def print_json(payload: Any) -> None:
 
 def recall_table(results: dict[str, dict], title: str = "recall@k (%)") -> Table:
     """A table of `seesay eval`-shaped results, one row per encoder."""
-    table = Table(title=title)
+    table = Table(title=title, caption="medr: median rank of the right answer, text→image/image→text (1 is best)")
     table.add_column("encoder", min_width=8, no_wrap=True)
     for column in ("t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10", "RSUM", "medr"):
         table.add_column(column, justify="right")

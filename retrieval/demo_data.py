@@ -9,14 +9,18 @@ from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 30)}
 SHAPES = ("square", "circle", "triangle")
+# How much of the image a shape fills, as the margin left around it (a fraction of the side);
+# copy i of a colour and shape is drawn at SIZES[i], so no two images share a caption.
+SIZES = {"large": (0.05, 0.15), "small": (0.3, 0.35), "medium": (0.18, 0.23)}
 
 
-def draw_shape(colour: str, shape: str, size: int = 64, seed: int = 0) -> Image.Image:
-    """A `colour` `shape` filling most of a white size×size image, jittered by `seed`."""
+def draw_shape(colour: str, shape: str, size: int = 64, seed: int = 0, extent: str = "large") -> Image.Image:
+    """A `colour` `shape` on a white size×size image, as large as `extent` says (one of SIZES), jittered by `seed`."""
     rng = random.Random(seed)
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    m = rng.randint(3, 10)
+    low, high = SIZES[extent]
+    m = rng.randint(round(low * size), round(high * size))
     box = (m, m, size - m, size - m)
     fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[colour])
     if shape == "square":
@@ -28,18 +32,30 @@ def draw_shape(colour: str, shape: str, size: int = 64, seed: int = 0) -> Image.
     return image
 
 
+def captions_for(colour: str, shape: str, extent: str) -> tuple[str, str]:
+    """Two captions of one shape; a large one is the plain case, other sizes are named."""
+    if extent == "large":
+        return f"a {colour} {shape} on a white background", f"the {shape} is {colour}"
+    return f"a {extent} {colour} {shape} on a white background", f"the {shape} is {colour} and {extent}"
+
+
 def make_shape_set(directory: Path, copies: int = 3, fmt: str = "png", seed: int = 0) -> Path:
-    """Write copies × colours × shapes images and a captions.csv (2 captions each); return the CSV."""
+    """Write copies × colours × shapes images and a captions.csv (2 captions each); return the CSV.
+
+    Copies of a colour and shape differ in size, and their captions say so: every caption
+    describes one image only (at most len(SIZES) copies).
+    """
+    if not 1 <= copies <= len(SIZES):
+        raise ValueError(f"copies must be 1..{len(SIZES)} so that every image has its own captions, got {copies}")
     images = directory / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
     for c, colour in enumerate(COLOURS):
         for s, shape in enumerate(SHAPES):
-            for i in range(copies):
+            for i, extent in zip(range(copies), SIZES):
                 name = f"{colour}_{shape}_{i}.{fmt}"
-                draw_shape(colour, shape, seed=seed * 1000 + 100 * c + 10 * s + i).save(images / name)
-                rows.append((name, f"a {colour} {shape} on a white background"))
-                rows.append((name, f"the {shape} is {colour}"))
+                draw_shape(colour, shape, seed=seed * 1000 + 100 * c + 10 * s + i, extent=extent).save(images / name)
+                rows.extend((name, caption) for caption in captions_for(colour, shape, extent))
     path = directory / "captions.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)

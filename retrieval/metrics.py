@@ -18,7 +18,9 @@ def recall_at_k(
     text→image: a caption's rank is that of its own image. image→text: an image's rank is
     that of its best-scoring caption, so an image is a hit at k when any of its captions is
     in its top k (the CLIP paper / CLIP_benchmark convention). A rank is 1 + the number of
-    items scoring strictly higher than the correct one: ties count in the query's favour.
+    wrong items scoring at least as high as the best correct one: ties count against the
+    query, as with CLIP_benchmark's top-k, which may put any tied wrong item first. (Counting
+    ties in the query's favour lets an encoder that scores everything alike reach 100%.)
     Scores are computed `chunk` queries at a time, never as the full matrix.
 
     Returns {"t2i": {"R@k"..., "median_rank", "mean_rank"}, "i2t": {same}, "rsum",
@@ -50,10 +52,16 @@ def _spans(n: int, chunk: int) -> list[tuple[int, int]]:
 
 
 def _ranks(scores: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's best correct item; (rows[j], cols[j]) are correct pairs."""
+    """1-based rank of each query's best correct item, after every wrong item that ties with it.
+
+    (rows[j], cols[j]) are the correct pairs.
+    """
+    correct = scores[rows, cols]
     best = np.full(len(scores), -np.inf, dtype=scores.dtype)
-    np.maximum.at(best, rows, scores[rows, cols])
-    return 1 + (scores > best[:, None]).sum(axis=1)
+    np.maximum.at(best, rows, correct)
+    correct_at_best = np.zeros(len(scores), dtype=np.int64)
+    np.add.at(correct_at_best, rows, correct >= best[rows])
+    return 1 + (scores >= best[:, None]).sum(axis=1) - correct_at_best
 
 
 def _summary(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:

@@ -156,4 +156,13 @@ def test_train_towers_from_the_cli_then_eval_it(shapes, tmp_path):
 def test_demo_runs_the_whole_loop(tmp_path):
     output = run("demo", "--dir", tmp_path / "demo")
     assert "a red square" in output and "default" in output and "bow-pmi" in output
+    assert "medr: median rank" in output  # the rank column says what it is
     assert (tmp_path / "demo" / "index" / "meta.sqlite").is_file()
+
+
+def test_shape_set_captions_each_describe_one_image(tmp_path):
+    rows = make_shape_set(tmp_path, copies=3).read_text().splitlines()[1:]
+    captions = [row.split(",", 1)[1] for row in rows]
+    assert len(rows) == 4 * 3 * 3 * 2 and len(set(captions)) == len(captions)
+    with pytest.raises(ValueError, match="copies"):
+        make_shape_set(tmp_path / "more", copies=4)

@@ -97,11 +97,29 @@ def test_hand_made_case_with_known_answer() -> None:
     assert got["rsum"] == pytest.approx(40 + 80 + 200 / 3 + 100)
 
 
-def test_ties_count_in_the_querys_favour() -> None:
+def test_ties_count_against_the_query() -> None:
+    # Two identical images with identical captions: a tie is no evidence of retrieval.
     images = np.array([[1.0, 0.0], [1.0, 0.0]])
     texts = np.array([[1.0, 0.0], [1.0, 0.0]])
-    got = recall_at_k(images, texts, np.array([0, 1]), ks=(1,))
-    assert got["t2i"]["R@1"] == 100.0 and got["i2t"]["R@1"] == 100.0
+    got = recall_at_k(images, texts, np.array([0, 1]), ks=(1, 2))
+    assert (got["t2i"]["R@1"], got["t2i"]["R@2"], got["t2i"]["median_rank"]) == (0.0, 100.0, 2.0)
+    assert (got["i2t"]["R@1"], got["i2t"]["R@2"], got["i2t"]["median_rank"]) == (0.0, 100.0, 2.0)
+
+
+def test_an_encoder_that_scores_everything_alike_gets_chance_or_worse() -> None:
+    # Every vector the same: every caption ties with every image.
+    text_to_image = np.repeat(np.arange(10), 3)
+    got = recall_at_k(np.ones((10, 4)), np.ones((30, 4)), text_to_image, ks=(1, 10))
+    assert got["t2i"] == {"R@1": 0.0, "R@10": 100.0, "median_rank": 10.0, "mean_rank": 10.0}
+    # An image's 3 correct captions tie with each other (no penalty) and with the 27 wrong ones.
+    assert got["i2t"]["R@1"] == 0.0 and got["i2t"]["median_rank"] == 28.0
+
+
+def test_a_correct_caption_tied_with_its_image_s_other_caption_is_no_penalty() -> None:
+    images = np.eye(2)
+    texts = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    got = recall_at_k(images, texts, np.array([0, 0, 1]), ks=(1,))
+    assert got["i2t"]["R@1"] == 100.0 and got["t2i"]["R@1"] == 100.0
 
 
 @pytest.mark.parametrize(
