@@ -9,7 +9,7 @@ import base64
 import html
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 from retrieval.engine import Hit
 from retrieval.errors import BadImageError
@@ -52,20 +52,19 @@ def data_uri(image: ImageInput, size: int = THUMB_SIZE) -> Optional[str]:
 def render_contact_sheet(
     title: str,
     hits: Sequence[Hit],
-    image_path_of: Callable[[Hit], Optional[str]],
     query_image: Optional[ImageInput] = None,
     subtitle: str = "",
     size: int = THUMB_SIZE,
 ) -> str:
     """The HTML of a contact sheet: one card per hit with its thumbnail, score and captions.
 
-    `image_path_of(hit)` names the image file to show for a hit (for a caption, its
-    image's file); `query_image` is shown beside the title when the query was an image.
+    Each card shows its hit's image file (a caption's, its image's); `query_image` is shown
+    beside the title when the query was an image.
     """
     esc = html.escape
     cards = []
     for hit in hits:
-        path = image_path_of(hit)
+        path = hit.image_path
         uri = data_uri(path, size) if path else None
         picture = (
             f'<img src="{uri}" alt="{esc(hit.item.source_id)}">'

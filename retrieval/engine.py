@@ -2,30 +2,51 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Collection, Literal, Optional, Sequence
 
 import numpy as np
 
 from indexer import Index, Item
+from indexer.ingest import normalise_caption
 from retrieval.encoders.base import Encoder
 from retrieval.errors import BadQueryError, ItemNotFoundError
 from retrieval.images import ImageInput
 
 Target = Literal["image", "caption"]
 TARGETS: tuple[Target, ...] = ("image", "caption")
+# How many more candidates each round of a filtered or deduplicated search asks the index for.
+_GROWTH = 4
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Conditions on stored metadata that every hit must meet; a caption is judged by its image's path."""
+
+    path_prefix: Optional[str] = None
+    split: Optional[str] = None
+
+    def __bool__(self) -> bool:
+        return self.path_prefix is not None or self.split is not None
+
+    def admit(self, item: Item, image_path: Optional[str]) -> bool:
+        """Whether a hit on `item`, showing the image file `image_path`, passes."""
+        if self.split is not None and item.split != self.split:
+            return False
+        return self.path_prefix is None or (image_path or "").startswith(self.path_prefix)
 
 
 @dataclass
 class Hit:
-    """One result: the item, its score, and for images the captions stored with them."""
+    """One result: the item, its score, the image file it shows, and for images the captions stored with them."""
 
     rank: int
     score: float
     item: Item
     captions: list[str]
+    image_path: Optional[str] = None
 
     def to_dict(self) -> dict:
-        """JSON-ready form of the hit."""
+        """JSON-ready form of the hit; a caption carries its image's id and path."""
         item = self.item
         return {
             "rank": self.rank,
@@ -33,9 +54,10 @@ class Hit:
             "id": item.id,
             "kind": item.kind,
             "source_id": item.source_id,
-            "path": item.path,
+            "path": self.image_path,
             "text": item.text,
             "image_id": item.image_item_id,
+            "split": item.split,
             "captions": self.captions,
         }
 
@@ -46,6 +68,9 @@ class QueryEngine:
     It reads the generation its index has loaded: whoever wants to follow writers calls
     `index.refresh()` (the server swaps in a newly loaded index instead, so concurrent
     searches never see one change under them). `encoder` defaults to the index's own.
+
+    Every search takes `offset` (skip that many hits: page 2 of 10 is offset=10, k=10) and
+    `filters`. Caption results hold each caption text once (its best-scoring copy).
     """
 
     def __init__(self, index: Index, encoder: Encoder | None = None) -> None:
@@ -57,47 +82,111 @@ class QueryEngine:
         """The encoder that turns queries into vectors."""
         return self._encoder or self.index.encoder
 
-    def _check(self, target: str, k: int) -> None:
+    def _check(self, target: str, k: int, offset: int) -> None:
         if target not in TARGETS:
             raise BadQueryError(f"search target must be one of {TARGETS}, got {target!r}")
         if k < 1:
             raise BadQueryError(f"k must be at least 1, got {k}")
+        if offset < 0:
+            raise BadQueryError(f"offset must be 0 or more, got {offset}")
 
-    def search_vectors(self, vectors: np.ndarray, target: Target, k: int = 10) -> list[list[Hit]]:
-        """Top-k `target` items for each query vector, best first."""
-        self._check(target, k)
-        scores, ids = self.index.search(target, vectors, k)
+    def search_vectors(
+        self,
+        vectors: np.ndarray,
+        target: Target,
+        k: int = 10,
+        *,
+        offset: int = 0,
+        filters: Filters = Filters(),
+        exclude: Optional[Sequence[Collection[int]]] = None,
+    ) -> list[list[Hit]]:
+        """Hits `offset`+1 … `offset`+k among `target` items for each query vector, best first.
+
+        `exclude[i]` names item ids that query i must not return (e.g. the query item itself).
+        When filters, exclusions or duplicate captions drop candidates, the index is asked
+        for more until each query has enough or the index has no more.
+        """
+        self._check(target, k, offset)
+        wanted = offset + k
+        plain = target == "image" and not filters and not exclude
+        fetch = wanted if plain else 2 * wanted + 8
+        while True:
+            scores, ids = self.index.search(target, vectors, fetch)
+            results = self._hits(scores, ids, filters, exclude)
+            short = [len(hits) < wanted and row[-1] >= 0 for hits, row in zip(results, ids)]
+            if not any(short):
+                break
+            fetch *= _GROWTH
+        pages = []
+        for hits in results:
+            page = hits[offset:wanted]
+            for rank, hit in enumerate(page, offset + 1):
+                hit.rank = rank
+            pages.append(page)
+        return pages
+
+    def _hits(
+        self,
+        scores: np.ndarray,
+        ids: np.ndarray,
+        filters: Filters,
+        exclude: Optional[Sequence[Collection[int]]],
+    ) -> list[list[Hit]]:
+        """Every admissible hit of each row, in score order, with captions and image paths filled in."""
         found = sorted({int(i) for i in ids.ravel() if i >= 0})
         items = {item.id: item for item in self.index.items(found)}
+        image_ids = {item.image_item_id for item in items.values() if item.kind == "caption"}
+        images = {item.id: item for item in self.index.items(sorted(image_ids - set(items) - {None}))}
+        images.update((i, item) for i, item in items.items() if item.kind == "image")
         captions = self.index.captions_by_image([i for i, item in items.items() if item.kind == "image"])
         results = []
-        for row_scores, row_ids in zip(scores, ids):
+        for row, (row_scores, row_ids) in enumerate(zip(scores, ids)):
+            dropped = exclude[row] if exclude else ()
+            seen: set[str] = set()
             hits = []
             for score, item_id in zip(row_scores, row_ids):
                 item = items.get(int(item_id))
-                if item is None:
+                if item is None or item.id in dropped:
                     continue
+                image = images.get(item.id if item.kind == "image" else item.image_item_id)
+                path = image.path if image is not None else None
+                if not filters.admit(item, path):
+                    continue
+                if item.kind == "caption":
+                    key = normalise_caption(item.text or "")
+                    if key in seen:
+                        continue
+                    seen.add(key)
                 texts = [c.text for c in captions.get(item.id, [])]
-                hits.append(Hit(len(hits) + 1, float(score), item, texts))
+                hits.append(Hit(len(hits) + 1, float(score), item, texts, path))
             results.append(hits)
         return results
 
-    def search_texts(self, texts: Sequence[str], target: Target = "image", k: int = 10) -> list[list[Hit]]:
-        """Text queries → images (text → image) or captions (text → text)."""
+    def search_texts(
+        self, texts: Sequence[str], target: Target = "image", k: int = 10, **options
+    ) -> list[list[Hit]]:
+        """Text queries → images (text → image) or captions (text → text); `options` as for search_vectors."""
         for i, text in enumerate(texts):
             if not text or not text.strip():
                 raise BadQueryError(f"query {i + 1} is empty: give some words to search for")
-        return self.search_vectors(self.encoder.encode_texts(list(texts)), target, k)
+        return self.search_vectors(self.encoder.encode_texts(list(texts)), target, k, **options)
 
-    def search_images(self, images: Sequence[ImageInput], target: Target = "caption", k: int = 10) -> list[list[Hit]]:
+    def search_images(
+        self, images: Sequence[ImageInput], target: Target = "caption", k: int = 10, **options
+    ) -> list[list[Hit]]:
         """Image queries (paths or PIL images) → captions (image → text) or images (image → image)."""
-        return self.search_vectors(self.encoder.encode_images(list(images)), target, k)
+        return self.search_vectors(self.encoder.encode_images(list(images)), target, k, **options)
 
-    def search_items(self, item_ids: Sequence[int], target: Target = "image", k: int = 10) -> list[list[Hit]]:
-        """Queries by indexed items (their stored vectors): more like this image or this caption."""
+    def search_items(
+        self, item_ids: Sequence[int], target: Target = "image", k: int = 10, **options
+    ) -> list[list[Hit]]:
+        """Queries by indexed items (their stored vectors): more like this image or this caption.
+
+        An item never comes back as a hit of its own query.
+        """
         items = {item.id: item for item in self.index.items(list(item_ids))}
         missing = [i for i in item_ids if i not in items]
         if missing:
             raise ItemNotFoundError(f"no indexed item with id {missing[0]}", missing)
         vectors = np.stack([self.index.vectors(items[i].kind, [i])[0] for i in item_ids])
-        return self.search_vectors(vectors, target, k)
+        return self.search_vectors(vectors, target, k, exclude=[{i} for i in item_ids], **options)

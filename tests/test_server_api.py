@@ -174,8 +174,8 @@ def test_similar_from_an_image_and_from_a_caption(client):
     item_id = red_square_id(client)
     result = client.get(f"/api/items/{item_id}/similar", params={"target": "image", "k": 4}).json()
     assert result["query"] == f"item:{item_id}" and result["query_kind"] == "item"
-    assert result["hits"][0]["id"] == item_id  # an image is most like itself
-    assert all(h["source_id"].startswith("red_") for h in result["hits"][:2])
+    assert item_id not in [h["id"] for h in result["hits"]]  # the query item is no answer to itself
+    assert result["hits"][0]["source_id"].startswith("red_")
 
     caption_id = text_search(client, "the circle is blue", target="caption", k=1)["hits"][0]["id"]
     images = client.get(f"/api/items/{caption_id}/similar", params={"k": 3}).json()["hits"]
