@@ -3,14 +3,12 @@
 One query = `QueryEngine.search_texts([text], "image", k)`: encode the text, search the
 FAISS index, fetch the hits' rows (and each image's captions) from SQL.
 
-The 100k-item index is built fast and without images: `Index.create` with a real
-encoder (so the saved encoder and manifest are the real ones), then ONE write
-transaction of the index itself (`Index._writing`, the context every add/delete runs
-in) into which synthetic rows are bulk-inserted with explicit ids, one image row and
-one caption row per item (`indexer.store.ItemRow`), and random unit vectors of the
-encoder's dimension are added under those ids to the image and caption vector sets
-(`indexer.vectors.VectorSet.add`). The transaction's own checks (row counts = vector
-counts) and generation save run as for a real add. Queries are Flickr8k captions when
+The 100k-item index is built fast and without images: `Collection.create` with a real
+encoder (so the saved encoder and manifest are the real ones), then ONE
+`Index.add_vectors` call (the storage call every add makes) with synthetic rows, one
+image row and one caption row per item, and random unit vectors of the encoder's
+dimension. The transaction's own checks (row counts = vector counts) and generation
+save run as for a real add. Queries are Flickr8k captions when
 the data is there, else fixed phrases; the vectors are random (by default scattered
 around 1,024 random centres, as in `bench index --data clustered`), so the hits are not
 meaningful, but every cost on the query path is real.
@@ -30,13 +28,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from sqlalchemy import insert
 
 from benchmarks.index_speed import recall_at, unit_vectors
 from benchmarks.report import FLICKR, figure, machine, percentiles, save_plot
-from indexer import Index
+from indexer import Index, NewItem
 from indexer.exact_search import ExactSearch
-from indexer.store import ItemRow
+from retrieval.collection import Collection
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import load_encoder
 from retrieval.engine import QueryEngine
@@ -46,7 +43,6 @@ NAME = "query"
 DEFAULT_ENCODERS = ("default", "zeroshot")
 FLICKR_CAPTIONS = FLICKR / "captions.csv"
 WORDS = "a dog runs on the grass man in red shirt riding bike two children play near water girl jumps".split()
-INSERT_CHUNK = 20_000
 # The headline index first: IVF for interactive latency at 100k items (a flat scan of
 # 100k × 1024 float32 vectors reads 400 MB per query), then exact search for comparison.
 DEFAULT_FACTORIES = ("IVF1024,Flat", "Flat")
@@ -81,25 +77,20 @@ def build_synthetic(
     """An index of n synthetic images with one caption each and random vectors (see module doc)."""
     rng = np.random.default_rng(seed)
     centres = _centres(encoder.dim, data, seed)
-    index = Index.create(directory, encoder, factory)
-    image_ids = np.arange(1, n + 1, dtype=np.int64)
-    caption_ids = image_ids + n
-    with index._writing("add synthetic items") as (session, sets):
-        for start in range(0, n, INSERT_CHUNK):
-            chunk = range(start, min(start + INSERT_CHUNK, n))
-            session.execute(insert(ItemRow), [
-                {"id": int(image_ids[i]), "kind": "image", "source_id": f"synthetic-{i:06d}",
-                 "path": f"synthetic/{i:06d}.jpg", "split": "bench", "hash": f"img{i:061d}"}
-                for i in chunk
-            ])
-            session.execute(insert(ItemRow), [
-                {"id": int(caption_ids[i]), "kind": "caption", "source_id": f"synthetic-{i:06d}",
-                 "text": " ".join(WORDS[(i + j) % len(WORDS)] for j in range(8)),
-                 "image_item_id": int(image_ids[i]), "split": "bench", "hash": f"cap{i:061d}"}
-                for i in chunk
-            ])
-        sets["image"].add(unit_vectors(n, encoder.dim, rng, data, centres), image_ids)
-        sets["caption"].add(unit_vectors(n, encoder.dim, rng, data, centres), caption_ids)
+    index = Collection.create(directory, encoder, factory).index
+    images = [
+        NewItem("image", f"synthetic-{i:06d}", f"img{i:061d}", path=f"synthetic/{i:06d}.jpg", split="bench")
+        for i in range(n)
+    ]
+    captions = [
+        NewItem(
+            "caption", f"synthetic-{i:06d}", f"cap{i:061d}", split="bench", image_hash=f"img{i:061d}",
+            text=" ".join(WORDS[(i + j) % len(WORDS)] for j in range(8)),
+        )
+        for i in range(n)
+    ]
+    vectors = np.concatenate([unit_vectors(n, encoder.dim, rng, data, centres) for _ in range(2)])
+    index.add_vectors(images + captions, vectors)
     return index
 
 
@@ -117,9 +108,10 @@ def time_factory(
     start = time.perf_counter()
     build_synthetic(root, encoder, n, factory, seed, data).close()
     build_s = time.perf_counter() - start
-    index = Index.open(root, read_only=True)
+    collection = Collection.open(root, read_only=True)
+    index = collection.index
     try:
-        engine = QueryEngine(index)
+        engine = QueryEngine(index, collection.encoder)
         engine.search_texts(list(warm), "image", k)  # load the vectors, warm the encoder
         for text in warm:
             engine.search_texts([text], "image", k)
@@ -130,7 +122,7 @@ def time_factory(
             t0 = time.perf_counter()
             engine.search_texts([text], "image", k)
             t1 = time.perf_counter()
-            vector = index.encoder.encode_texts([text])
+            vector = collection.encoder.encode_texts([text])
             t2 = time.perf_counter()
             _, ids = index.search("image", vector, k)
             t3 = time.perf_counter()
@@ -162,10 +154,11 @@ def _recall_against_exact(index: Index, k: int, seed: int, data: str, count: int
     centres): text vectors of real captions bear no relation to synthetic vectors, so
     their exact neighbours would be near-ties and say nothing about the index.
     """
-    images = index._set("image")
-    queries = unit_vectors(count, images.dim, np.random.default_rng(seed + 1), data, _centres(images.dim, data, seed))
+    ids, vectors = index.all_vectors("image")
+    dim = vectors.shape[1]
+    queries = unit_vectors(count, dim, np.random.default_rng(seed + 1), data, _centres(dim, data, seed))
     _, found = index.search("image", queries, k)
-    _, truth = ExactSearch(images.vectors, images.ids).search(queries, k, "faiss")
+    _, truth = ExactSearch(vectors, ids).search(queries, k, "faiss")
     return recall_at(found, truth, k)
 
 

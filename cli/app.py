@@ -15,7 +15,11 @@ from cli.train import train
 from retrieval.errors import SeesayError
 
 
-app = typer.Typer(help="seesay: index images and captions, search both ways, train and benchmark encoders.", no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="seesay: index images and captions, search both ways, train and benchmark encoders.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 app.command()(train)
 app.command()(index)
 app.command()(search)

@@ -49,7 +49,10 @@ def quality_cmd(
     bow_ratio: Optional[Path] = typer.Option(None, "--bow-ratio", help="Saved bow-ratio model directory (else fitted on the training split)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Captions file (default Flickr8k captions.csv)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Images to score (default Flickr8k dev)."),
-    train_split_file: Optional[Path] = typer.Option(None, "--train-split-file", help="Images the bag-of-words baselines are fitted on (default Flickr8k train)."),
+    train_split_file: Optional[Path] = typer.Option(
+        None, "--train-split-file",
+        help="Images the bag-of-words baselines are fitted on (default Flickr8k train).",
+    ),
     n: Optional[int] = typer.Option(None, "--n", help="Score only the first N images of the split."),
     n_train: Optional[int] = typer.Option(None, "--n-train", help="Fit the baselines on the first N training images."),
 ) -> None:
@@ -78,11 +81,17 @@ def encode_cmd(
     quick: bool = QuickOpt,
     as_json: bool = JsonOpt,
     out_dir: Path = OutOpt,
-    encoder: List[str] = typer.Option([], "--encoder", help="Encoder spec (repeatable; default: default, else towers with untrained heads). `openclip-random:ViT-B-32` is open_clip with random weights."),
+    encoder: List[str] = typer.Option(
+        [], "--encoder",
+        help="Encoder spec (repeatable; default: default, else towers with untrained heads). `openclip-random:ViT-B-32` is open_clip with random weights.",
+    ),
     n: Optional[int] = typer.Option(None, "--n", help="Images to encode (default 384, --quick 64)."),
     captions: Optional[int] = typer.Option(None, "--captions", help="Captions to encode (default 2000, --quick 128)."),
     batch_size: int = typer.Option(32, "--batch-size", help="Images per model batch (256 suits a GPU)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="A folder laid out as Flickr8k (captions.csv, images/, splits/dev.txt); default ../shared/data/flickr8k."),
+    data: Optional[Path] = typer.Option(
+        None, "--data",
+        help="A folder laid out as Flickr8k (captions.csv, images/, splits/dev.txt); default ../shared/data/flickr8k.",
+    ),
 ) -> None:
     """Images/s and captions/s through the real pipeline vs the bare model forward (on the GPU when there is one)."""
     from benchmarks import encode
@@ -156,10 +165,16 @@ def query_cmd(
     as_json: bool = JsonOpt,
     out_dir: Path = OutOpt,
     n: Optional[int] = typer.Option(None, "--n", help="Images in the synthetic index (default 100k, --quick 10k)."),
-    encoder: List[str] = typer.Option([], "--encoder", help="Encoder spec to encode queries with (repeatable: the first that loads; default: default, zeroshot)."),
+    encoder: List[str] = typer.Option(
+        [], "--encoder",
+        help="Encoder spec to encode queries with (repeatable: the first that loads; default: default, zeroshot).",
+    ),
     queries: Optional[int] = typer.Option(None, "--queries", help="Queries to time (default 300, --quick 50)."),
     k: int = typer.Option(10, "--k", help="Results per query."),
-    factory: List[str] = typer.Option([], "--factory", help="FAISS factory string of the index (repeatable; the first is the headline; default: IVF1024,Flat then Flat)."),
+    factory: List[str] = typer.Option(
+        [], "--factory",
+        help="FAISS factory string of the index (repeatable; the first is the headline; default: IVF1024,Flat then Flat).",
+    ),
     data: str = typer.Option("clustered", "--data", help="Synthetic vectors: clustered (around 1,024 centres) or uniform."),
 ) -> None:
     """End-to-end text → image query latency (encode, search, SQL fetch) in a warm process."""

@@ -7,7 +7,7 @@ import typer
 
 from cli.common import DEFAULT_ENCODER, err, out, recall_table
 from cli.search import hits_table
-from indexer import Index
+from retrieval.collection import Collection
 from retrieval.datasets import load_dataset
 from retrieval.demo_data import make_shape_set
 from retrieval.encoders import load_encoder
@@ -25,9 +25,10 @@ def demo(
     err.print(f"generated {len(train.records)} training and {len(test.records)} test images under {workdir}")
     bow, _ = fit_bow(train.records, BowConfig(colours=16), progress=True)
     bow.save(workdir / "bow-pmi")
-    index = Index.open_or_create(workdir / "index", bow)
-    out.print(index.add(test.records, progress=True).summary())
-    engine = QueryEngine(Index.open(workdir / "index", read_only=True))
+    with Collection.open_or_create(workdir / "index", bow) as collection:
+        out.print(collection.add(test.records, progress=True).summary())
+    served = Collection.open(workdir / "index", read_only=True)
+    engine = QueryEngine(served.index, served.encoder)
     out.print(hits_table("“a red square” → images", engine.search_texts(["a red square"], "image", 3)[0]))
     probe = test.records[len(test.records) // 2].image_path
     out.print(hits_table(f"{probe.name} → captions", engine.search_images([probe], "caption", 3)[0]))

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from cli.common import DEFAULT_ENCODER, DataOpt, ImagesOpt, JsonOpt, SplitFileOpt, SplitOpt, out, print_json, read_data, report_problems
 from indexer import Index
+from retrieval.collection import Collection
 from retrieval.encoders import load_encoder
 
 IndexOpt = typer.Option(..., "--index", help="Index directory.")
@@ -28,8 +29,8 @@ def index(
 ) -> None:
     """Embed a captioned image set into an index (created if new, extended if not)."""
     dataset = read_data(data, images, split, split_file, quiet=as_json)
-    idx = Index.open_or_create(index_dir, load_encoder(encoder), factory=factory, db_url=db_url)
-    report = idx.add(dataset.records, batch_size=batch_size, progress=not as_json)
+    collection = Collection.open_or_create(index_dir, load_encoder(encoder), factory=factory, db_url=db_url)
+    report = collection.add(dataset.records, batch_size=batch_size, progress=not as_json)
     problems = dataset.problems + report.problems
     if as_json:
         print_json({**vars(report), "problems": problems, "index": str(index_dir)})

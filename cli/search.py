@@ -13,6 +13,7 @@ from rich.table import Table
 from cli.common import JsonOpt, SearchParamOpt, err, out, parse_search_params, print_json
 from cli.index import IndexOpt
 from indexer import Index
+from retrieval.collection import Collection
 from retrieval.engine import TARGETS, Filters, Hit, QueryEngine
 from retrieval.errors import SeesayError
 
@@ -50,7 +51,10 @@ def search(
     path_prefix: Optional[str] = typer.Option(None, "--path-prefix", help="Only images whose file (or captions whose image's file) is under this path."),
     split: Optional[str] = typer.Option(None, "--split", help="Only items of this split."),
     as_json: bool = JsonOpt,
-    html_out: Optional[Path] = typer.Option(None, "--html", help="Also write the results as a self-contained HTML contact sheet (thumbnails embedded) to this file."),
+    html_out: Optional[Path] = typer.Option(
+        None, "--html",
+        help="Also write the results as a self-contained HTML contact sheet (thumbnails embedded) to this file.",
+    ),
     search_param: list[str] = SearchParamOpt,
 ) -> None:
     """Text → images (or captions), image → captions (or images), item → similar items; one query or a file of them."""
@@ -62,10 +66,11 @@ def search(
     if queries is not None and html_out is not None:
         raise typer.BadParameter("--html writes one query's results; it does not combine with --queries")
     params = parse_search_params(search_param)
-    index = Index.open(index_dir, read_only=True)
+    collection = Collection.open(index_dir, read_only=True)
     if params:
-        index.set_search_params(**params)
-    engine = QueryEngine(index)
+        collection.index.set_search_params(**params)
+    index = collection.index
+    engine = QueryEngine(index, collection.encoder)
     filters = Filters(os.path.abspath(path_prefix) if path_prefix else None, split)
     options = {"offset": offset, "filters": filters}
     if queries is not None:

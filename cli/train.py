@@ -62,7 +62,14 @@ def train(
     model, problems = fit_bow(dataset.records, config, progress=not as_json)
     model.save(out)
     report_problems(problems, "skipped training images")
-    summary = {"encoder": model.spec, "out": str(out), "dim": model.dim, "vocabulary": len(model.vocabulary), "images": len(dataset.records) - len(problems), "skipped": len(problems)}
+    summary = {
+        "encoder": model.spec,
+        "out": str(out),
+        "dim": model.dim,
+        "vocabulary": len(model.vocabulary),
+        "images": len(dataset.records) - len(problems),
+        "skipped": len(problems),
+    }
     if as_json:
         print_json(summary)
     else:

@@ -1,6 +1,10 @@
-"""The on-disk image/caption index: metadata in SQL, vectors in FAISS, written atomically."""
-from indexer.index import Index
-from indexer.ingest import AddReport
-from indexer.store import Item
+"""The storage engine: images and captions as rows in SQL and vectors in FAISS, written atomically.
 
-__all__ = ["AddReport", "Index", "Item"]
+It takes rows and their vectors (`Index.add_vectors`) and never encodes anything: the
+encoder's saved folder is kept as an opaque artefact for the layer above (`retrieval`).
+"""
+from indexer.errors import IndexMismatchError, ItemNotFoundError, SeesayError
+from indexer.index import Index
+from indexer.items import Added, BuiltBy, Item, NewItem
+
+__all__ = ["Added", "BuiltBy", "Index", "IndexMismatchError", "Item", "ItemNotFoundError", "NewItem", "SeesayError"]

@@ -1,8 +1,10 @@
 """The on-disk index: a directory with the saved encoder, metadata database and FAISS files.
 
+The storage engine: it takes rows and their vectors and never encodes anything.
+
 Layout of DIR:
   index.json                 {"format": "seesay-index", "version": 1, "db_url": null | URL}
-  encoder/                   the encoder, saved so queries can be encoded without naming it
+  encoder/                   the encoder's saved folder, kept as an opaque artefact for the layer above
   meta.sqlite                items and manifest (unless another db_url was given)
   images.gG.{faiss,npy,ids.npy}, captions.gG.{...}   vectors of generation G
 
@@ -18,14 +20,16 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from indexer import store
-from indexer.ingest import AddReport, Encoded, Meter, encode_chunk
-from indexer.store import Item, ItemRow, Manifest, Store
+from indexer.errors import IndexMismatchError, ItemNotFoundError, SeesayError
+from indexer.items import Added, BuiltBy, Item, NewItem
+from indexer.store import ItemRow, Manifest, Store
 from indexer.vectors import (
     VectorSet,
     generation_paths,
@@ -34,29 +38,16 @@ from indexer.vectors import (
     save_generation,
     tunable,
 )
-from retrieval.datasets import Record
-from retrieval.encoders.base import Encoder
-from retrieval.encoders.registry import load_encoder
-from retrieval.errors import IndexMismatchError, ItemNotFoundError, SeesayError
 
 FORMAT = "seesay-index"
 FORMAT_VERSION = 1
 INDEX_JSON = "index.json"
 ENCODER_DIR = "encoder"
 DEFAULT_DB = "meta.sqlite"
-COMMIT_EVERY = 8192
 # Set names on disk, by item kind.
 SET_NAMES = {"image": "images", "caption": "captions"}
 # How often a reader retries when writers delete the generation it is loading.
 _LOAD_ATTEMPTS = 5
-
-
-def same_encoder(recorded: str, encoder: Encoder) -> bool:
-    """Whether `encoder` is the one recorded as `spec#digest`: same spec, and same weights where both are known."""
-    spec, _, digest = recorded.partition("#")
-    if spec != encoder.spec:
-        return False
-    return not (digest and encoder.digest) or encoder.digest.startswith(digest)
 
 
 def default_db_url(directory: Path) -> str:
@@ -90,12 +81,11 @@ def _write_index_json(directory: Path, db_url: str | None) -> None:
 class Index:
     """Images and captions with their vectors: add, delete, search, look up."""
 
-    def __init__(self, directory: Path, db: Store, read_only: bool, encoder: Encoder | None = None) -> None:
+    def __init__(self, directory: Path, db: Store, read_only: bool) -> None:
         self.directory = directory
         self.read_only = read_only
         self._db = db
         self._manifest = db.manifest()
-        self._encoder = encoder
         self._sets: dict[str, VectorSet] | None = None
         self._params: dict[str, int] = {}
 
@@ -103,28 +93,41 @@ class Index:
 
     @classmethod
     def create(
-        cls, directory: str | Path, encoder: Encoder, factory: str = "Flat", db_url: str | None = None
+        cls,
+        directory: str | Path,
+        save_artefact: Callable[[Path], BuiltBy],
+        factory: str = "Flat",
+        db_url: str | None = None,
     ) -> "Index":
-        """Make a new, empty index in `directory`; an error if it already holds one."""
+        """Make a new, empty index in `directory`; an error if it already holds one.
+
+        `save_artefact(folder)` writes the encoder's files into DIR/encoder and returns
+        how the manifest should record that encoder.
+        """
         directory = Path(directory)
         if (directory / INDEX_JSON).exists():
             raise SeesayError(f"{directory} already holds a seesay index")
-        sets = [VectorSet.empty(name, encoder.dim, factory) for name in SET_NAMES.values()]
         directory.mkdir(parents=True, exist_ok=True)
-        encoder.save(directory / ENCODER_DIR)
+        built_by = save_artefact(directory / ENCODER_DIR)
+        sets = [VectorSet.empty(name, built_by.dim, factory) for name in SET_NAMES.values()]
         db = Store(db_url or default_db_url(directory))
         save_generation(sets, directory, 0)
         db.initialise(
             Manifest(
-                encoder_kind=encoder.kind,
-                encoder_spec=encoder.identity,
-                encoder_version=encoder.version,
-                dim=encoder.dim,
+                encoder_kind=built_by.kind,
+                encoder_spec=built_by.identity,
+                encoder_version=built_by.version,
+                dim=built_by.dim,
                 factory=factory,
             )
         )
         _write_index_json(directory, db_url)
-        return cls(directory, db, read_only=False, encoder=encoder)
+        return cls(directory, db, read_only=False)
+
+    @staticmethod
+    def exists(directory: str | Path) -> bool:
+        """Whether `directory` holds an index (its index.json)."""
+        return (Path(directory) / INDEX_JSON).exists()
 
     @classmethod
     def open(cls, directory: str | Path, read_only: bool = False) -> "Index":
@@ -135,28 +138,6 @@ class Index:
         if not read_only:
             with index._db.writing() as (_, manifest):
                 remove_orphans(directory, manifest.generation)
-        return index
-
-    @classmethod
-    def open_or_create(
-        cls, directory: str | Path, encoder: Encoder, factory: str = "Flat", db_url: str | None = None
-    ) -> "Index":
-        """Open the index in `directory` if there is one (it must use `encoder`), else create it.
-
-        `factory` and `db_url` only apply when creating.
-        """
-        directory = Path(directory)
-        if not (directory / INDEX_JSON).exists():
-            return cls.create(directory, encoder, factory, db_url)
-        index = cls.open(directory)
-        built = index._manifest
-        if built.dim != encoder.dim or not same_encoder(built.encoder_spec, encoder):
-            index.close()
-            raise IndexMismatchError(
-                f"index {directory} was built with encoder {built.encoder_spec!r} (dim {built.dim}), "
-                f"not {encoder.identity!r} (dim {encoder.dim})"
-            )
-        index._encoder = encoder
         return index
 
     def close(self) -> None:
@@ -170,16 +151,15 @@ class Index:
         self.close()
 
     @property
-    def encoder(self) -> Encoder:
-        """The index's encoder, loaded from DIR/encoder on first use."""
-        if self._encoder is None:
-            encoder = load_encoder(self.directory / ENCODER_DIR)
-            if encoder.dim != self._manifest.dim:
-                raise IndexMismatchError(
-                    f"{self.directory / ENCODER_DIR}: encoder gives dim {encoder.dim}, index holds {self._manifest.dim}"
-                )
-            self._encoder = encoder
-        return self._encoder
+    def built_by(self) -> BuiltBy:
+        """The encoder that made this index's vectors, as recorded when it was created."""
+        m = self._manifest
+        return BuiltBy(m.encoder_kind, m.encoder_spec, m.encoder_version, m.dim)
+
+    @property
+    def artefact_dir(self) -> Path:
+        """DIR/encoder: the encoder's saved folder, for the layer that encodes queries."""
+        return self.directory / ENCODER_DIR
 
     # ----- reading -----
 
@@ -280,9 +260,18 @@ class Index:
         """The captions of many image items at once: {image id: captions}."""
         return self._db.captions_by_image([int(i) for i in image_item_ids])
 
+    def ids_by_hash(self, kind: str, hashes: Sequence[str]) -> dict[str, int]:
+        """Committed item ids of `kind` whose content hash is among `hashes`."""
+        return self._db.ids_by_hash(kind, hashes)
+
     def vectors(self, kind: str, ids: Sequence[int]) -> np.ndarray:
         """Stored vectors of items of `kind`, by id, as an (n, dim) float32 array."""
         return self._set(kind).lookup(ids)
+
+    def all_vectors(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every stored (ids, vectors) of `kind` at the committed generation, in storage order."""
+        vector_set = self._set(kind)
+        return vector_set.ids, vector_set.vectors
 
     def info(self) -> dict:
         """Manifest, counts, current files and database of this index."""
@@ -317,14 +306,15 @@ class Index:
 
     # ----- writing -----
 
-    def _require_writable(self, action: str) -> None:
+    def check_writable(self, action: str) -> None:
+        """SeesayError when the index is open read-only."""
         if self.read_only:
             raise SeesayError(f"index {self.directory} is open read-only: cannot {action}")
 
     @contextmanager
     def _writing(self, action: str) -> Iterator[tuple[Session, dict[str, VectorSet]]]:
         """A locked transaction over the latest generation; commits it as the next one."""
-        self._require_writable(action)
+        self.check_writable(action)
         try:
             with self._db.writing() as (session, manifest):
                 remove_orphans(self.directory, manifest.generation)
@@ -349,72 +339,50 @@ class Index:
         self._manifest = manifest
         remove_generations_below(self.directory, manifest.generation - 1)
 
-    def add(
-        self,
-        records: Sequence[Record],
-        batch_size: int = 64,
-        progress: bool = False,
-        *,
-        workers: int = 4,
-        commit_every: int = COMMIT_EVERY,
-    ) -> AddReport:
-        """Index records' images and captions, skipping what is already indexed and bad files.
+    def add_vectors(self, rows: Sequence[NewItem], vectors: np.ndarray) -> Added:
+        """Store rows with their vectors (one per row) in one transaction; returns the ids they got.
 
-        Commits every `commit_every` records, so an interrupted run keeps the chunks
-        it finished and a re-run skips them.
+        Rows whose hash is already indexed are skipped, and so are captions whose image is
+        neither indexed nor among `rows` (deleted meanwhile by another writer).
         """
-        self._require_writable("add")
-        report = AddReport()
-        with Meter.shown(progress, len(records)) as meter:
-            for start in range(0, len(records), commit_every):
-                chunk = records[start : start + commit_every]
-                encoded = encode_chunk(
-                    chunk, self.encoder, self._manifest.dim, self._db.ids_by_hash, report, meter, batch_size, workers
-                )
-                if encoded.images or encoded.captions:
-                    self._store(encoded, report)
-        return report
-
-    def _store(self, encoded: Encoded, report: AddReport) -> None:
-        """Insert one encoded chunk; hashes indexed meanwhile by another writer are skipped."""
+        self.check_writable("add")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (len(rows), self._manifest.dim):
+            raise IndexMismatchError(
+                f"{len(rows)} rows came with vectors of shape {vectors.shape}; "
+                f"index {self.directory} holds dim {self._manifest.dim}"
+            )
+        if not np.isfinite(vectors).all():
+            raise SeesayError(f"vectors for index {self.directory} contain NaN or infinity; nothing added")
+        added = Added(ids=[None] * len(rows))
+        if not rows:
+            return added
         with self._writing("add") as (session, sets):
-            indexed = store.ids_by_hash(session, "image", [new.hash for new in encoded.images])
-            fresh = [i for i, new in enumerate(encoded.images) if new.hash not in indexed]
-            report.images_skipped_existing += len(encoded.images) - len(fresh)
-            rows = [
-                ItemRow(
-                    kind="image",
-                    source_id=new.record.image_id,
-                    path=str(new.record.image_path),
-                    split=new.record.split,
-                    hash=new.hash,
-                )
-                for new in (encoded.images[i] for i in fresh)
-            ]
-            report.images_added += _insert(session, rows, encoded.image_vectors[fresh], sets["image"])
+            images = [i for i, row in enumerate(rows) if row.kind == "image"]
+            indexed = store.ids_by_hash(session, "image", [rows[i].hash for i in images])
+            fresh = self._fresh(rows, images, indexed, added)
+            _insert(session, rows, fresh, vectors, sets["image"], added, lambda row: None)
+            captions = [i for i, row in enumerate(rows) if row.kind == "caption"]
+            image_ids = store.ids_by_hash(session, "image", [rows[i].image_hash for i in captions])
+            indexed = store.ids_by_hash(session, "caption", [rows[i].hash for i in captions])
+            fresh = self._fresh(rows, captions, indexed, added)
+            added.orphaned = [i for i in fresh if rows[i].image_hash not in image_ids]
+            fresh = [i for i in fresh if rows[i].image_hash in image_ids]
+            _insert(session, rows, fresh, vectors, sets["caption"], added, lambda row: image_ids[row.image_hash])
+        return added
 
-            images = store.ids_by_hash(session, "image", [new.image_hash for new in encoded.captions])
-            indexed = store.ids_by_hash(session, "caption", [new.hash for new in encoded.captions])
-            fresh = []
-            for i, new in enumerate(encoded.captions):
-                if new.hash in indexed:
-                    report.captions_skipped_existing += 1
-                elif new.image_hash not in images:
-                    report.problems.append(f"{new.record.image_id}: image deleted while indexing; caption skipped")
-                else:
-                    fresh.append(i)
-            rows = [
-                ItemRow(
-                    kind="caption",
-                    source_id=new.record.image_id,
-                    text=new.text,
-                    image_item_id=images[new.image_hash],
-                    split=new.record.split,
-                    hash=new.hash,
-                )
-                for new in (encoded.captions[i] for i in fresh)
-            ]
-            report.captions_added += _insert(session, rows, encoded.caption_vectors[fresh], sets["caption"])
+    @staticmethod
+    def _fresh(rows: Sequence[NewItem], positions: list[int], indexed: dict[str, int], added: Added) -> list[int]:
+        """Positions whose hash is neither indexed nor repeated earlier; the rest are marked existing."""
+        seen = set(indexed)
+        fresh = []
+        for i in positions:
+            if rows[i].hash in seen:
+                added.existing.append(i)
+            else:
+                seen.add(rows[i].hash)
+                fresh.append(i)
+        return fresh
 
     def delete(self, ids: Sequence[int]) -> int:
         """Delete items by id (an image takes its captions along); returns how many went.
@@ -438,9 +406,32 @@ class Index:
         return len(images) + len(captions)
 
 
-def _insert(session: Session, rows: list[ItemRow], vectors: np.ndarray, vector_set: VectorSet) -> int:
-    """Insert rows, then their vectors under the ids the database gave them; returns the count."""
-    session.add_all(rows)
-    session.flush()
-    vector_set.add(vectors, np.array([row.id for row in rows], dtype=np.int64))
-    return len(rows)
+def _insert(
+    session: Session,
+    rows: Sequence[NewItem],
+    positions: list[int],
+    vectors: np.ndarray,
+    vector_set: VectorSet,
+    added: Added,
+    image_item_id: Callable[[NewItem], int | None],
+) -> None:
+    """Insert the rows at `positions`, then their vectors under the ids the database gave them."""
+    if not positions:
+        return
+    values = [
+        {
+            "kind": row.kind,
+            "source_id": row.source_id,
+            "path": row.path,
+            "text": row.text,
+            "image_item_id": image_item_id(row),
+            "split": row.split,
+            "hash": row.hash,
+            "created_at": store.utcnow(),
+        }
+        for row in (rows[i] for i in positions)
+    ]
+    ids = session.scalars(insert(ItemRow).returning(ItemRow.id, sort_by_parameter_order=True), values).all()
+    for i, item_id in zip(positions, ids):
+        added.ids[i] = item_id
+    vector_set.add(vectors[positions], np.array(ids, dtype=np.int64))

@@ -8,7 +8,6 @@ committed generation.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, Sequence
 
@@ -30,7 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from retrieval.errors import SeesayError
+from indexer.errors import SeesayError
+from indexer.items import Item
 
 KINDS = ("image", "caption")
 MANIFEST_ID = 1
@@ -86,19 +86,6 @@ class Manifest(Base):
     n_captions: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
-
-
-@dataclass(frozen=True)
-class Item:
-    """An indexed image or caption as callers see it."""
-
-    id: int
-    kind: str
-    source_id: str
-    path: str | None
-    text: str | None
-    image_item_id: int | None
-    split: str | None
 
 
 def _item(row: ItemRow) -> Item:

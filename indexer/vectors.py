@@ -21,7 +21,7 @@ import faiss
 import numpy as np
 
 from indexer.exact_search import ExactSearch
-from retrieval.errors import SeesayError
+from indexer.errors import SeesayError
 
 DEFAULT_SEARCH_PARAMS: dict[str, int] = {"nprobe": 16, "efSearch": 128}
 # Largest k a FAISS GPU index answers; larger searches run on the CPU copy.

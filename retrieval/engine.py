@@ -67,20 +67,16 @@ class QueryEngine:
 
     It reads the generation its index has loaded: whoever wants to follow writers calls
     `index.refresh()` (the server swaps in a newly loaded index instead, so concurrent
-    searches never see one change under them). `encoder` defaults to the index's own.
+    searches never see one change under them). `encoder` turns queries into vectors: the
+    index's own (`Collection.encoder`).
 
     Every search takes `offset` (skip that many hits: page 2 of 10 is offset=10, k=10) and
     `filters`. Caption results hold each caption text once (its best-scoring copy).
     """
 
-    def __init__(self, index: Index, encoder: Encoder | None = None) -> None:
+    def __init__(self, index: Index, encoder: Encoder) -> None:
         self.index = index
-        self._encoder = encoder
-
-    @property
-    def encoder(self) -> Encoder:
-        """The encoder that turns queries into vectors."""
-        return self._encoder or self.index.encoder
+        self.encoder = encoder
 
     def _check(self, target: str, k: int, offset: int) -> None:
         if target not in TARGETS:

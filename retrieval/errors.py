@@ -1,9 +1,21 @@
-"""Errors that name the thing that was wrong, so the CLI can print one clear line."""
+"""Errors that name the thing that was wrong, so the CLI can print one clear line.
+
+The base class and the index's own errors come from the storage layer (`indexer.errors`).
+"""
 from __future__ import annotations
 
+from indexer.errors import IndexMismatchError, ItemNotFoundError, SeesayError
 
-class SeesayError(Exception):
-    """Base class of every error seesay reports to a user."""
+__all__ = [
+    "BadDataError",
+    "BadImageError",
+    "BadQueryError",
+    "EncoderError",
+    "ImageTooLargeError",
+    "IndexMismatchError",
+    "ItemNotFoundError",
+    "SeesayError",
+]
 
 
 class BadImageError(SeesayError):
@@ -28,21 +40,9 @@ class BadQueryError(SeesayError):
     """A search request that cannot be answered as asked (empty text, k out of range, unknown target)."""
 
 
-class ItemNotFoundError(SeesayError):
-    """Item ids that are not in the index."""
-
-    def __init__(self, message: str, ids: list[int]) -> None:
-        super().__init__(message)
-        self.ids = ids
-
-
 class BadDataError(SeesayError):
     """A dataset file or row that cannot be read."""
 
 
 class EncoderError(SeesayError):
     """An encoder spec, model file or checkpoint that cannot be used."""
-
-
-class IndexMismatchError(SeesayError):
-    """An index opened with an encoder or dimension other than the one it was built with."""

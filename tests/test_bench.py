@@ -55,7 +55,7 @@ def test_bench_encode_neural_on_a_folder_of_its_own(tmp_path: Path) -> None:
     (data / "images").mkdir(parents=True)
     (data / "splits").mkdir()
     names = []
-    for i, colour in enumerate(("red", "green", "blue", "white", "black")):
+    for colour in ("red", "green", "blue", "white", "black"):
         names.append(f"{colour}.jpg")
         Image.new("RGB", (80, 60), colour).save(data / "images" / names[-1])
     (data / "splits" / "dev.txt").write_text("\n".join(names) + "\n")

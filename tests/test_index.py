@@ -12,10 +12,12 @@ import pytest
 import indexer.index as index_module
 from conftest import ColourMeanEncoder, solid_image
 from index_checks import assert_consistent
-from indexer import AddReport, Index, Item
+from indexer import Index, Item
+from retrieval.collection import Collection
 from retrieval.datasets import Record
 from retrieval.encoders.base import read_manifest
 from retrieval.errors import IndexMismatchError, SeesayError
+from retrieval.ingest import AddReport
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -48,18 +50,18 @@ def colour_records(images: dict[str, Path]) -> list[Record]:
     ]
 
 
-def text_query(index: Index, text: str) -> np.ndarray:
+def text_query(index: Collection, text: str) -> np.ndarray:
     return index.encoder.encode_texts([text])
 
 
-def top_sources(index: Index, kind: str, text: str, k: int = 1) -> list[str]:
-    _, ids = index.search(kind, text_query(index, text), k)
-    return [item.source_id for item in index.items([i for i in ids[0] if i >= 0])]
+def top_sources(index: Collection, kind: str, text: str, k: int = 1) -> list[str]:
+    _, ids = index.index.search(kind, text_query(index, text), k)
+    return [item.source_id for item in index.index.items([i for i in ids[0] if i >= 0])]
 
 
 @pytest.fixture
-def built(tmp_path: Path, images: dict[str, Path], colour_encoder: ColourMeanEncoder) -> tuple[Index, AddReport]:
-    index = Index.create(tmp_path / "idx", colour_encoder)
+def built(tmp_path: Path, images: dict[str, Path], colour_encoder: ColourMeanEncoder) -> tuple[Collection, AddReport]:
+    index = Collection.create(tmp_path / "idx", colour_encoder)
     report = index.add(colour_records(images))
     yield index, report
     index.close()
@@ -76,19 +78,19 @@ def test_create_add_search_and_reopen(built, tmp_path: Path) -> None:
     assert top_sources(index, "image", "red") == ["red.png"]
     assert top_sources(index, "image", "something blue") == ["blue.png"]
     assert top_sources(index, "caption", "green", k=1) == ["green.jpg"]
-    scores, ids = index.search("image", text_query(index, "red"), 5)
+    scores, ids = index.index.search("image", text_query(index, "red"), 5)
     assert ids.shape == scores.shape == (1, 5)
     assert (ids[0, 3:] == -1).all() and np.isneginf(scores[0, 3:]).all()
     assert scores[0, 0] == pytest.approx(1.0)
 
-    red = index.items([ids[0, 0]])[0]
+    red = index.index.items([ids[0, 0]])[0]
     assert red == Item(red.id, "image", "red.png", str(tmp_path / "images" / "red.png"), None, None, "train")
-    captions = index.captions_of(red.id)
+    captions = index.index.captions_of(red.id)
     assert [c.text for c in captions] == ["a red square", "red"]
     assert all(c.image_item_id == red.id and c.kind == "caption" for c in captions)
-    np.testing.assert_allclose(index.vectors("image", [red.id])[0, :3], [1, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(index.index.vectors("image", [red.id])[0, :3], [1, 0, 0], atol=1e-6)
 
-    info = index.info()
+    info = index.index.info()
     assert (info["n_images"], info["n_captions"], info["generation"]) == (3, 4, 1)
     assert info["factory"] == "Flat" and info["metric"] == "ip" and info["dim"] == 8
     assert info["db_url"].endswith("meta.sqlite")
@@ -99,7 +101,7 @@ def test_create_add_search_and_reopen(built, tmp_path: Path) -> None:
     assert read_manifest(directory / "encoder")["kind"] == "test-colour"
     index.close()
 
-    with Index.open(directory, read_only=True) as reopened:
+    with Collection.open(directory, read_only=True) as reopened:
         assert isinstance(reopened.encoder, ColourMeanEncoder) and reopened.encoder.dim == 8
         assert top_sources(reopened, "image", "blue") == ["blue.png"]
         assert top_sources(reopened, "caption", "red", k=2) == ["red.png", "red.png"]
@@ -109,7 +111,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path: Path, images, colour_encod
     records = [
         Record(name, images[name], [f"{name} caption"]) for name in ("corrupt", "truncated", "missing", "red")
     ]
-    with Index.create(tmp_path / "idx", colour_encoder) as index:
+    with Collection.create(tmp_path / "idx", colour_encoder) as index:
         report = index.add(records, batch_size=2)
         assert (report.images_added, report.captions_added) == (1, 1)
         assert len(report.problems) == 3
@@ -125,7 +127,7 @@ def test_readding_skips_by_content_hash(built, tmp_path: Path, images) -> None:
     again = index.add(colour_records(images))
     assert (again.images_added, again.captions_added) == (0, 0)
     assert (again.images_skipped_existing, again.captions_skipped_existing) == (3, 4)
-    generation = index.info()["generation"]
+    generation = index.index.info()["generation"]
 
     copy = tmp_path / "elsewhere" / "red-copy.png"
     copy.parent.mkdir()
@@ -133,41 +135,41 @@ def test_readding_skips_by_content_hash(built, tmp_path: Path, images) -> None:
     more = index.add([Record("red-copy.png", copy, ["RED  again", "a  RED square"])])
     assert (more.images_added, more.images_skipped_existing) == (0, 1)
     assert (more.captions_added, more.captions_skipped_existing) == (1, 1)  # case/space-normalised duplicate
-    assert index.info()["generation"] == generation + 1
-    red = index.items(index.search("image", text_query(index, "red"), 1)[1][0])[0]
+    assert index.index.info()["generation"] == generation + 1
+    red = index.index.items(index.index.search("image", text_query(index, "red"), 1)[1][0])[0]
     assert red.source_id == "red.png"
-    assert [c.text for c in index.captions_of(red.id)] == ["a red square", "red", "RED  again"]
+    assert [c.text for c in index.index.captions_of(red.id)] == ["a red square", "red", "RED  again"]
     assert_consistent(tmp_path / "idx")
 
 
 def test_delete_image_takes_its_captions(built, tmp_path: Path) -> None:
     index, _ = built
     directory = tmp_path / "idx"
-    red_id = index.search("image", text_query(index, "red"), 1)[1][0, 0]
-    red_captions = [c.id for c in index.captions_of(red_id)]
-    blue_caption = index.search("caption", text_query(index, "blue"), 1)[1][0, 0]
+    red_id = index.index.search("image", text_query(index, "red"), 1)[1][0, 0]
+    red_captions = [c.id for c in index.index.captions_of(red_id)]
+    blue_caption = index.index.search("caption", text_query(index, "blue"), 1)[1][0, 0]
     highest = max(max(ids) for ids in assert_consistent(directory).values())
 
     with pytest.raises(SeesayError, match=r"\[9999\]"):
-        index.delete([red_id, 9999])
+        index.index.delete([red_id, 9999])
     assert len(assert_consistent(directory)["image"]) == 3
 
-    assert index.delete([red_id, blue_caption]) == 4
+    assert index.index.delete([red_id, blue_caption]) == 4
     sql = assert_consistent(directory)
     assert red_id not in sql["image"] and not set(red_captions + [blue_caption]) & set(sql["caption"])
-    _, ids = index.search("image", text_query(index, "red"), 5)
+    _, ids = index.index.search("image", text_query(index, "red"), 5)
     assert red_id not in ids
-    _, ids = index.search("caption", text_query(index, "red"), 5)
+    _, ids = index.index.search("caption", text_query(index, "red"), 5)
     assert not set(red_captions) & set(ids[0].tolist())
-    assert index.captions_of(red_id) == []
+    assert index.index.captions_of(red_id) == []
     with pytest.raises(SeesayError, match=str(red_id)):
-        index.items([red_id])
+        index.index.items([red_id])
     index.close()
 
-    with Index.open(directory) as reopened:
-        _, ids = reopened.search("image", text_query(reopened, "red"), 5)
+    with Collection.open(directory) as reopened:
+        _, ids = reopened.index.search("image", text_query(reopened, "red"), 5)
         assert sorted(i for i in ids[0] if i >= 0) == sql["image"]
-        assert reopened.info()["n_captions"] == 1
+        assert reopened.index.info()["n_captions"] == 1
         # A deleted id is never reused.
         reopened.add([Record("red2", solid_image(tmp_path / "red2.png", (250, 5, 5)), [])])
         assert max(assert_consistent(directory)["image"]) > highest
@@ -175,11 +177,11 @@ def test_delete_image_takes_its_captions(built, tmp_path: Path) -> None:
 
 def test_ivf_trains_once_it_has_enough_vectors(tmp_path: Path, images, colour_encoder) -> None:
     directory = tmp_path / "idx"
-    with Index.create(directory, colour_encoder, factory="IVF4,Flat") as index:
+    with Collection.create(directory, colour_encoder, factory="IVF4,Flat") as index:
         index.add(colour_records(images))
         assert_consistent(directory)
         with pytest.raises(SeesayError, match=r"IVF4,Flat needs ≥ 4 training vectors, have 3 images: use --factory Flat"):
-            index.search("image", text_query(index, "red"), 1)
+            index.index.search("image", text_query(index, "red"), 1)
         assert top_sources(index, "caption", "blue") == ["blue.png"]  # 4 captions: trained
 
         shades = [
@@ -190,31 +192,31 @@ def test_ivf_trains_once_it_has_enough_vectors(tmp_path: Path, images, colour_en
         sql = assert_consistent(directory)
         assert top_sources(index, "image", "red") == ["red.png"]
 
-        index.set_search_params(nprobe=4)
-        assert index.info()["search_params"] == {"nprobe": 4}
+        index.index.set_search_params(nprobe=4)
+        assert index.index.info()["search_params"] == {"nprobe": 4}
         with pytest.raises(SeesayError, match="efSearch"):
-            index.set_search_params(efSearch=64)
+            index.index.set_search_params(efSearch=64)
 
-        red_id = index.search("image", text_query(index, "red"), 1)[1][0, 0]
-        index.delete([red_id])
+        red_id = index.index.search("image", text_query(index, "red"), 1)[1][0, 0]
+        index.index.delete([red_id])
         after = assert_consistent(directory)
         assert after["image"] == [i for i in sql["image"] if i != red_id]
-        _, ids = index.search("image", text_query(index, "red"), 20)
+        _, ids = index.index.search("image", text_query(index, "red"), 20)
         assert sorted(i for i in ids[0] if i >= 0) == after["image"]
 
 
 def test_hnsw_delete_rebuilds(tmp_path: Path, images, colour_encoder) -> None:
     directory = tmp_path / "idx"
-    with Index.create(directory, colour_encoder, factory="HNSW16") as index:
+    with Collection.create(directory, colour_encoder, factory="HNSW16") as index:
         index.add(colour_records(images))
-        red_id = index.search("image", text_query(index, "red"), 1)[1][0, 0]
-        index.delete([red_id])
+        red_id = index.index.search("image", text_query(index, "red"), 1)[1][0, 0]
+        index.index.delete([red_id])
         sql = assert_consistent(directory)
         assert red_id not in sql["image"]
-        _, ids = index.search("image", text_query(index, "red"), 5)
+        _, ids = index.index.search("image", text_query(index, "red"), 5)
         assert sorted(i for i in ids[0] if i >= 0) == sql["image"]
-    with Index.open(directory, read_only=True) as reopened:
-        assert reopened.info()["n_images"] == 2
+    with Collection.open(directory, read_only=True) as reopened:
+        assert reopened.index.info()["n_images"] == 2
         assert top_sources(reopened, "image", "green") == ["green.jpg"]
 
 
@@ -233,17 +235,17 @@ def test_crash_before_commit_keeps_old_state(built, tmp_path: Path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         index.add([new])
     with pytest.raises(KeyboardInterrupt):
-        index.delete(before["image"][:1])
+        index.index.delete(before["image"][:1])
     assert (directory / "images.g2.faiss").exists()  # the orphan the crash left
     monkeypatch.undo()
 
-    with Index.open(directory, read_only=True) as reader:
-        assert reader.info()["generation"] == 1
-        assert sorted(reader.search("image", text_query(reader, "red"), 9)[1][0][:3]) == before["image"]
-    with Index.open(directory):
+    with Collection.open(directory, read_only=True) as reader:
+        assert reader.index.info()["generation"] == 1
+        assert sorted(reader.index.search("image", text_query(reader, "red"), 9)[1][0][:3]) == before["image"]
+    with Collection.open(directory):
         assert not (directory / "images.g2.faiss").exists()
         assert assert_consistent(directory) == before
-    assert sorted(index.search("image", text_query(index, "red"), 9)[1][0][:3]) == before["image"]
+    assert sorted(index.index.search("image", text_query(index, "red"), 9)[1][0][:3]) == before["image"]
     assert index.add([new]).images_added == 1
     assert len(assert_consistent(directory)["image"]) == 4
 
@@ -262,7 +264,7 @@ def test_interrupted_long_run_keeps_finished_chunks(tmp_path: Path, colour_encod
         return ColourMeanEncoder.encode_images(colour_encoder, images)
 
     directory = tmp_path / "idx"
-    with Index.create(directory, colour_encoder) as index:
+    with Collection.create(directory, colour_encoder) as index:
         monkeypatch.setattr(colour_encoder, "encode_images", flaky)
         with pytest.raises(RuntimeError, match="GPU fell over"):
             index.add(records, commit_every=2)
@@ -273,27 +275,27 @@ def test_interrupted_long_run_keeps_finished_chunks(tmp_path: Path, colour_encod
         assert len(assert_consistent(directory)["caption"]) == 7
         # Old generations go; the previous one stays for readers that just read the manifest.
         generations = {int(p.name.split(".")[1][1:]) for p in directory.glob("images.g*.faiss")}
-        assert generations == {index.info()["generation"] - 1, index.info()["generation"]}
+        assert generations == {index.index.info()["generation"] - 1, index.index.info()["generation"]}
 
 
 def test_reader_follows_writer_with_refresh(built, tmp_path: Path, colour_encoder) -> None:
     writer, _ = built
-    with Index.open(tmp_path / "idx", read_only=True) as reader:
-        assert reader.search("image", text_query(reader, "red"), 1)[1][0, 0] >= 0
-        assert reader.refresh() is False
+    with Collection.open(tmp_path / "idx", read_only=True) as reader:
+        assert reader.index.search("image", text_query(reader, "red"), 1)[1][0, 0] >= 0
+        assert reader.index.refresh() is False
         writer.add([Record("teal", solid_image(tmp_path / "teal.png", (0, 128, 128)), ["teal"])])
         writer.add([Record("navy", solid_image(tmp_path / "navy.png", (0, 0, 128)), ["navy"])])
-        assert (reader.search("image", text_query(reader, "red"), 9)[1][0] >= 0).sum() == 3
-        assert reader.refresh() is True
-        assert (reader.search("image", text_query(reader, "red"), 9)[1][0] >= 0).sum() == 5
+        assert (reader.index.search("image", text_query(reader, "red"), 9)[1][0] >= 0).sum() == 3
+        assert reader.index.refresh() is True
+        assert (reader.index.search("image", text_query(reader, "red"), 9)[1][0] >= 0).sum() == 5
 
 
 def test_read_only_refuses_writes(built, tmp_path: Path, images) -> None:
-    with Index.open(tmp_path / "idx", read_only=True) as reader:
+    with Collection.open(tmp_path / "idx", read_only=True) as reader:
         with pytest.raises(SeesayError, match="read-only: cannot add"):
             reader.add(colour_records(images))
         with pytest.raises(SeesayError, match="read-only: cannot delete"):
-            reader.delete([1])
+            reader.index.delete([1])
     assert_consistent(tmp_path / "idx")
 
 
@@ -301,18 +303,17 @@ def test_mismatches_are_refused(built, tmp_path: Path, images) -> None:
     index, _ = built
     directory = tmp_path / "idx"
     with pytest.raises(IndexMismatchError, match=r"'test-colour:8#[0-9a-f]{16}' \(dim 8\).*'test-colour:6' \(dim 6\)"):
-        Index.open_or_create(directory, ColourMeanEncoder(6))
+        Collection.open_or_create(directory, ColourMeanEncoder(6))
     with pytest.raises(IndexMismatchError, match="dim 8"):
-        index.search("image", np.ones((1, 6), dtype=np.float32), 1)
-    with Index.open_or_create(directory, ColourMeanEncoder(8)) as same:
-        assert same.info()["n_images"] == 3
+        index.index.search("image", np.ones((1, 6), dtype=np.float32), 1)
+    with Collection.open_or_create(directory, ColourMeanEncoder(8)) as same:
+        assert same.index.info()["n_images"] == 3
 
     class Misshapen(ColourMeanEncoder):
         def encode_images(self, images, batch_size=64, progress=False):
             return super().encode_images(images)[:, :5]
 
-    with Index.open(directory) as reopened:
-        reopened._encoder = Misshapen(8)
+    with Collection(Index.open(directory), Misshapen(8)) as reopened:
         new = Record("teal", solid_image(tmp_path / "teal.png", (0, 128, 128)), ["teal"])
         with pytest.raises(IndexMismatchError, match=r"shape \(1, 5\).*dim 8"):
             reopened.add([new])
@@ -321,28 +322,28 @@ def test_mismatches_are_refused(built, tmp_path: Path, images) -> None:
 
 def test_open_and_create_errors(built, tmp_path: Path, colour_encoder) -> None:
     with pytest.raises(SeesayError, match="already holds a seesay index"):
-        Index.create(tmp_path / "idx", colour_encoder)
+        Collection.create(tmp_path / "idx", colour_encoder)
     with pytest.raises(SeesayError, match="not a seesay index"):
-        Index.open(tmp_path / "images")
+        Collection.open(tmp_path / "images")
     with pytest.raises(SeesayError, match="bad FAISS factory string 'Nope'"):
-        Index.create(tmp_path / "other", colour_encoder, factory="Nope")
+        Collection.create(tmp_path / "other", colour_encoder, factory="Nope")
     meta = json.loads((tmp_path / "idx" / "index.json").read_text())
     (tmp_path / "idx" / "index.json").write_text(json.dumps({**meta, "version": 99}))
     with pytest.raises(SeesayError, match="version 99"):
-        Index.open(tmp_path / "idx")
+        Collection.open(tmp_path / "idx")
     with pytest.raises(SeesayError, match="unknown item kind 'video'"):
-        built[0].search("video", np.ones((1, 8), dtype=np.float32), 1)
+        built[0].index.search("video", np.ones((1, 8), dtype=np.float32), 1)
 
 
 def test_custom_database_url(tmp_path: Path, images, colour_encoder) -> None:
     url = f"sqlite:///{tmp_path / 'elsewhere.sqlite'}"
     directory = tmp_path / "idx"
-    with Index.create(directory, colour_encoder, db_url=url) as index:
+    with Collection.create(directory, colour_encoder, db_url=url) as index:
         index.add(colour_records(images))
     assert json.loads((directory / "index.json").read_text())["db_url"] == url
     assert not (directory / "meta.sqlite").exists()
-    with Index.open(directory, read_only=True) as reopened:
-        assert reopened.info()["db_url"] == url
+    with Collection.open(directory, read_only=True) as reopened:
+        assert reopened.index.info()["db_url"] == url
         assert top_sources(reopened, "image", "green") == ["green.jpg"]
     with sqlite3.connect(tmp_path / "elsewhere.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -358,7 +359,7 @@ def test_search_uses_a_gpu_copy_where_the_type_has_one(tmp_path, images, colour_
 
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus)
-    with Index.create(tmp_path / "idx", colour_encoder, factory=factory) as index:
+    with Collection.create(tmp_path / "idx", colour_encoder, factory=factory) as index:
         index.add(colour_records(images))
         assert top_sources(index, "image", "green") == ["green.jpg"]
         index.add([Record("navy", solid_image(tmp_path / "navy.png", (0, 0, 128)), [])])
@@ -370,17 +371,19 @@ def test_search_uses_a_gpu_copy_where_the_type_has_one(tmp_path, images, colour_
 def test_gpu_search_matches_cpu(built) -> None:
     index, _ = built
     queries = index.encoder.encode_texts(["red", "green", "blue"])
-    scores, ids = index.search("image", queries, 3)
-    cpu_scores, cpu_ids = index._set("image").index.search(queries, 3)
+    scores, ids = index.index.search("image", queries, 3)
+    stored_ids, stored = index.index.all_vectors("image")
+    cpu_scores = np.sort(queries @ stored.T, axis=1)[:, ::-1][:, :3]
+    cpu_ids = stored_ids[np.argsort(-(queries @ stored.T), axis=1, kind="stable")[:, :3]]
     np.testing.assert_array_equal(ids, cpu_ids)
     np.testing.assert_allclose(scores, cpu_scores, atol=1e-5)
 
 
 def test_captions_by_image_answers_many_images_in_one_call(built) -> None:
     index, _ = built
-    image_ids = [int(i) for i in index.search("image", index.encoder.encode_texts(["red"]), 3)[1][0]]
-    together = index.captions_by_image(image_ids + [987654])
+    image_ids = [int(i) for i in index.index.search("image", index.encoder.encode_texts(["red"]), 3)[1][0]]
+    together = index.index.captions_by_image(image_ids + [987654])
     assert {i: [c.id for c in caps] for i, caps in together.items()} == {
-        i: [c.id for c in index.captions_of(i)] for i in image_ids if index.captions_of(i)
+        i: [c.id for c in index.index.captions_of(i)] for i in image_ids if index.index.captions_of(i)
     }
     assert sum(len(caps) for caps in together.values()) == 4 and 987654 not in together

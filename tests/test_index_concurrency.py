@@ -9,6 +9,7 @@ from pathlib import Path
 from conftest import solid_image
 from index_checks import assert_consistent
 from indexer import Index
+from retrieval.collection import Collection
 from retrieval.datasets import Record
 
 WRITER = textwrap.dedent(
@@ -17,13 +18,13 @@ WRITER = textwrap.dedent(
     from pathlib import Path
     sys.path[:0] = [sys.argv[1], str(Path(sys.argv[1]).parent)]  # tests, then the repository
     import conftest  # registers the test encoder
-    from indexer import Index
+    from retrieval.collection import Collection
     from retrieval.datasets import Record
 
     directory, tag, count = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
     paths = sorted(Path(sys.argv[5]).glob(f"{tag}-*.png"))
-    with Index.open(directory) as index:
-        report = index.add([Record(p.name, p, [f"caption of {p.name}"]) for p in paths], commit_every=1)
+    with Collection.open(directory) as collection:
+        report = collection.add([Record(p.name, p, [f"caption of {p.name}"]) for p in paths], commit_every=1)
     assert (report.images_added, report.captions_added) == (count, count), report.summary()
     """
 )
@@ -36,8 +37,8 @@ def test_concurrent_writers_and_a_reader(tmp_path: Path, colour_encoder) -> None
         for i in range(per_writer):
             solid_image(pictures / f"{tag}-{i:02d}.png", (base + i, 255 - base - 5 * i, 3 * i))
     seed = solid_image(tmp_path / "seed.png", (255, 0, 0))
-    with Index.create(directory, colour_encoder) as index:
-        index.add([Record("seed", seed, ["red"])])
+    with Collection.create(directory, colour_encoder) as collection:
+        collection.add([Record("seed", seed, ["red"])])
 
     tests_dir = str(Path(__file__).parent)
     writers = [

@@ -18,6 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from indexer import Index
+from retrieval.collection import Collection
 from retrieval.datasets import load_dataset
 from retrieval.demo_data import draw_shape, make_shape_set
 from retrieval.engine import QueryEngine
@@ -34,8 +35,8 @@ def build_index(root: Path, copies: int = 2, seed: int = 0) -> Path:
     records = load_dataset(make_shape_set(root / "data", copies=copies, seed=seed)).records
     encoder, problems = fit_bow(records, BowConfig(colours=16, objects=0))
     assert not problems
-    with Index.open_or_create(root / "index", encoder) as index:
-        report = index.add(records, workers=1)
+    with Collection.open_or_create(root / "index", encoder) as collection:
+        report = collection.add(records, workers=1)
     assert report.images_added == len(records)
     return root / "index"
 
@@ -323,7 +324,7 @@ def test_oversize_upload_is_413(index_dir, client):
         assert "20000 bytes" in response.json()["detail"]
         # a body with no Content-Length (chunked) is counted as it arrives
         def chunks():
-            for start in range(0, 200_000, 10_000):
+            for _ in range(0, 200_000, 10_000):
                 yield b"x" * 10_000
 
         chunked = small.post(
@@ -403,7 +404,7 @@ def test_queries_stay_consistent_while_another_writer_appends(tmp_path):
         for t in threads:
             t.start()
         try:
-            with Index.open(index_dir) as writer:  # writable, like `seesay index` in another process
+            with Collection.open(index_dir) as writer:  # writable, like `seesay index` in another process
                 for start in range(0, len(extra), 6):
                     writer.add(extra[start : start + 6], workers=1)
         finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from indexer import Index
+from retrieval.collection import Collection
 from retrieval.datasets import load_dataset
 from retrieval.demo_data import draw_shape, make_shape_set
 from retrieval.encoders.bow import BowConfig, fit_bow
@@ -38,8 +38,8 @@ def build_index(root: Path) -> Path:
     """A real index of 24 generated shape images (2 captions each) in root/index."""
     records = load_dataset(make_shape_set(root / "data", copies=2)).records
     encoder, _ = fit_bow(records, BowConfig(colours=16, objects=0))
-    with Index.open_or_create(root / "index", encoder) as index:
-        index.add(records, workers=1)
+    with Collection.open_or_create(root / "index", encoder) as collection:
+        collection.add(records, workers=1)
     return root / "index"
 
 

@@ -13,7 +13,7 @@ from retrieval.errors import BadImageError, EncoderError
 
 def _images(tmp_path, n=3):
     paths = []
-    for i, colour in enumerate(["red", "green", "blue", "white", "black"][:n]):
+    for colour in ["red", "green", "blue", "white", "black"][:n]:
         p = tmp_path / f"{colour}.jpg"
         Image.new("RGB", (64, 48), colour).save(p)
         paths.append(p)

@@ -13,7 +13,7 @@ from typing import Collection
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
-from indexer import Index
+from retrieval.collection import Collection
 from retrieval.encoders.base import Encoder
 from retrieval.images import MAX_IMAGE_PIXELS
 from retrieval.server import errors
@@ -85,7 +85,7 @@ def _load_encoder(index_dir: Path) -> Encoder:
     The warm-up also lets lazily built parts (tokenizer settings, kernels) settle before
     requests use the encoder from many threads at once.
     """
-    with Index.open(index_dir, read_only=True) as index:
-        encoder = index.encoder  # checks the encoder's dimension against the index's
+    with Collection.open(index_dir, read_only=True) as collection:
+        encoder = collection.encoder  # checks the encoder's dimension against the index's
     encoder.encode_texts(["warm-up"])
     return encoder

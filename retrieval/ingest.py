@@ -1,7 +1,8 @@
-"""Turning dataset records into hashed, encoded images and captions ready to store.
+"""Ingest: dataset records → hashed, encoded images and captions, as rows ready for `Index.add_vectors`.
 
 Bad files are skipped with a problem line naming them, and so are their captions;
 images and captions whose content hash is already indexed are not encoded again.
+`Collection.add` runs this chunk by chunk and stores each chunk.
 """
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 from rich.progress import Progress
 
+from indexer import NewItem
 from retrieval.datasets import Record
+from retrieval.embedding import encode_captions, encode_image_files
 from retrieval.encoders.base import Encoder
 from retrieval.errors import BadImageError, IndexMismatchError
-from retrieval.embedding import encode_captions, encode_image_files
+
+COMMIT_EVERY = 8192
 
 # Looks up committed item ids by content hash: (kind, hashes) -> {hash: id}.
 KnownHashes = Callable[[str, Sequence[str]], dict[str, int]]
@@ -69,6 +73,24 @@ class Encoded:
     image_vectors: np.ndarray
     captions: list[NewCaption]
     caption_vectors: np.ndarray
+
+    def rows(self) -> list[NewItem]:
+        """The rows to store, images first, in the order of `vectors()`."""
+        images = [
+            NewItem("image", new.record.image_id, new.hash, path=str(new.record.image_path), split=new.record.split)
+            for new in self.images
+        ]
+        captions = [
+            NewItem(
+                "caption", new.record.image_id, new.hash, text=new.text, split=new.record.split, image_hash=new.image_hash
+            )
+            for new in self.captions
+        ]
+        return images + captions
+
+    def vectors(self) -> np.ndarray:
+        """Image vectors, then caption vectors."""
+        return np.concatenate([self.image_vectors, self.caption_vectors])
 
 
 def file_hash(path: str | Path) -> str:
@@ -210,3 +232,4 @@ def _unindexed_captions(captions: list[NewCaption], known: KnownHashes, report: 
             seen.add(caption.hash)
             fresh.append(caption)
     return fresh
+

@@ -1,0 +1,60 @@
+"""What the storage engine takes in and gives back: items, rows to add, and what an add did."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Kind = Literal["image", "caption"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """An indexed image or caption as callers see it."""
+
+    id: int
+    kind: str
+    source_id: str
+    path: str | None
+    text: str | None
+    image_item_id: int | None
+    split: str | None
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """One row to add with its vector. Content `hash` makes adding idempotent.
+
+    A caption names its image by `image_hash`: an image already indexed, or one
+    among the same `Index.add_vectors` call.
+    """
+
+    kind: Kind
+    source_id: str
+    hash: str
+    path: str | None = None
+    text: str | None = None
+    split: str | None = None
+    image_hash: str | None = None
+
+
+@dataclass
+class Added:
+    """What one `Index.add_vectors` call stored: an id per row, or why the row was skipped."""
+
+    ids: list[int | None]
+    existing: list[int] = field(default_factory=list)  # rows whose hash was already indexed
+    orphaned: list[int] = field(default_factory=list)  # captions whose image is not indexed
+
+    def count(self, rows: "list[NewItem]", kind: Kind) -> int:
+        """How many rows of `kind` were stored."""
+        return sum(1 for row, item_id in zip(rows, self.ids) if row.kind == kind and item_id is not None)
+
+
+@dataclass(frozen=True)
+class BuiltBy:
+    """The encoder that made an index's vectors, as the manifest records it (opaque to the index)."""
+
+    kind: str
+    identity: str  # "spec#weights-digest"
+    version: int
+    dim: int

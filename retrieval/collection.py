@@ -1,0 +1,139 @@
+"""A collection: an index together with the encoder that fills it and encodes its queries.
+
+The index (`indexer.Index`) stores rows and vectors and keeps the encoder's saved folder
+as an opaque artefact; this layer saves the encoder there when the index is made,
+loads it back for queries, and refuses to mix encoders in one index.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from indexer import BuiltBy, Index
+from retrieval.datasets import Record
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.registry import load_encoder
+from retrieval.errors import IndexMismatchError
+from retrieval.ingest import COMMIT_EVERY, AddReport, Encoded, Meter, encode_chunk
+
+
+def built_by(encoder: Encoder) -> BuiltBy:
+    """How the index records `encoder` (its identity names its weights' digest once saved)."""
+    return BuiltBy(encoder.kind, encoder.identity, encoder.version, encoder.dim)
+
+
+def same_encoder(recorded: str, encoder: Encoder) -> bool:
+    """Whether `encoder` is the one recorded as `spec#digest`: same spec, and same weights where both are known."""
+    spec, _, digest = recorded.partition("#")
+    if spec != encoder.spec:
+        return False
+    return not (digest and encoder.digest) or encoder.digest.startswith(digest)
+
+
+class Collection:
+    """An index and its encoder: add records, and hand both to the query engine."""
+
+    def __init__(self, index: Index, encoder: Encoder | None = None) -> None:
+        self.index = index
+        self._encoder = encoder
+
+    @classmethod
+    def create(
+        cls, directory: str | Path, encoder: Encoder, factory: str = "Flat", db_url: str | None = None
+    ) -> "Collection":
+        """A new, empty index in `directory` built by `encoder`; an error if it already holds one."""
+
+        def save(folder: Path) -> BuiltBy:
+            encoder.save(folder)
+            return built_by(encoder)  # after saving: the identity includes the saved weights' digest
+
+        return cls(Index.create(directory, save, factory, db_url), encoder)
+
+    @classmethod
+    def open(cls, directory: str | Path, read_only: bool = False) -> "Collection":
+        """An existing index; its encoder is loaded from the index on first use."""
+        return cls(Index.open(directory, read_only=read_only))
+
+    @classmethod
+    def open_or_create(
+        cls, directory: str | Path, encoder: Encoder, factory: str = "Flat", db_url: str | None = None
+    ) -> "Collection":
+        """Open the index in `directory` if there is one (it must use `encoder`), else create it.
+
+        `factory` and `db_url` only apply when creating.
+        """
+        directory = Path(directory)
+        if not Index.exists(directory):
+            return cls.create(directory, encoder, factory, db_url)
+        index = Index.open(directory)
+        built = index.built_by
+        if built.dim != encoder.dim or not same_encoder(built.identity, encoder):
+            index.close()
+            raise IndexMismatchError(
+                f"index {directory} was built with encoder {built.identity!r} (dim {built.dim}), "
+                f"not {encoder.identity!r} (dim {encoder.dim})"
+            )
+        return cls(index, encoder)
+
+    def close(self) -> None:
+        """Release the index's database connections."""
+        self.index.close()
+
+    def __enter__(self) -> "Collection":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def encoder(self) -> Encoder:
+        """The index's encoder, loaded from DIR/encoder on first use."""
+        if self._encoder is None:
+            encoder = load_encoder(self.index.artefact_dir)
+            if encoder.dim != self.index.built_by.dim:
+                raise IndexMismatchError(
+                    f"{self.index.artefact_dir}: encoder gives dim {encoder.dim}, index holds {self.index.built_by.dim}"
+                )
+            self._encoder = encoder
+        return self._encoder
+
+    def add(
+        self,
+        records: Sequence[Record],
+        batch_size: int = 64,
+        progress: bool = False,
+        *,
+        workers: int = 4,
+        commit_every: int = COMMIT_EVERY,
+    ) -> AddReport:
+        """Index records' images and captions, skipping what is already indexed and bad files.
+
+        Commits every `commit_every` records, so an interrupted run keeps the chunks it
+        finished and a re-run skips them.
+        """
+        index = self.index
+        index.check_writable("add")
+        report = AddReport()
+        with Meter.shown(progress, len(records)) as meter:
+            for start in range(0, len(records), commit_every):
+                chunk = records[start : start + commit_every]
+                encoded = encode_chunk(
+                    chunk, self.encoder, index.built_by.dim, index.ids_by_hash, report, meter, batch_size, workers
+                )
+                if encoded.images or encoded.captions:
+                    _store(index, encoded, report)
+        return report
+
+
+def _store(index: Index, encoded: Encoded, report: AddReport) -> None:
+    """Add one encoded chunk; what another writer indexed meanwhile counts as already indexed."""
+    rows = encoded.rows()
+    added = index.add_vectors(rows, encoded.vectors())
+    report.images_added += added.count(rows, "image")
+    report.captions_added += added.count(rows, "caption")
+    for i in added.existing:
+        if rows[i].kind == "image":
+            report.images_skipped_existing += 1
+        else:
+            report.captions_skipped_existing += 1
+    report.problems.extend(f"{rows[i].source_id}: image deleted while indexing; caption skipped" for i in added.orphaned)
