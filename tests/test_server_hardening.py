@@ -9,14 +9,13 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from indexer import Index
+from retrieval.collection import Collection
 from retrieval.datasets import load_dataset
 from retrieval.demo_data import draw_shape, make_shape_set
-from retrieval.encoders.base import Encoder
 from retrieval.server.app import create_app
 from retrieval.server.hosts import host_name
 from test_server_api import build_index, local_client, png_bytes, upload
@@ -101,7 +100,7 @@ def test_appended_items_answer_at_once_without_a_search_first(tmp_path):
     with local_client(create_app(index_dir, disk_cache=False)) as c:
         assert c.get("/api/search/text", params={"q": "red"}).status_code == 200  # serving the first generation
         first_new = _largest_image_id(index_dir) + 1
-        with Index.open(index_dir) as writer:
+        with Collection.open(index_dir) as writer:
             writer.add(extra[:2], workers=1)
         new_id = _largest_image_id(index_dir)
         assert new_id >= first_new

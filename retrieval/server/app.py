@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Collection
+from typing import Collection as Names
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -36,7 +36,7 @@ def create_app(
     disk_cache: bool = True,
     memory_cache_bytes: int = 32 * 1024 * 1024,
     search_params: dict[str, int] | None = None,
-    allowed_hosts: Collection[str] | None = LOOPBACK_HOSTS,
+    allowed_hosts: Names[str] | None = LOOPBACK_HOSTS,
     image_slots: int = IMAGE_SLOTS,
 ) -> FastAPI:
     """The seesay web app over the index in `index_dir`, opened read-only.
