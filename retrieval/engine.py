@@ -7,7 +7,7 @@ from typing import Collection, Literal, Optional, Sequence
 import numpy as np
 
 from indexer import Index, Item
-from indexer.ingest import normalise_caption
+from retrieval.ingest import normalise_caption
 from retrieval.encoders.base import Encoder
 from retrieval.errors import BadQueryError, ItemNotFoundError
 from retrieval.images import ImageInput
