@@ -1,7 +1,8 @@
 """What every benchmark shares: the machine description, timers, memory, and writing results.
 
 Each benchmark returns one JSON-ready dict; `save` writes it as NAME.json beside the
-plot NAME.png in the output folder (default benchmarks/results/).
+plot NAME.png in the output folder: ./seesay-bench/ unless --out names another (the
+project's own committed figures live in benchmarks/results/, written with --out).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = Path("seesay-bench")
 # The shared data set beside the project's root (see ../shared/README.md).
 FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
 

@@ -17,7 +17,6 @@ generation the committed manifest names.
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -27,6 +26,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from indexer import store
+from indexer.files import write_atomic
 from indexer.errors import IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.items import Added, BuiltBy, Item, NewItem
 from indexer.store import ItemRow, Manifest, Store
@@ -73,9 +73,7 @@ def _read_index_json(directory: Path) -> dict:
 
 
 def _write_index_json(directory: Path, db_url: str | None) -> None:
-    tmp = directory / (INDEX_JSON + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "db_url": db_url}, indent=2))
-    os.replace(tmp, directory / INDEX_JSON)
+    write_atomic(directory / INDEX_JSON, json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "db_url": db_url}, indent=2))
 
 
 class Index:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Sequence
 
 import faiss
 import numpy as np
 from PIL import Image
+
+from indexer.files import atomic_path
+from retrieval.cache import cache_root
 
 THUMB = 48  # images are shrunk to THUMB×THUMB before their pixels are counted
 
@@ -55,11 +57,6 @@ class ColourWords:
         return out
 
 
-def cache_root() -> Path:
-    """Where seesay keeps derived data between runs ($SEESAY_CACHE, default ~/.cache/seesay)."""
-    return Path(os.environ.get("SEESAY_CACHE", Path.home() / ".cache" / "seesay"))
-
-
 class ObjectWords:
     """The top-k ImageNet labels of EfficientNet-Lite0, weighted by their renormalised probability.
 
@@ -103,11 +100,8 @@ class ObjectWords:
                 for i, lab, prob in zip(rows, labels.numpy(), probs.numpy()):
                     found[i] = np.stack([lab.astype(np.float32), prob])
                     if paths[i] is not None:
-                        paths[i].parent.mkdir(parents=True, exist_ok=True)
-                        tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
-                        with tmp.open("wb") as f:
+                        with atomic_path(paths[i]) as tmp, tmp.open("wb") as f:
                             np.save(f, found[i])
-                        tmp.replace(paths[i])
         return found
 
     def weights(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from indexer.files import write_atomic
 from retrieval.errors import EncoderError
 from retrieval.images import ImageInput
 
@@ -88,9 +89,7 @@ class Encoder(ABC):
             "digest": self.digest,
             "config": self.config(),
         }
-        tmp = directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2))
-        tmp.replace(directory / MANIFEST)
+        write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
         return directory
 
 

@@ -13,7 +13,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from indexer.files import atomic_path
 from retrieval import runtime
+from retrieval.cache import cache_dir
 from retrieval.encoders.base import Encoder, l2_normalize
 from retrieval.encoders.registry import register
 from retrieval.encoders.torch_image import TorchImageEncoder
@@ -29,12 +31,11 @@ PROMPT = "a photo of a {}."
 def class_prompt_vectors() -> torch.Tensor:
     """MiniLM embeddings of the 1,000 class prompts, cached in memory and on disk."""
     import hashlib
-    import os
 
     model_path = sentence.resolve_text_model(None)
     prompts = [PROMPT.format(c) for c in effnet.imagenet_classes()]
     key = hashlib.sha1(("\n".join(prompts) + model_path).encode()).hexdigest()[:16]
-    path = Path(os.environ.get("SEESAY_CACHE", Path.home() / ".cache" / "seesay")) / f"zeroshot-{key}.pt"
+    path = cache_dir(f"zeroshot-{key}.pt")
     if path.is_file():
         try:
             return torch.load(path, weights_only=True)
@@ -42,10 +43,9 @@ def class_prompt_vectors() -> torch.Tensor:
             pass
     vecs = sentence.sentence_embeddings(sentence.load_sentence_model(model_path), prompts)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(vecs, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
-    except OSError:
+        with atomic_path(path) as tmp:
+            torch.save(vecs, tmp)
+    except OSError:  # a read-only cache only costs recomputing next time
         pass
     return vecs
 

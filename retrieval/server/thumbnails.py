@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
-import tempfile
 import threading
 from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
@@ -19,6 +17,8 @@ from typing import Callable
 
 from PIL import Image
 
+from indexer.files import write_atomic
+from retrieval.cache import cache_dir
 from retrieval.images import load_rgb
 
 SIZES = (64, 128, 256, 512)
@@ -44,10 +44,9 @@ def render_thumbnail(path: str | Path, size: int = DEFAULT_SIZE) -> bytes:
 
 
 def default_cache_dir(index_dir: Path) -> Path:
-    """Per-index folder under the user's cache directory (XDG_CACHE_HOME or ~/.cache)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    """Per-index folder under seesay's cache root (`retrieval.cache`)."""
     key = hashlib.sha256(str(Path(index_dir).resolve()).encode()).hexdigest()[:16]
-    return root / "seesay" / "thumbnails" / key
+    return cache_dir("thumbnails", key)
 
 
 @dataclass(frozen=True)
@@ -136,13 +135,7 @@ class ThumbnailCache:
         path = self._disk_path(key)
         if path is None:
             return
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".jpg")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
         except OSError:  # a read-only or full cache folder only costs a re-render next time
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
+            pass
