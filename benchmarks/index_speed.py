@@ -117,10 +117,8 @@ def run(
     n = n or (20_000 if quick else 1_000_000 if large else 100_000)
     rng = np.random.default_rng(seed)
     big = n >= 500_000  # fewer repeats and no numpy baseline at 4,096 queries: minutes each
-    n_latency = 30 if quick else 50 if big else 200
     qps_batch = 256 if quick else 1024
     repeats = 2 if quick else 3
-    batches = tuple(b for b in ROOFLINE_BATCHES if not quick or b <= 4096)
 
     log("measuring the roofline (read bandwidth, sgemm)")
     roof = roofline.measure(quick)
@@ -128,8 +126,7 @@ def run(
     x = unit_vectors(n, d, rng, data, centres)
     ids = np.arange(n, dtype=np.int64)
     q_eval = unit_vectors(qps_batch, d, rng, data, centres)
-    q_single = unit_vectors(n_latency, d, rng, data, centres)
-
+    q_single = unit_vectors(30 if quick else 50 if big else 200, d, rng, data, centres)
     result: dict[str, Any] = {
         "benchmark": NAME,
         "n": n,
@@ -142,88 +139,23 @@ def run(
         "roofline": roof.to_dict(),
     }
 
-    # ----- flat: FAISS IndexFlatIP itself, seesay's exact paths (what the wrapper serves), numpy -----
     log(f"building flat over {n}×{d}")
     flat, flat_info = build_set("Flat", x, ids)
-    start = time.perf_counter()
-    before = rss_bytes()
     exact = ExactSearch(flat.vectors, flat.ids, flat=flat.index)
-    extra = exact.codes.codes.numel() + exact.columns.nbytes  # int8 codes (screened), transposed copy (blocked)
-    flat_info["seesay_exact_extra_build_s"] = time.perf_counter() - start
-    flat_info["seesay_exact_extra_bytes"] = int(extra)
-    flat_info["seesay_exact_rss_delta_bytes"] = rss_bytes() - before
+    extras = exact_extras(exact)  # made up front, as an index in steady use has them
     rows = []
-    for nq in batches:
+    for nq in ROOFLINE_BATCHES:
         q = unit_vectors(nq, d, rng, data, centres)
-        r = repeats if nq <= 256 else 1
-        bound = roof.bound_s(nq, n, d)
-
-        def steady(fn: Callable[[], Any], skip: bool = False) -> float:
-            """Best time after untimed calls for WARM_UP_S: by then the library's thread pool
-            has the cores back from the previous library's, whose idle threads spin for a
-            while after each call (OpenBLAS's for about 0.1 s; RESULTS.md)."""
-            if skip:
-                return float("nan")
-            deadline = time.perf_counter() + WARM_UP_S
-            while nq <= 256 and time.perf_counter() < deadline:
-                fn()
-            return best_time(fn, r)
-
-        slow = big and nq > 256  # only the path a Flat index serves, and FAISS, are timed there
-        chosen = exact.method_for(nq)  # the fixed rule: what a Flat index serves
-        t_faiss = steady(lambda: exact.search(q, k, "faiss"))  # FAISS IndexFlatIP itself
-        t_blocked = steady(lambda: exact.search(q, k, "blocked"), slow and chosen != "blocked")
-        t_screened = steady(lambda: exact.search(q, k, "screened"), slow and chosen != "screened")
-        t_numpy = steady(lambda: numpy_topk(x, q, k), slow)
-        t_seesay = {"blocked": t_blocked, "screened": t_screened}.get(chosen, t_faiss)
-        # the stricter bound: charged with the bytes the chosen path reads (int8 codes: 1 per value)
-        own_bound = roof.bound_s(nq, n, d, 1.0 if chosen == "screened" else 4.0)
-        rows.append({
-            "batch": nq,
-            "bound_s": bound,
-            "bound_kind": "bandwidth" if 4.0 * n * d / roof.read_bytes_per_s >= 2.0 * nq * n * d / roof.sgemm_flops_per_s else "compute",
-            "faiss_s": t_faiss,
-            "blocked_s": t_blocked if t_blocked == t_blocked else None,
-            "screened_s": t_screened if t_screened == t_screened else None,
-            "numpy_s": t_numpy if t_numpy == t_numpy else None,
-            "seesay_method": chosen,
-            "seesay_s": t_seesay,
-            "faiss_fraction": bound / t_faiss,
-            "blocked_fraction": bound / t_blocked if t_blocked == t_blocked else None,
-            "screened_fraction": bound / t_screened if t_screened == t_screened else None,
-            "numpy_fraction": bound / t_numpy if t_numpy == t_numpy else None,
-            "seesay_fraction": bound / t_seesay,
-            "seesay_own_bytes_bound_s": own_bound,
-            "seesay_fraction_own_bytes": own_bound / t_seesay,
-        })
-        log(f"  batch {nq}: bound {bound * 1e3:.1f} ms; FAISS {bound / t_faiss:.2f}, seesay {bound / t_seesay:.2f} "
-            f"({chosen}), numpy {bound / t_numpy:.2f} of the bound")
-    judged = [row for row in rows if row["batch"] in JUDGED_BATCHES]
+        rows.append(flat_row(exact, roof, x, q, k, repeats if nq <= 256 else 1, skip_others=big and nq > 256))
+        log(f"  batch {nq}: bound {rows[-1]['bound_s'] * 1e3:.1f} ms; FAISS {rows[-1]['faiss_fraction']:.2f}, seesay "
+            f"{rows[-1]['seesay_fraction']:.2f} ({rows[-1]['seesay_method']}, {rows[-1]['seesay_over_faiss']:.2f}× FAISS)")
     result["flat_roofline"] = rows
-    result["flat_bandwidth_fraction"] = min(row["seesay_fraction"] for row in judged)
-    result["flat_bandwidth_fraction_own_bytes"] = min(row["seesay_fraction_own_bytes"] for row in judged)
-    result["flat_bandwidth_fraction_faiss"] = min(row["faiss_fraction"] for row in judged)
-    result["flat_bandwidth_fraction_numpy"] = min((row["numpy_fraction"] for row in judged if row["numpy_fraction"] is not None), default=None)
+    result.update(flat_summary(rows))
+    result["load_average_after_flat"] = [round(v, 2) for v in os.getloadavg()]
 
     log("flat: ground truth, QPS and single-query latency")
     _, truth = exact.search(q_eval, k)
-    qps_faiss = _qps(lambda q: exact.search(q, k, "faiss"), q_eval, repeats)
-    qps_seesay = _qps(lambda q: exact.search(q, k), q_eval, repeats)
-    lat_faiss = percentiles(latencies_ms(lambda q: exact.search(q[None], k, "faiss"), list(q_single)))
-    lat_seesay = percentiles(latencies_ms(lambda q: exact.search(q[None], k), list(q_single)))
-    flat_qps = max(qps_faiss, qps_seesay)
-    result["indexes"] = {
-        "flat": {
-            **flat_info,
-            "qps_batch": qps_batch,
-            "qps_faiss": qps_faiss,
-            "qps_seesay": qps_seesay,
-            "qps": flat_qps,
-            "latency_faiss": lat_faiss,
-            "latency_seesay": lat_seesay,
-            "recall_at_10": 1.0,
-        }
-    }
+    result["indexes"] = {"flat": {**flat_info, **extras, **flat_speed(exact, q_eval, q_single, k, repeats)}}
     result["numpy_bruteforce"] = {
         "qps": _qps(lambda q: numpy_topk(x, q, k), q_eval[:256] if big else q_eval, 1),
         "latency": percentiles(latencies_ms(lambda q: numpy_topk(x, q[None], k), list(q_single))),
@@ -232,60 +164,169 @@ def run(
     del exact, flat
     gc.collect()
 
-    # ----- approximate indexes, swept -----
+    flat_qps = result["indexes"]["flat"]["qps"]
+    for name in indexes:
+        factory, settings = approximate_specs(n, d, quick, refine)[name]
+        log(f"building {factory}")
+        result["indexes"][name] = sweep_index(factory, settings, x, ids, q_eval, q_single, truth, k, repeats, flat_qps, log)
+        gc.collect()
+    result.update(ann_summary(result["indexes"]))
+    return result
+
+
+def steady(fn: Callable[[], Any], warm: bool, repeats: int) -> float:
+    """Best time of `repeats` calls, after untimed calls for WARM_UP_S when `warm`: by then the
+    library's thread pool has the cores back from the previous library's, whose idle threads
+    spin for a while after each call (OpenBLAS's for about 0.1 s; RESULTS.md)."""
+    deadline = time.perf_counter() + WARM_UP_S
+    while warm and time.perf_counter() < deadline:
+        fn()
+    return best_time(fn, repeats)
+
+
+def flat_row(
+    exact: ExactSearch, roof: roofline.Roofline, x: np.ndarray, q: np.ndarray, k: int, repeats: int, skip_others: bool
+) -> dict[str, Any]:
+    """One batch size of flat search: FAISS itself, each of seesay's paths, numpy, and what
+    seesay's dispatcher chose (after timing its paths on this batch: `settle_s`), against the bound."""
+    nq, (n, d) = len(q), x.shape
+    warm = nq <= 256
+    start = time.perf_counter()
+    while exact.path_for(nq, k) is None:  # the dispatcher times its paths on these very searches
+        exact.search(q, k)
+    settle_s = time.perf_counter() - start
+    path = exact.path_for(nq, k)
+    t_seesay = steady(lambda: exact.search(q, k), warm, repeats)
+    path = exact.path_for(nq, k) or path  # (None while a runner-up is being re-timed)
+    times = {"faiss": steady(lambda: exact.search(q, k, "faiss"), warm, repeats)}  # FAISS IndexFlatIP itself
+    for method in ("blocked", "screened"):
+        times[method] = float("nan") if skip_others else steady(lambda: exact.search(q, k, method), warm, repeats)
+    times["numpy"] = float("nan") if skip_others else steady(lambda: numpy_topk(x, q, k), warm, repeats)
+    bound = roof.bound_s(nq, n, d)
+    # the stricter bound: charged with the bytes the chosen path reads (int8 codes: 1 per value)
+    own_bound = roof.bound_s(nq, n, d, 1.0 if path.method == "screened" else 4.0)
+    row: dict[str, Any] = {
+        "batch": nq,
+        "bound_s": bound,
+        "bound_kind": "bandwidth" if 4.0 * n * d / roof.read_bytes_per_s >= 2.0 * nq * n * d / roof.sgemm_flops_per_s else "compute",
+        "seesay_method": str(path),
+        "seesay_s": t_seesay,
+        "seesay_fraction": bound / t_seesay,
+        "seesay_over_faiss": times["faiss"] / t_seesay,
+        "seesay_settle_s": settle_s,
+        "seesay_path_s_per_query": exact.table(nq, k).summary(),
+        "seesay_own_bytes_bound_s": own_bound,
+        "seesay_fraction_own_bytes": own_bound / t_seesay,
+    }
+    for name, seconds in times.items():
+        row[f"{name}_s"] = None if seconds != seconds else seconds
+        row[f"{name}_fraction"] = None if seconds != seconds else bound / seconds
+    return row
+
+
+def flat_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The headline figures: worst fractions over the judged batches, and seesay against FAISS."""
+    judged = [row for row in rows if row["batch"] in JUDGED_BATCHES]
+    return {
+        "flat_bandwidth_fraction": min(row["seesay_fraction"] for row in judged),
+        "flat_bandwidth_fraction_own_bytes": min(row["seesay_fraction_own_bytes"] for row in judged),
+        "flat_bandwidth_fraction_faiss": min(row["faiss_fraction"] for row in judged),
+        "flat_bandwidth_fraction_numpy": min((row["numpy_fraction"] for row in judged if row["numpy_fraction"] is not None), default=None),
+        "flat_min_speed_over_faiss": min(row["seesay_over_faiss"] for row in rows),
+    }
+
+
+def exact_extras(exact: ExactSearch) -> dict[str, Any]:
+    """What seesay's exact search keeps beside the vectors: int8 codes and the transposed copy."""
+    start = time.perf_counter()
+    before = rss_bytes()
+    extra = exact.codes.codes.numel() + exact.columns.nbytes
+    return {
+        "seesay_exact_extra_build_s": time.perf_counter() - start,
+        "seesay_exact_extra_bytes": int(extra),
+        "seesay_exact_rss_delta_bytes": rss_bytes() - before,
+    }
+
+
+def flat_speed(exact: ExactSearch, q_eval: np.ndarray, q_single: np.ndarray, k: int, repeats: int) -> dict[str, Any]:
+    """QPS on batches and single-query latency, FAISS against seesay's chosen path."""
+    qps_faiss = _qps(lambda q: exact.search(q, k, "faiss"), q_eval, repeats)
+    qps_seesay = _qps(lambda q: exact.search(q, k), q_eval, repeats)
+    return {
+        "qps_batch": len(q_eval),
+        "qps_faiss": qps_faiss,
+        "qps_seesay": qps_seesay,
+        "qps": max(qps_faiss, qps_seesay),
+        "latency_faiss": percentiles(latencies_ms(lambda q: exact.search(q[None], k, "faiss"), list(q_single))),
+        "latency_seesay": percentiles(latencies_ms(lambda q: exact.search(q[None], k), list(q_single))),
+        "recall_at_10": 1.0,
+    }
+
+
+def approximate_specs(n: int, d: int, quick: bool, refine: tuple[int, ...]) -> dict[str, tuple[str, list[dict[str, int]]]]:
+    """{name: (factory, settings to sweep)} for the approximate indexes at this size.
+
+    IVF-PQ uses 4-bit fast-scan codes (d/8 sub-quantizers): 8-bit PQ64 took 10× longer to
+    train here. IVF-SQ8 keeps one byte per value (4× IVF-PQ's codes, a quarter of the
+    vectors), so its scores are close to exact. Candidates of both are re-ranked on the
+    exact vectors (RFlat) with k_factor_rf × k candidates; k_factor_rf=1 re-scores only the
+    k found, i.e. the plain index's recall.
+    """
     nlist = int(2 ** round(math.log2(2 * math.sqrt(n))))
-    # IVF-PQ uses 4-bit fast-scan codes (d/8 sub-quantizers): 8-bit PQ64 took 10× longer to
-    # train here. IVF-SQ8 keeps one byte per value (4× IVF-PQ's codes, a quarter of the
-    # vectors), so its scores are close to exact. Candidates of both are re-ranked on the
-    # exact vectors (RFlat) with k_factor_rf × k candidates; k_factor_rf=1 re-scores only the
-    # k found, i.e. the plain index's recall.
     probes = [p for p in ((1, 4, 16, 64) if quick else (1, 4, 16, 64, 256)) if p <= nlist]
     refined = [{"nprobe": p, "k_factor_rf": f} for p in probes for f in refine]
-    specs = {
+    return {
         "ivfpq": (f"IVF{nlist},PQ{d // 8}x4fs,RFlat", refined),
         "ivfsq": (f"IVF{nlist},SQ8,RFlat", refined),
         "hnsw": ("HNSW32", [{"efSearch": e} for e in ((16, 64, 256, 512) if quick else (16, 32, 64, 128, 256, 512, 1024))]),
     }
-    for name in indexes:
-        factory, settings = specs[name]
-        log(f"building {factory}")
-        vs, info = build_set(factory, x, ids)
-        sweep = []
-        for setting in settings:
-            for param, value in setting.items():
-                set_param(vs, param, value)
-            found = vs.search(q_eval, k)[1]
-            qps = _qps(lambda q: vs.search(q, k), q_eval, repeats)
-            sweep.append({**setting, "recall_at_10": recall_at(found, truth, k), "qps": qps})
-            log(f"  {setting}: recall@10 {sweep[-1]['recall_at_10']:.3f}, {qps:.0f} QPS")
-        good = [s for s in sweep if s["recall_at_10"] >= TARGET_RECALL]
-        pick = max(good, key=lambda s: s["qps"]) if good else max(sweep, key=lambda s: (s["recall_at_10"], s["qps"]))
-        chosen = {p: pick[p] for p in settings[0]}
-        for param, value in chosen.items():
-            set_param(vs, param, value)
-        info.update({
-            "params": list(settings[0]),
-            "sweep": sweep,
-            "chosen": chosen,
-            "recall_at_10": pick["recall_at_10"],
-            "qps": pick["qps"],
-            "speedup_over_flat": pick["qps"] / flat_qps,
-            "latency": percentiles(latencies_ms(lambda q: vs.search(q[None], k), list(q_single))),
-        })
-        result["indexes"][name] = info
-        del vs
-        gc.collect()
 
-    approx = {name: r for name, r in result["indexes"].items() if name != "flat"}
-    if approx:
-        good = {name: r for name, r in approx.items() if r["recall_at_10"] >= TARGET_RECALL}
-        pool = good or approx
-        best = max(pool, key=lambda name: (pool[name]["qps"] if good else pool[name]["recall_at_10"]))
-        result["ann_index"] = best
-        result["ann_params"] = approx[best]["chosen"]
-        result["ann_recall_at_10"] = approx[best]["recall_at_10"]
-        result["ann_speedup"] = approx[best]["speedup_over_flat"]
-    return result
+
+def sweep_index(
+    factory: str, settings: list[dict[str, int]], x: np.ndarray, ids: np.ndarray, q_eval: np.ndarray,
+    q_single: np.ndarray, truth: np.ndarray, k: int, repeats: int, flat_qps: float, log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Build one approximate index, sweep its settings, keep the fastest at the target recall."""
+    vs, info = build_set(factory, x, ids)
+    sweep = []
+    for setting in settings:
+        for param, value in setting.items():
+            set_param(vs, param, value)
+        found = vs.search(q_eval, k)[1]
+        qps = _qps(lambda q: vs.search(q, k), q_eval, repeats)
+        sweep.append({**setting, "recall_at_10": recall_at(found, truth, k), "qps": qps})
+        log(f"  {setting}: recall@10 {sweep[-1]['recall_at_10']:.3f}, {qps:.0f} QPS")
+    good = [s for s in sweep if s["recall_at_10"] >= TARGET_RECALL]
+    pick = max(good, key=lambda s: s["qps"]) if good else max(sweep, key=lambda s: (s["recall_at_10"], s["qps"]))
+    chosen = {p: pick[p] for p in settings[0]}
+    for param, value in chosen.items():
+        set_param(vs, param, value)
+    return {
+        **info,
+        "params": list(settings[0]),
+        "sweep": sweep,
+        "chosen": chosen,
+        "recall_at_10": pick["recall_at_10"],
+        "qps": pick["qps"],
+        "speedup_over_flat": pick["qps"] / flat_qps,
+        "latency": percentiles(latencies_ms(lambda q: vs.search(q[None], k), list(q_single))),
+    }
+
+
+def ann_summary(indexes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The best approximate index: fastest at the target recall, else the most accurate."""
+    approx = {name: r for name, r in indexes.items() if name != "flat"}
+    if not approx:
+        return {}
+    good = {name: r for name, r in approx.items() if r["recall_at_10"] >= TARGET_RECALL}
+    pool = good or approx
+    best = max(pool, key=lambda name: (pool[name]["qps"] if good else pool[name]["recall_at_10"]))
+    return {
+        "ann_index": best,
+        "ann_params": approx[best]["chosen"],
+        "ann_recall_at_10": approx[best]["recall_at_10"],
+        "ann_speedup": approx[best]["speedup_over_flat"],
+    }
 
 
 def _gpu_flat(flat: VectorSet, q: np.ndarray, truth: np.ndarray, k: int, repeats: int) -> dict[str, Any]:

@@ -142,18 +142,20 @@ def index_cmd(
                       f"{lat['p50_ms']:.2f}", f"{lat['p99_ms']:.2f}", f"{r['qps']:.0f}", f"{r['recall_at_10']:.3f}",
                       " ".join(f"{a}={b}" for a, b in r["chosen"].items()) if "chosen" in r else "exact")
     roof = Table(title=f"flat search vs roofline (read {result['roofline']['read_gb_per_s']:.1f} GB/s, sgemm {result['roofline']['sgemm_gflops']:.0f} GFLOP/s)")
-    for column in ("batch", "bound ms", "FAISS", "seesay", "path", "seesay, own bytes", "numpy"):
+    for column in ("batch", "bound ms", "FAISS", "seesay", "path", "× FAISS", "seesay, own bytes", "numpy"):
         roof.add_column(column, justify="right")
     for row in result["flat_roofline"]:
         roof.add_row(str(row["batch"]), f"{row['bound_s'] * 1e3:.1f}", f"{row['faiss_fraction']:.2f}",
-                     f"{row['seesay_fraction']:.2f}", row["seesay_method"], f"{row['seesay_fraction_own_bytes']:.2f}",
+                     f"{row['seesay_fraction']:.2f}", row["seesay_method"], f"{row['seesay_over_faiss']:.2f}",
+                     f"{row['seesay_fraction_own_bytes']:.2f}",
                      "—" if row["numpy_fraction"] is None else f"{row['numpy_fraction']:.2f}")
     _finish(result, index_speed.NAME, out_dir, as_json, index_speed.plot, table)
     if not as_json:
         out.print(roof)
         out.print(f"flat_bandwidth_fraction: seesay {result['flat_bandwidth_fraction']:.2f} "
                   f"({result['flat_bandwidth_fraction_own_bytes']:.2f} charged with the bytes its path reads), "
-                  f"FAISS {result['flat_bandwidth_fraction_faiss']:.2f}")
+                  f"FAISS {result['flat_bandwidth_fraction_faiss']:.2f}; seesay's speed over FAISS's at worst "
+                  f"{result['flat_min_speed_over_faiss']:.2f}×")
         if "ann_index" in result:
             out.print(f"best approximate index: {result['ann_index']} {result['ann_params']}: recall@10 "
                       f"{result['ann_recall_at_10']:.3f} at {result['ann_speedup']:.1f}× flat's QPS")

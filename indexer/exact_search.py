@@ -1,19 +1,18 @@
-"""Exact (flat) inner-product top-k search that picks, per batch size, the fastest of three paths.
+"""Exact (flat) inner-product top-k search by the fastest of three paths, chosen by timing them here.
 
 FAISS `IndexFlatIP` scans the database once per query for batches under its BLAS
 threshold (20 queries), so a batch of 16 reads the vectors 16 times from memory; from
 20 queries up it switches to BLAS with its own blocking. The blocked path here reads
-the vectors once per batch whatever its size: a GEMM per database block against the
+the vectors once per batch of up to 256 queries: a GEMM per database block against the
 vectors stored transposed (a no-transpose GEMM, about twice as fast for few queries),
 then each block's top k through a threshold from per-group maxima and `argpartition`
 on the few entries above it. A single query is one row-major matrix-vector product.
 The screened path is exact too: it scores int8 codes of the vectors (a quarter of the
 bytes, and the CPU's int8 dot-product units) as exact integer sums, keeps every vector
 whose code score could still reach the top k under a proven bound on the rounding
-error, and re-scores those few in float32 with FAISS. `ExactSearch` chooses per batch
-size: by a measured calibration (`calibrate`) when it has one, by a fixed rule
-otherwise (the screen at every size where the CPU has int8 dot products, once its codes
-pay for themselves; elsewhere blocked below 256 queries and FAISS's BLAS path from 256).
+error, and re-scores those few in float32 with FAISS. `ExactSearch` times the paths
+(each on all threads and on one) on its own searches and serves each batch size by the
+fastest (`indexer.path_choice`): no rule fixed in advance holds across machines and loads.
 
 Scores are inner products; results are (scores, ids), each (nq, k), best first. Ties
 between equal scores may be broken differently by the paths.
@@ -23,11 +22,13 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
-from typing import TYPE_CHECKING, Literal, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING, Callable, Literal
 
 import faiss
 import numpy as np
+
+from indexer.path_choice import Path, PathTable, table_for, threads_for
 
 if TYPE_CHECKING:
     import torch
@@ -39,9 +40,10 @@ METHODS: tuple[Method, ...] = ("faiss", "blocked", "screened")
 # BLAS to run near its peak (measured: 1 MiB blocks ran at a third the speed of 16 MiB).
 SCORE_BLOCK_BYTES = 1 << 24
 MIN_BLOCK_ROWS = 256
-# Fixed rule when not calibrated, on CPUs without int8 dot products: the blocked path for
-# batches in [lo, hi), FAISS's BLAS path from hi up (measured at 100k × 512 on 2 cores).
-DEFAULT_BLOCKED_RANGE = (1, 256)
+# The blocked path runs batches in chunks of this many queries: its score blocks then
+# keep 16k database rows, wide enough for the group filter (at 4,096 queries a block of
+# 1,024 rows left it a single-threaded argpartition over every score).
+BLOCKED_MAX_QUERIES = 256
 # The screen runs batches in chunks of this many queries. Measured at 100k × 512 on 2
 # cores: 64 beat 32, 48, 96, 128, 256 and 512 at 256 and 1,024 queries; the int8 GEMM's
 # time per query is lowest near 64 rows, and fewer queries leave longer database blocks,
@@ -51,8 +53,14 @@ SCREEN_MAX_QUERIES = 64
 # against 8.6 ms at 100k × 512 on 2 cores). Single queries go without the codes until
 # searches without them have cost as much (ski rental): a one-off query (`seesay search`)
 # never pays for them, and an index in steady use has them after a few dozen queries.
-# A batch builds them at once: it gains more than they cost from a few hundred queries up.
+# Batches may try the screen at once: it gains more than it costs from a few hundred queries up.
 CODES_BUILD_SCANS = 40
+# A batch of this many queries or more whose path is not chosen yet times the open paths
+# on slices of itself (1/EXPLORE_SLICES of it, at least EXPLORE_MIN_SLICE queries: from
+# there every path's time per query is about flat), then runs the rest by the fastest.
+EXPLORE_FROM = 1024
+EXPLORE_SLICES = 16
+EXPLORE_MIN_SLICE = 256
 
 
 def block_rows(n_queries: int, n: int, score_bytes: int = SCORE_BLOCK_BYTES) -> int:
@@ -351,27 +359,14 @@ def padded(
     return out_scores, out_ids
 
 
-@lru_cache(maxsize=1)
-def cpu_has_int8_dot() -> bool:
-    """Whether this CPU has int8 dot-product instructions (AVX512-VNNI, AVX-VNNI or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
 class ExactSearch:
-    """Exact top-k over fixed vectors, by FAISS flat, blocked GEMM or the int8 screen, whichever suits the batch.
+    """Exact top-k over fixed vectors by FAISS flat, the blocked GEMM or the int8 screen,
+    whichever this machine runs fastest for the batch (`indexer.path_choice`).
 
     Builds a transposed copy of the vectors for the blocked path the first time a batch of
     several queries takes it (single queries read the vectors as they are), int8 codes
     (a quarter of the size) the first time the screened path runs, and a FAISS flat copy
     unless an existing exact index is passed as `flat`.
-
-    `choice` maps a batch-size bucket (the power of two at or below the batch size)
-    to the method measured fastest there; buckets not calibrated use the fixed rule.
     """
 
     def __init__(
@@ -388,7 +383,6 @@ class ExactSearch:
             if len(self.vectors):
                 flat.add(self.vectors)
         self.flat = flat
-        self.choice: dict[int, Method] = {}
         self._unscreened_s = 0.0  # time spent in searches before the codes were built
         self._fastest_s = float("inf")  # the quickest of those: about one scan of the vectors
 
@@ -417,34 +411,78 @@ class ExactSearch:
     def __len__(self) -> int:
         return len(self.vectors)
 
-    @staticmethod
-    def bucket(n_queries: int) -> int:
-        return 1 << (max(n_queries, 1).bit_length() - 1)
+    def table(self, n_queries: int, k: int) -> PathTable:
+        """The timings (this process's, this machine's) that choose the path for such a batch."""
+        shape = (len(self.vectors).bit_length(), self.dim, k.bit_length(), max(n_queries, 1).bit_length())
+        return table_for(shape)
 
-    def method_for(self, n_queries: int) -> Method:
-        """The path a batch of `n_queries` takes."""
-        bucket = self.bucket(n_queries)
-        if bucket in self.choice:
-            return self.choice[bucket]
-        if cpu_has_int8_dot() and (n_queries > 1 or self._codes_pay()):
-            return "screened"
-        lo, hi = DEFAULT_BLOCKED_RANGE
-        return "blocked" if lo <= n_queries < hi else "faiss"
+    def paths(self, n_queries: int) -> list[Path]:
+        """The paths a batch may take, the first to try first. The screen joins once its codes
+        exist or pay for themselves (see `CODES_BUILD_SCANS`); one-thread variants where the
+        libraries have several threads."""
+        methods = ["blocked", "faiss"]
+        if n_queries > 1 or self._codes_pay():
+            methods.insert(1, "screened")
+        parallel = [Path(m) for m in methods]
+        if max(torch_threads(), faiss.omp_get_max_threads()) > 1:
+            return parallel + [Path(m, serial=True) for m in methods]
+        return parallel
+
+    def path_for(self, n_queries: int, k: int = 10) -> Path | None:
+        """The path the timings choose for such a batch (None until each has been timed)."""
+        paths = self.paths(n_queries)
+        table = self.table(n_queries, k)
+        return table.best(paths) if table.settled(paths) else None
 
     def search(
-        self, queries: np.ndarray, k: int, method: Method | None = None
+        self, queries: np.ndarray, k: int, method: Method | Path | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids), best first; missing hits have id -1 and score -inf."""
+        """Top-k (scores, ids), best first; missing hits have id -1 and score -inf.
+
+        `method` forces a path (a method name runs on all threads); by default the timings
+        choose, and a batch of `EXPLORE_FROM` queries or more whose choice is still open
+        times each open path on a slice of its own queries.
+        """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        method = method or self.method_for(len(queries))
-        if method not in METHODS:
-            raise ValueError(f"unknown exact-search method {method!r}; use one of {METHODS}")
-        if method == "screened":
-            return self._screened(queries, k)
+        if method is not None:
+            path = method if isinstance(method, Path) else Path(method)
+            if path.method not in METHODS:
+                raise ValueError(f"unknown exact-search method {path.method!r}; use one of {METHODS}")
+            return self._run(path, queries, k)
+        nq = len(queries)
+        paths, table = self.paths(nq), self.table(nq, k)
+        if nq < EXPLORE_FROM or table.settled(paths):
+            return self._run(table.next_path(paths), queries, k, table)
+        size = max(nq // EXPLORE_SLICES, EXPLORE_MIN_SLICE)
+        parts, start = [], 0
+        while start < nq:
+            path = table.next_path(paths)
+            stop = start + size if not table.settled(paths) and nq - start >= 2 * size else nq
+            parts.append(self._run(path, queries[start:stop], k, table))
+            start = stop
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def _run(
+        self, path: Path, queries: np.ndarray, k: int, table: PathTable | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search by `path`, timing it into `table`; the copies a path needs are made before the clock starts."""
+        if path.method == "screened":
+            self.codes
+        elif path.method == "blocked" and len(queries) > 1:
+            self.columns
+        unscreened = "codes" not in self.__dict__
         start = time.perf_counter()
-        found = self._blocked(queries, k) if method == "blocked" else self._faiss(queries, k)
-        if "codes" not in self.__dict__:
-            spent = time.perf_counter() - start
+        with threads_for(path):
+            if path.method == "screened":
+                found = self._screened(queries, k)
+            elif path.method == "blocked":
+                found = self._blocked(queries, k)
+            else:
+                found = self._faiss(queries, k)
+        spent = time.perf_counter() - start
+        if table is not None and len(queries):
+            table.record(path, spent / len(queries))
+        if unscreened:
             self._unscreened_s += spent
             self._fastest_s = min(self._fastest_s, spent)
         return found
@@ -461,42 +499,33 @@ class ExactSearch:
         return padded(scores, pos, k, None if self._flat_gives_ids else self.ids)
 
     def _blocked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        columns = self.vectors.T if len(queries) == 1 else self.columns  # one query reads `vectors`
-        return blocked_topk(columns, queries, k, self.ids, vectors=self.vectors)
+        """The blocked path, `BLOCKED_MAX_QUERIES` queries at a time."""
+        if len(queries) == 1:  # one query reads `vectors` row-major
+            return blocked_topk(self.vectors.T, queries, k, self.ids, vectors=self.vectors)
+        return _in_chunks(lambda chunk: blocked_topk(self.columns, chunk, k, self.ids), queries, BLOCKED_MAX_QUERIES)
 
     def _screened(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The int8 screen, `SCREEN_MAX_QUERIES` queries at a time; what it cannot serve
         (non-finite values, clusters of near-copies) goes to the blocked path."""
         if not self._screenable(queries):
             return self._blocked(queries, k)
-        parts = []
-        for start in range(0, len(queries), SCREEN_MAX_QUERIES):
-            chunk = queries[start : start + SCREEN_MAX_QUERIES]
+
+        def chunk_topk(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             found = screened_topk(self.vectors, self.codes, chunk, k, self.ids)
-            parts.append(found if found is not None else self._blocked(chunk, k))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            return found if found is not None else self._blocked(chunk, k)
 
-    def time_method(self, method: Method, queries: np.ndarray, k: int, repeats: int = 3) -> float:
-        """Best wall time in seconds of `repeats` searches of `queries` by `method`."""
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self.search(queries, k, method)
-            best = min(best, time.perf_counter() - start)
-        return best
+        return _in_chunks(chunk_topk, queries, SCREEN_MAX_QUERIES)
 
-    def calibrate(
-        self, batch_sizes: Sequence[int] = (1, 4, 16, 64, 256, 1024, 4096), k: int = 10, repeats: int = 3, seed: int = 0
-    ) -> dict[int, dict[str, float]]:
-        """Time both paths on random unit queries at each batch size; keep the faster per bucket.
 
-        Returns {batch size: {method: seconds}}.
-        """
-        rng = np.random.default_rng(seed)
-        timings: dict[int, dict[str, float]] = {}
-        for nq in batch_sizes:
-            q = rng.standard_normal((nq, self.dim), dtype=np.float32)
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-            timings[nq] = {m: self.time_method(m, q, k, repeats) for m in METHODS}
-            self.choice[self.bucket(nq)] = min(METHODS, key=lambda m: timings[nq][m])
-        return timings
+def _in_chunks(
+    topk: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], queries: np.ndarray, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`topk` over `queries` `size` at a time, results stacked."""
+    parts = [topk(queries[start : start + size]) for start in range(0, len(queries), size)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()

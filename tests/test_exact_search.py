@@ -6,6 +6,15 @@ import numpy as np
 import pytest
 
 from indexer.exact_search import METHODS, ExactSearch, blocked_topk
+from indexer.path_choice import RECHECK_CALLS, SAMPLES, Path, PathTable, forget_tables, machine_key, table_for
+
+
+@pytest.fixture(autouse=True)
+def _fresh_tables():
+    """Each test starts with no path timings from the others."""
+    forget_tables()
+    yield
+    forget_tables()
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -56,18 +65,6 @@ def test_exact_search_maps_ids_and_pads(method: str) -> None:
     assert (found[:, 0] == ids[:3]).all()  # each vector is its own best match
     assert (found[:, 6:] == -1).all() and np.isneginf(scores[:, 6:]).all()
     assert set(found[0, :6]) == set(ids)
-
-
-def test_calibrated_choice_still_exact() -> None:
-    rng = np.random.default_rng(2)
-    x = _unit(rng, 20000, 32)
-    search = ExactSearch(x)
-    timings = search.calibrate(batch_sizes=(1, 16, 256), repeats=1)
-    assert set(timings) == {1, 16, 256} and all(set(t) == set(METHODS) for t in timings.values())
-    for nq in (1, 16, 256):
-        q = _unit(rng, nq, 32)
-        assert search.method_for(nq) in METHODS
-        _same_topk(search.search(q, 10), _faiss_flat(x, q, 10))
 
 
 def test_duplicate_scores_and_small_k() -> None:
@@ -164,22 +161,104 @@ def test_screened_search_is_exact_among_near_duplicates() -> None:
     _same_topk(ExactSearch(x).search(q, 10, "screened"), _faiss_flat(x, q, 10))
 
 
-def test_single_queries_build_the_screen_only_once_it_pays(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One-off single queries scan without the int8 codes; steady use builds them; a batch builds them at once."""
+def test_single_queries_build_the_screen_only_once_it_pays() -> None:
+    """One-off single queries scan without the int8 codes; steady use builds them; a batch may try them at once."""
     import indexer.exact_search as exact_search
 
-    monkeypatch.setattr(exact_search, "cpu_has_int8_dot", lambda: True)
     rng = np.random.default_rng(9)
     x = _unit(rng, 4000, 32)
     search = ExactSearch(x)
     q = _unit(rng, 1, 32)
-    assert search.method_for(1) == "blocked"
+    assert "screened" not in {p.method for p in search.paths(1)}
+    assert search.table(1, 5).next_path(search.paths(1)) == Path("blocked")  # what a one-off query runs
     search.search(q, 5)
-    assert "codes" not in search.__dict__ and search.method_for(1) == "blocked"
+    assert "codes" not in search.__dict__
     for _ in range(exact_search.CODES_BUILD_SCANS):
         _same_topk(search.search(q, 5), _faiss_flat(x, q, 5))
-    assert search.method_for(1) == "screened"
-    _same_topk(search.search(q, 5), _faiss_flat(x, q, 5))
-    assert "codes" in search.__dict__
-    fresh = ExactSearch(x)
-    assert fresh.method_for(2) == "screened"
+    assert "screened" in {p.method for p in search.paths(1)}
+    for _ in range(2 * len(search.paths(1))):  # the screen is timed like the others
+        _same_topk(search.search(q, 5), _faiss_flat(x, q, 5))
+    assert "codes" in search.__dict__ and search.path_for(1, 5) is not None
+    assert "screened" in {p.method for p in ExactSearch(x).paths(2)}
+
+
+def test_every_path_gives_the_same_answer() -> None:
+    rng = np.random.default_rng(11)
+    x = _unit(rng, 5000, 48)
+    search = ExactSearch(x, np.arange(7, 5007, dtype=np.int64))
+    for nq in (1, 16, 300):
+        q = _unit(rng, nq, 48)
+        ref_scores, pos = _faiss_flat(x, q, 10)
+        for path in search.paths(nq) + [Path(m, serial=True) for m in METHODS]:
+            _same_topk(search.search(q, 10, path), (ref_scores, pos + 7))
+
+
+def test_the_choice_follows_the_timings() -> None:
+    """Injected timings: each path is tried SAMPLES times, a path PRUNE× slower once, then the fastest serves."""
+    a, b, c = Path("blocked"), Path("screened"), Path("faiss", serial=True)
+    table = PathTable()
+    seconds = {a: 1.0, b: 3.0, c: 0.5}
+    order = []
+    while not table.settled([a, b, c]):
+        path = table.next_path([a, b, c])
+        order.append(path)
+        table.record(path, seconds[path])
+    assert order == [a, a, b, c, c]  # b's first time is 3× the best: not timed again
+    assert table.best([a, b, c]) == c and table.next_path([a, b, c]) == c
+    assert table.next_path([a, b]) == a  # c unavailable (e.g. no codes yet): the best of the rest
+    seconds[a] = 0.1  # the load changed: the runner-up is re-timed every RECHECK_CALLS calls
+    served = []
+    for _ in range(RECHECK_CALLS + 2):
+        path = table.next_path([a, b, c])
+        served.append(path)
+        table.record(path, seconds[path])
+    first = served.index(a)  # c keeps serving until the recheck, then a (now faster) does
+    assert RECHECK_CALLS - 5 <= first < RECHECK_CALLS and set(served[first:]) == {a} and table.next_path([a, b, c]) == a
+
+
+def test_search_serves_the_measured_fastest_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(12)
+    x = _unit(rng, 3000, 32)
+    search = ExactSearch(x)
+    table = search.table(16, 10)
+    for path in search.paths(16):  # as if FAISS on all threads had been timed fastest
+        for _ in range(SAMPLES):
+            table.record(path, 1e-6 if path == Path("faiss") else 1.0)
+    ran = []
+    for method in METHODS:
+        original = getattr(ExactSearch, f"_{method}")
+        monkeypatch.setattr(ExactSearch, f"_{method}", lambda self, q, k, m=method, f=original: ran.append(m) or f(self, q, k))
+    q = _unit(rng, 16, 32)
+    _same_topk(search.search(q, 10), _faiss_flat(x, q, 10))
+    assert ran == ["faiss"] and search.path_for(16) == Path("faiss")
+
+
+def test_a_large_batch_times_the_paths_on_slices_of_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    import indexer.exact_search as exact_search
+
+    monkeypatch.setattr(exact_search, "EXPLORE_FROM", 64)
+    monkeypatch.setattr(exact_search, "EXPLORE_MIN_SLICE", 8)
+    rng = np.random.default_rng(13)
+    x = _unit(rng, 4000, 32)
+    search = ExactSearch(x)
+    q = _unit(rng, 256, 32)
+    _same_topk(search.search(q, 10), _faiss_flat(x, q, 10))
+    assert search.path_for(256) is not None  # one batch timed every path
+    _same_topk(search.search(q, 10), _faiss_flat(x, q, 10))
+
+
+def test_a_change_of_thread_count_starts_a_new_table() -> None:
+    import torch
+
+    search = ExactSearch(_unit(np.random.default_rng(14), 500, 16))
+    table = search.table(16, 10)
+    assert search.table(16, 10) is table and search.table(17, 10) is table and search.table(32, 10) is not table
+    before, key = torch.get_num_threads(), machine_key()
+    try:
+        torch.set_num_threads(before + 1)
+        assert machine_key() != key
+        assert search.table(16, 10) is not table
+    finally:
+        torch.set_num_threads(before)
+    assert search.table(16, 10) is table
+    assert table_for((1,), machine=("cpu A",)) is not table_for((1,), machine=("cpu B",))

@@ -1,0 +1,165 @@
+"""Which exact-search path serves a batch: timed on the searches themselves, remembered per machine and shape.
+
+A path is a method (FAISS flat, the blocked GEMM, the int8 screen) run on all the
+threads the libraries are set to, or on one. On a 2-core machine shared with other
+busy processes, one thread ran every method 1.5–5× faster than two (measured at
+100k × 512, load 6–11: each parallel region waits at its barrier for a thread the
+scheduler took away, and the screen has a dozen such regions per block); on an idle
+machine two threads win. So the thread count is measured like the method, never assumed.
+
+`PathTable` holds, for one (machine, shape, batch-size bucket), the seconds per query
+each path took. Until each available path has `SAMPLES` times (or one time that is
+already `PRUNE`× the best), a search runs the next untimed path; then the fastest by its
+best time serves, its own times refreshing on every call. Every `RECHECK_CALLS` calls
+the runner-up's times are dropped, so it is timed again on the next calls and a change
+of load can move the choice. Tables live per process (`table_for`), keyed by
+`machine_key()`: a change of thread settings or usable CPUs starts a fresh table.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Iterator, Sequence
+
+# Times per path before a choice; the best of them counts (load only ever adds time).
+SAMPLES = 2
+# A path whose first time is this many times the best known is not timed a second time.
+PRUNE = 2.0
+# The chosen path keeps its last this-many times, so its figure follows the load.
+WINDOW = 4
+# Calls between re-timings of the runner-up (one or two slower calls in this many).
+RECHECK_CALLS = 200
+
+
+@dataclass(frozen=True)
+class Path:
+    """A method and whether it runs on one thread (`serial`) or on all the libraries' threads."""
+
+    method: str
+    serial: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.method}/1" if self.serial else self.method
+
+
+@dataclass
+class PathTable:
+    """Seconds per query of each path on one bucket of batch sizes, and the choice they make."""
+
+    times: dict[Path, list[float]] = field(default_factory=dict)
+    calls: int = 0
+
+    def best(self, available: Sequence[Path]) -> Path | None:
+        """The timed path with the lowest best time, among `available`."""
+        timed = [p for p in available if self.times.get(p)]
+        return min(timed, key=lambda p: min(self.times[p]), default=None)
+
+    def untimed(self, available: Sequence[Path]) -> list[Path]:
+        """Paths still to time, in the order given: fewer than `SAMPLES` times, unless
+        their first is already `PRUNE`× the best."""
+        best = self.best(available)
+        floor = min(self.times[best]) if best is not None else float("inf")
+        return [
+            p for p in available
+            if len(self.times.get(p, ())) < SAMPLES and not min(self.times.get(p, [0.0])) >= PRUNE * floor
+        ]
+
+    def settled(self, available: Sequence[Path]) -> bool:
+        return not self.untimed(available)
+
+    def next_path(self, available: Sequence[Path]) -> Path:
+        """The path the next call takes: the first untimed one, else the fastest (or, every
+        `RECHECK_CALLS` calls, the runner-up, whose old times are dropped)."""
+        todo = self.untimed(available)
+        if todo:
+            return todo[0]
+        best = self.best(available)
+        assert best is not None
+        self.calls += 1
+        if self.calls >= RECHECK_CALLS:
+            self.calls = 0
+            others = [p for p in available if p != best]
+            runner_up = min(others, key=lambda p: min(self.times[p]), default=None)
+            if runner_up is not None:
+                del self.times[runner_up]
+                return runner_up
+        return best
+
+    def record(self, path: Path, seconds_per_query: float) -> None:
+        kept = self.times.setdefault(path, [])
+        kept.append(seconds_per_query)
+        del kept[:-WINDOW]
+
+    def summary(self) -> dict[str, float]:
+        """{path: best seconds per query} for reports."""
+        return {str(p): min(t) for p, t in self.times.items() if t}
+
+
+@lru_cache(maxsize=1)
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def machine_key() -> tuple:
+    """What the choice depends on besides the shape: CPU, usable cores and every thread setting.
+    Cheap enough to read on each search (a few microseconds)."""
+    import faiss
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    env = tuple(os.environ.get(v, "") for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"))
+    return cpu_model(), cores, torch.get_num_threads(), faiss.omp_get_max_threads(), env
+
+
+_TABLES: dict[tuple, PathTable] = {}
+
+
+def table_for(shape_key: tuple, machine: tuple | None = None) -> PathTable:
+    """This process's table for a shape on this machine (a new one after the machine key changes)."""
+    key = (machine if machine is not None else machine_key(), *shape_key)
+    if key not in _TABLES:
+        _TABLES[key] = PathTable()
+    return _TABLES[key]
+
+
+def forget_tables() -> None:
+    """Drop every table of this process (tests; or after a change the key cannot see)."""
+    _TABLES.clear()
+
+
+@lru_cache(maxsize=1)
+def _blas_pools():
+    """numpy's and FAISS's BLAS thread pools (found once: ~15 ms, paid only when a serial path first runs)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
+
+
+@contextmanager
+def threads_for(path: Path) -> Iterator[None]:
+    """Run the body on one thread when `path` is serial: torch's pool, FAISS's OpenMP
+    (this thread's setting) and the BLAS libraries; restored afterwards."""
+    if not path.serial:
+        yield
+        return
+    import faiss
+    import torch
+
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    try:
+        with _blas_pools().limit(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
