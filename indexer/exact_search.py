@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 import faiss
 import numpy as np
 
-from indexer.path_choice import Path, PathTable, table_for, threads_for
+from indexer.path_choice import Path, PathTable, nearest_best, table_for, threads_for
 
 if TYPE_CHECKING:
     import torch
@@ -411,10 +411,13 @@ class ExactSearch:
     def __len__(self) -> int:
         return len(self.vectors)
 
+    def _shape(self, n_queries: int, k: int) -> tuple[int, int, int, int]:
+        """What a table is kept for: powers of two of n, k and the batch size, and the dimension."""
+        return len(self.vectors).bit_length(), self.dim, k.bit_length(), max(n_queries, 1).bit_length()
+
     def table(self, n_queries: int, k: int) -> PathTable:
         """The timings (this process's, this machine's) that choose the path for such a batch."""
-        shape = (len(self.vectors).bit_length(), self.dim, k.bit_length(), max(n_queries, 1).bit_length())
-        return table_for(shape)
+        return table_for(self._shape(n_queries, k))
 
     def paths(self, n_queries: int) -> list[Path]:
         """The paths a batch may take, the first to try first. The screen joins once its codes
@@ -451,6 +454,9 @@ class ExactSearch:
             return self._run(path, queries, k)
         nq = len(queries)
         paths, table = self.paths(nq), self.table(nq, k)
+        if not table.settled(paths):  # try first what won at the nearest batch size
+            first = nearest_best(self._shape(nq, k), paths)
+            paths = sorted(paths, key=lambda p: p != first)
         if nq < EXPLORE_FROM or table.settled(paths):
             return self._run(table.next_path(paths), queries, k, table)
         size = max(nq // EXPLORE_SLICES, EXPLORE_MIN_SLICE)

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 # Times per path before a choice; the best of them counts (load only ever adds time).
 SAMPLES = 2
 # A path whose first time is this many times the best known is not timed a second time.
-PRUNE = 2.0
+PRUNE = 1.5
 # The chosen path keeps its last this-many times, so its figure follows the load.
 WINDOW = 4
 # Calls between re-timings of the runner-up (one or two slower calls in this many).
@@ -129,6 +129,18 @@ def table_for(shape_key: tuple, machine: tuple | None = None) -> PathTable:
     if key not in _TABLES:
         _TABLES[key] = PathTable()
     return _TABLES[key]
+
+
+def nearest_best(shape_key: tuple, available: Sequence[Path]) -> Path | None:
+    """The fastest of `available` in the nearest batch-size bucket already timed (the last
+    element of `shape_key` is the bucket): the path to try first in a new bucket."""
+    machine, bucket = machine_key(), shape_key[-1]
+    for other in sorted(range(1, 40), key=lambda b: abs(b - bucket)):
+        table = _TABLES.get((machine, *shape_key[:-1], other))
+        best = table.best(available) if table is not None else None
+        if best is not None:
+            return best
+    return None
 
 
 def forget_tables() -> None:

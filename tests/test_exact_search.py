@@ -262,3 +262,16 @@ def test_a_change_of_thread_count_starts_a_new_table() -> None:
         torch.set_num_threads(before)
     assert search.table(16, 10) is table
     assert table_for((1,), machine=("cpu A",)) is not table_for((1,), machine=("cpu B",))
+
+
+def test_a_new_batch_size_first_tries_what_won_at_the_nearest() -> None:
+    rng = np.random.default_rng(15)
+    x = _unit(rng, 2000, 16)
+    search = ExactSearch(x)
+    table = search.table(16, 10)
+    for path in search.paths(16):
+        for _ in range(SAMPLES):
+            table.record(path, 1e-6 if path == Path("faiss", serial=True) else 1.0)
+    q = _unit(rng, 40, 16)
+    _same_topk(search.search(q, 10), _faiss_flat(x, q, 10))
+    assert search.table(40, 10).summary().keys() == {"faiss/1"}  # the first path timed at 32-63 queries
