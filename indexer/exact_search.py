@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 import faiss
 import numpy as np
 
-from indexer.path_choice import Path, PathTable, nearest_best, table_for, threads_for
+from indexer.path_choice import Path, PathTable, nearest_best, parallel_threads, table_for, threads_for
 
 if TYPE_CHECKING:
     import torch
@@ -427,7 +427,7 @@ class ExactSearch:
         if n_queries > 1 or self._codes_pay():
             methods.insert(1, "screened")
         parallel = [Path(m) for m in methods]
-        if max(torch_threads(), faiss.omp_get_max_threads()) > 1:
+        if parallel_threads() > 1:
             return parallel + [Path(m, serial=True) for m in methods]
         return parallel
 
@@ -529,9 +529,3 @@ def _in_chunks(
     """`topk` over `queries` `size` at a time, results stacked."""
     parts = [topk(queries[start : start + size]) for start in range(0, len(queries), size)]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()

@@ -18,6 +18,7 @@ of load can move the choice. Tables live per process (`table_for`), keyed by
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -110,14 +111,13 @@ def machine_key() -> tuple:
     """What the choice depends on besides the shape: CPU, usable cores and every thread setting.
     Cheap enough to read on each search (a few microseconds)."""
     import faiss
-    import torch
 
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     env = tuple(os.environ.get(v, "") for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"))
-    return cpu_model(), cores, torch.get_num_threads(), faiss.omp_get_max_threads(), env
+    return cpu_model(), cores, _serial.torch_threads_configured(), faiss.omp_get_max_threads(), env
 
 
 _TABLES: dict[tuple, PathTable] = {}
@@ -156,22 +156,64 @@ def _blas_pools():
     return ThreadpoolController().select(user_api="blas")
 
 
+class _SerialMode:
+    """torch's and the BLAS libraries' thread counts are process-wide: the first serial
+    search to start sets them to 1 and the last to finish restores them, so searches in
+    parallel threads (the server's) neither undo each other's setting nor leave it behind."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.torch_threads = 0
+        self.blas_limit = None
+
+    def torch_threads_configured(self) -> int:
+        """torch's thread count as set outside serial searches."""
+        import torch
+
+        with self.lock:
+            return self.torch_threads if self.users else torch.get_num_threads()
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        import faiss
+        import torch
+
+        with self.lock:
+            if not self.users:
+                self.torch_threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                self.blas_limit = _blas_pools().limit(limits=1)
+            self.users += 1
+        faiss_threads = faiss.omp_get_max_threads()  # FAISS's OpenMP setting is this thread's own
+        faiss.omp_set_num_threads(1)
+        try:
+            yield
+        finally:
+            faiss.omp_set_num_threads(faiss_threads)
+            with self.lock:
+                self.users -= 1
+                if not self.users:
+                    self.blas_limit.restore_original_limits()
+                    torch.set_num_threads(self.torch_threads)
+
+
+_serial = _SerialMode()
+
+
+def parallel_threads() -> int:
+    """The most threads a path runs on here (torch's or FAISS's setting, outside serial searches)."""
+    import faiss
+
+    return max(_serial.torch_threads_configured(), faiss.omp_get_max_threads())
+
+
 @contextmanager
 def threads_for(path: Path) -> Iterator[None]:
-    """Run the body on one thread when `path` is serial: torch's pool, FAISS's OpenMP
-    (this thread's setting) and the BLAS libraries; restored afterwards."""
+    """Run the body on one thread when `path` is serial: torch's pool, FAISS's OpenMP and
+    the BLAS libraries; restored afterwards."""
     if not path.serial:
         yield
         return
-    import faiss
-    import torch
-
-    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    try:
-        with _blas_pools().limit(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(torch_threads)
-        faiss.omp_set_num_threads(faiss_threads)
+    with _serial():
+        yield

@@ -275,3 +275,22 @@ def test_a_new_batch_size_first_tries_what_won_at_the_nearest() -> None:
     q = _unit(rng, 40, 16)
     _same_topk(search.search(q, 10), _faiss_flat(x, q, 10))
     assert search.table(40, 10).summary().keys() == {"faiss/1"}  # the first path timed at 32-63 queries
+
+
+def test_serial_searches_in_parallel_threads_restore_the_thread_counts() -> None:
+    """The server searches from several threads: one-thread paths must not leave torch on one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    rng = np.random.default_rng(16)
+    x = _unit(rng, 3000, 32)
+    q = _unit(rng, 8, 32)
+    search = ExactSearch(x)
+    before, key = torch.get_num_threads(), machine_key()
+    ref = _faiss_flat(x, q, 10)
+    paths = [Path(m, serial=True) for m in METHODS] + [Path(m) for m in METHODS]
+    with ThreadPoolExecutor(4) as pool:
+        for found in pool.map(lambda i: search.search(q, 10, paths[i % len(paths)]), range(24)):
+            _same_topk(found, ref)
+    assert torch.get_num_threads() == before and machine_key() == key
