@@ -61,6 +61,10 @@ CODES_BUILD_SCANS = 40
 EXPLORE_FROM = 1024
 EXPLORE_SLICES = 16
 EXPLORE_MIN_SLICE = 256
+# Each path finds this many more than k; the final k are re-scored by one routine and
+# ordered by (score, id) (`ExactSearch._final`), so paths that break ties or round the
+# last bit differently still return the same answer while fewer than this many tie.
+TIE_EXTRA = 8
 
 
 def block_rows(n_queries: int, n: int, score_bytes: int = SCORE_BLOCK_BYTES) -> int:
@@ -378,6 +382,7 @@ class ExactSearch:
         self._columns: np.ndarray | None = None
         self.ids = None if ids is None else np.ascontiguousarray(ids, dtype=np.int64)
         self._flat_gives_ids = flat is not None
+        self._id_order: tuple[np.ndarray, np.ndarray] | None = None  # made when FAISS's ids need positions
         if flat is None:
             flat = faiss.IndexFlatIP(self.vectors.shape[1])
             if len(self.vectors):
@@ -472,19 +477,12 @@ class ExactSearch:
         self, path: Path, queries: np.ndarray, k: int, table: PathTable | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Search by `path`, timing it into `table`; the copies a path needs are made before the clock starts."""
-        if path.method == "screened":
-            self.codes
-        elif path.method == "blocked" and len(queries) > 1:
-            self.columns
+        _ = self.codes if path.method == "screened" else self.columns if path.method == "blocked" and len(queries) > 1 else None
         unscreened = "codes" not in self.__dict__
         start = time.perf_counter()
         with threads_for(path):
-            if path.method == "screened":
-                found = self._screened(queries, k)
-            elif path.method == "blocked":
-                found = self._blocked(queries, k)
-            else:
-                found = self._faiss(queries, k)
+            method = {"screened": self._screened, "blocked": self._blocked, "faiss": self._faiss}[path.method]
+            found = self._final(queries, method(queries, k + TIE_EXTRA), k)
         spent = time.perf_counter() - start
         if table is not None and len(queries):
             table.record(path, spent / len(queries))
@@ -493,39 +491,69 @@ class ExactSearch:
             self._fastest_s = min(self._fastest_s, spent)
         return found
 
+    def _final(self, queries: np.ndarray, pos: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top k of a path's best positions (each row best first, -1 after its last),
+        re-scored by one routine (FAISS's, from the rows) and ordered by (score, id): every
+        path returns the same scores, order and tie-breaks."""
+        nq, width = pos.shape
+        pos = np.ascontiguousarray(pos, dtype=np.int64)
+        scores = np.empty((nq, width), dtype=np.float32)
+        ranked = np.empty((nq, width), dtype=np.int64)
+        if nq and len(self.vectors):
+            faiss.knn_inner_products_by_idx(
+                faiss.swig_ptr(queries), faiss.swig_ptr(self.vectors), faiss.swig_ptr(pos), self.dim, nq,
+                len(self.vectors), width, width, faiss.swig_ptr(scores), faiss.swig_ptr(ranked), width,
+            )
+        else:
+            ranked[:] = -1
+        found = ranked >= 0
+        ids = np.where(found, ranked if self.ids is None else self.ids[np.maximum(ranked, 0)], np.iinfo(np.int64).max)
+        scores = np.where(found, scores, -np.inf)
+        order = np.lexsort((ids, -scores), axis=-1)[:, :k]
+        ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+        missing = ids == np.iinfo(np.int64).max
+        return padded(np.where(missing, -np.inf, scores), np.where(missing, -1, ids), k)
+
     def _codes_pay(self) -> bool:
         """The int8 codes exist, or searches without them have cost about as much as building them."""
         return "codes" in self.__dict__ or self._unscreened_s >= CODES_BUILD_SCANS * self._fastest_s
 
-    def _faiss(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _faiss(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """FAISS IndexFlatIP itself; (nq, k) positions, best first."""
         kk = min(k, len(self.vectors))
         if kk == 0 or len(queries) == 0:
-            return padded(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
+            return np.full((len(queries), k), -1, dtype=np.int64)
         scores, pos = self.flat.search(queries, kk)
-        return padded(scores, pos, k, None if self._flat_gives_ids else self.ids)
+        return padded(scores, self._positions(pos) if self._flat_gives_ids else pos, k)[1]
 
-    def _blocked(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The blocked path, `BLOCKED_MAX_QUERIES` queries at a time."""
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        """Positions in `vectors` of ids (-1 stays -1)."""
+        if self._id_order is None:
+            order = np.argsort(self.ids, kind="stable")
+            self._id_order = order, self.ids[order]
+        order, ordered = self._id_order
+        at = np.minimum(np.searchsorted(ordered, ids), len(order) - 1)
+        return np.where(ids >= 0, order[at], -1)
+
+    def _blocked(self, queries: np.ndarray, k: int) -> np.ndarray:
+        """The blocked path, `BLOCKED_MAX_QUERIES` queries at a time; (nq, k) positions, best first."""
         if len(queries) == 1:  # one query reads `vectors` row-major
-            return blocked_topk(self.vectors.T, queries, k, self.ids, vectors=self.vectors)
-        return _in_chunks(lambda chunk: blocked_topk(self.columns, chunk, k, self.ids), queries, BLOCKED_MAX_QUERIES)
+            return blocked_topk(self.vectors.T, queries, k, vectors=self.vectors)[1]
+        return _in_chunks(lambda chunk: blocked_topk(self.columns, chunk, k)[1], queries, BLOCKED_MAX_QUERIES)
 
-    def _screened(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _screened(self, queries: np.ndarray, k: int) -> np.ndarray:
         """The int8 screen, `SCREEN_MAX_QUERIES` queries at a time; what it cannot serve
-        (non-finite values, clusters of near-copies) goes to the blocked path."""
+        (non-finite values, clusters of near-copies) goes to the blocked path. (nq, k) positions."""
         if not self._screenable(queries):
             return self._blocked(queries, k)
 
-        def chunk_topk(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            found = screened_topk(self.vectors, self.codes, chunk, k, self.ids)
-            return found if found is not None else self._blocked(chunk, k)
+        def chunk_topk(chunk: np.ndarray) -> np.ndarray:
+            found = screened_topk(self.vectors, self.codes, chunk, k)
+            return found[1] if found is not None else self._blocked(chunk, k)
 
         return _in_chunks(chunk_topk, queries, SCREEN_MAX_QUERIES)
 
 
-def _in_chunks(
-    topk: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], queries: np.ndarray, size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _in_chunks(topk: Callable[[np.ndarray], np.ndarray], queries: np.ndarray, size: int) -> np.ndarray:
     """`topk` over `queries` `size` at a time, results stacked."""
-    parts = [topk(queries[start : start + size]) for start in range(0, len(queries), size)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return np.concatenate([topk(queries[start : start + size]) for start in range(0, len(queries), size)])

@@ -183,14 +183,23 @@ def test_single_queries_build_the_screen_only_once_it_pays() -> None:
 
 
 def test_every_path_gives_the_same_answer() -> None:
+    """Same scores to the bit, same ids, same order, ties included (each vector is stored three times)."""
     rng = np.random.default_rng(11)
-    x = _unit(rng, 5000, 48)
-    search = ExactSearch(x, np.arange(7, 5007, dtype=np.int64))
-    for nq in (1, 16, 300):
-        q = _unit(rng, nq, 48)
-        ref_scores, pos = _faiss_flat(x, q, 10)
-        for path in search.paths(nq) + [Path(m, serial=True) for m in METHODS]:
-            _same_topk(search.search(q, 10, path), (ref_scores, pos + 7))
+    x = np.repeat(_unit(rng, 2000, 48), 3, axis=0)
+    ids = rng.permutation(np.arange(7, 7 + len(x), dtype=np.int64))
+    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(48))
+    flat.add_with_ids(x, ids)
+    for search in (ExactSearch(x, ids), ExactSearch(x, ids, flat=flat)):
+        for nq in (1, 16, 300):
+            q = _unit(rng, nq, 48)
+            answers = [search.search(q, 10, path) for path in search.paths(nq) + [Path(m, serial=True) for m in METHODS]]
+            np.testing.assert_allclose(answers[0][0], _faiss_flat(x, q, 10)[0], atol=1e-5)
+            where = np.argsort(ids)[np.searchsorted(np.sort(ids), answers[0][1])]
+            np.testing.assert_allclose(np.einsum("qd,qkd->qk", q, x[where]), answers[0][0], atol=1e-5)
+            for scores, found in answers[1:]:
+                assert np.array_equal(scores, answers[0][0]) and np.array_equal(found, answers[0][1])
+            top = answers[0][1][:, :3]  # the three copies of the best vector, smallest id first
+            assert (np.diff(top, axis=1) > 0).all()
 
 
 def test_the_choice_follows_the_timings() -> None:
