@@ -207,7 +207,7 @@ def flat_row(
         "faiss_serial": steady(lambda: exact.search(q, k, Path("faiss", serial=True)), warm, repeats),
     }
     for method in ("blocked", "screened"):
-        times[method] = float("nan") if skip_others else steady(lambda: exact.search(q, k, method), warm, repeats)
+        times[method] = float("nan") if skip_others else steady(lambda m=method: exact.search(q, k, m), warm, repeats)
     times["numpy"] = float("nan") if skip_others else steady(lambda: numpy_topk(x, q, k), warm, repeats)
     bound = roof.bound_s(nq, n, d)
     # the stricter bound: charged with the bytes the chosen path reads (int8 codes: 1 per value)
