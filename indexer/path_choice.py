@@ -18,6 +18,7 @@ of load can move the choice. Tables live per process (`table_for`), keyed by
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -159,31 +160,37 @@ def _blas_pools():
 class _SerialMode:
     """torch's and the BLAS libraries' thread counts are process-wide: the first serial
     search to start sets them to 1 and the last to finish restores them, so searches in
-    parallel threads (the server's) neither undo each other's setting nor leave it behind."""
+    parallel threads (the server's) neither undo each other's setting nor leave it behind.
+    torch is only touched once something has imported it (the storage engine does not need it)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.users = 0
-        self.torch_threads = 0
+        self.torch_threads: int | None = None
         self.blas_limit = None
 
     def torch_threads_configured(self) -> int:
-        """torch's thread count as set outside serial searches."""
-        import torch
-
+        """torch's thread count as set outside serial searches (0 while torch is not loaded)."""
+        torch = sys.modules.get("torch")
         with self.lock:
-            return self.torch_threads if self.users else torch.get_num_threads()
+            if self.users and self.torch_threads is not None:
+                return self.torch_threads
+            return torch.get_num_threads() if torch is not None else 0
 
     @contextmanager
-    def __call__(self) -> Iterator[None]:
+    def __call__(self, with_torch: bool) -> Iterator[None]:
+        """One thread for the body; `with_torch`: the body uses torch (load it now to limit it)."""
         import faiss
-        import torch
 
+        if with_torch:
+            import torch  # noqa: F401
         with self.lock:
             if not self.users:
+                self.blas_limit = _blas_pools().limit(limits=1)
+            torch = sys.modules.get("torch")
+            if torch is not None and self.torch_threads is None:
                 self.torch_threads = torch.get_num_threads()
                 torch.set_num_threads(1)
-                self.blas_limit = _blas_pools().limit(limits=1)
             self.users += 1
         faiss_threads = faiss.omp_get_max_threads()  # FAISS's OpenMP setting is this thread's own
         faiss.omp_set_num_threads(1)
@@ -195,7 +202,9 @@ class _SerialMode:
                 self.users -= 1
                 if not self.users:
                     self.blas_limit.restore_original_limits()
-                    torch.set_num_threads(self.torch_threads)
+                    if self.torch_threads is not None:
+                        sys.modules["torch"].set_num_threads(self.torch_threads)
+                        self.torch_threads = None
 
 
 _serial = _SerialMode()
@@ -215,5 +224,5 @@ def threads_for(path: Path) -> Iterator[None]:
     if not path.serial:
         yield
         return
-    with _serial():
+    with _serial(with_torch=path.method == "screened"):
         yield
