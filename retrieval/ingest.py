@@ -22,6 +22,7 @@ from retrieval.datasets import Record
 from retrieval.embedding import encode_captions, encode_image_files
 from retrieval.encoders.base import Encoder
 from retrieval.errors import BadImageError, IndexMismatchError
+from retrieval.progress import new_progress
 
 COMMIT_EVERY = 8192
 
@@ -144,7 +145,7 @@ class Meter:
     @contextmanager
     def shown(cls, enabled: bool, n_records: int) -> Iterator["Meter"]:
         """A meter over `n_records` records, live while the block runs."""
-        with Progress(disable=not enabled) as progress:
+        with new_progress(enabled) as progress:
             yield cls(progress, n_records)
 
     def images_done(self, count: int) -> None:

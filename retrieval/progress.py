@@ -12,14 +12,19 @@ T = TypeVar("T")
 console = Console(stderr=True)
 
 
+def new_progress(enabled: bool = True) -> Progress:
+    """seesay's one progress style: bars on stderr (stdout belongs to results and --json); silent when not `enabled`."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    return Progress(*columns, console=console, disable=not enabled)
+
+
 @contextmanager
 def progress_bar(total: int | None, description: str, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     """A bar on stderr while the block runs; yields `advance(n)` (a no-op when not `enabled`)."""
     if not enabled:
         yield lambda _n: None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
+    with new_progress() as progress:
         task = progress.add_task(description, total=total)
         yield lambda n: progress.advance(task, n)
 

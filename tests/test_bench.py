@@ -48,6 +48,7 @@ def test_bench_query_tiny(tmp_path: Path) -> None:
     assert 0 < r["recall_at_k"] <= 1.0
 
 
+@pytest.mark.slow  # ~80 s: loads both towers and times each stage; CI runs it with the slow cases
 def test_bench_encode_neural_on_a_folder_of_its_own(tmp_path: Path) -> None:
     from PIL import Image
 
