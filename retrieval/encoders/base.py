@@ -80,13 +80,14 @@ class Encoder(ABC):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save_weights(directory)
-        self.digest = weights_digest(directory)
+        self.digest, files = _digests(directory)
         manifest = {
             "kind": self.kind,
             "version": self.version,
             "spec": self.spec,
             "dim": self.dim,
             "digest": self.digest,
+            "files": files,
             "config": self.config(),
         }
         write_atomic(directory / MANIFEST, json.dumps(manifest, indent=2))
@@ -95,13 +96,57 @@ class Encoder(ABC):
 
 def weights_digest(directory: Path) -> str:
     """sha256 over the names and bytes of a saved encoder's files (encoder.json aside)."""
-    digest = hashlib.sha256()
+    return _digests(directory)[0]
+
+
+def _digests(directory: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(sha256 over every file's name and bytes, {name: {"bytes", "sha256"}}), reading each file once."""
+    whole = hashlib.sha256()
+    files: dict[str, dict[str, Any]] = {}
     for path in sorted(p for p in Path(directory).rglob("*") if p.is_file() and not p.name.startswith(MANIFEST)):
-        digest.update(str(path.relative_to(directory)).encode())
+        name = path.relative_to(directory).as_posix()
+        whole.update(str(path.relative_to(directory)).encode())
+        one = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+                whole.update(block)
+                one.update(block)
+        files[name] = {"bytes": path.stat().st_size, "sha256": one.hexdigest()}
+    return whole.hexdigest(), files
+
+
+def verify_weights(directory: Path, manifest: dict[str, Any]) -> None:
+    """Check a saved encoder's files against what its encoder.json records; EncoderError naming the file if not.
+
+    `files` ({name: {"bytes", "sha256"}}) is checked file by file, and nothing else may be
+    there; manifests without it (saved by older versions) are checked against `digest`,
+    the sha256 of all files together, and a mismatch names the folder's files.
+    """
+    directory = Path(directory)
+    listed = manifest.get("files")
+    recorded = manifest.get("digest")
+    if not isinstance(listed, dict) and not recorded:
+        return
+    digest, files = _digests(directory)
+    if not isinstance(listed, dict):
+        if digest != recorded:
+            named = str(directory / next(iter(files))) if len(files) == 1 else f"{directory} ({', '.join(files) or 'no files'})"
+            raise EncoderError(f"{named} does not match the sha256 {MANIFEST} records: the weights are truncated, altered or swapped")
+        return
+    for name, record in sorted(listed.items()):
+        found, path = files.get(name), directory / name
+        if found is None:
+            raise EncoderError(f"{path} is missing: {MANIFEST} records it as part of this encoder")
+        if found["bytes"] != record.get("bytes"):
+            raise EncoderError(
+                f"{path} is {found['bytes']} bytes but {MANIFEST} records {record.get('bytes')}: "
+                "the weights are truncated or were replaced"
+            )
+        if found["sha256"] != record.get("sha256"):
+            raise EncoderError(f"{path} does not match the sha256 {MANIFEST} records: the weights were altered or swapped")
+    extra = sorted(set(files) - set(listed))
+    if extra:
+        raise EncoderError(f"{directory / extra[0]} is not part of this saved encoder: {MANIFEST} does not list it")
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
-from retrieval.encoders.base import Encoder, read_manifest
+from retrieval.encoders.base import Encoder, read_manifest, verify_weights
 from retrieval.errors import EncoderError
 
 Factory = Callable[[str], Encoder]
@@ -67,7 +67,14 @@ def load_encoder(spec: str | Path) -> Encoder:
                 f"{path}: saved with {kind} format version {manifest['version']}, "
                 f"this seesay reads up to {cls.version}"
             )
-        encoder = cls.from_saved(path, manifest.get("config", {}))
+        verify_weights(path, manifest)
+        try:
+            encoder = cls.from_saved(path, manifest.get("config", {}))
+        except EncoderError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch, numpy and json each fail their own way on bad files
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EncoderError(f"{path}: cannot load the saved {kind} encoder ({reason})") from exc
         encoder.digest = manifest.get("digest")
         if encoder.dim != manifest["dim"]:
             raise EncoderError(f"{path}: manifest says dim {manifest['dim']}, weights give {encoder.dim}")

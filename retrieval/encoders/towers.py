@@ -231,11 +231,12 @@ class DefaultEncoder(TowersEncoder):
 def _default_factory(args: str) -> Encoder:
     if args:
         raise EncoderError("the default encoder takes no arguments; use `default`")
-    from retrieval.encoders.base import read_manifest
+    from retrieval.encoders.base import read_manifest, verify_weights
 
     if not (DEFAULT_MODEL_DIR / WEIGHTS).is_file():
         raise EncoderError(f"the shipped default model is missing from {DEFAULT_MODEL_DIR}; reinstall seesay")
     manifest = read_manifest(DEFAULT_MODEL_DIR)
+    verify_weights(DEFAULT_MODEL_DIR, manifest)
     enc = TowersEncoder.from_saved(DEFAULT_MODEL_DIR, manifest.get("config", {}))
     enc._spec = "default"
     return enc
