@@ -20,6 +20,10 @@ DataOpt = typer.Option(..., "--data", help="Captions file (CSV, Karpathy/COCO JS
 ImagesOpt = typer.Option(None, "--images", help="Root folder for relative image paths in the data file.")
 SplitOpt = typer.Option(None, "--split", help="Split name (Karpathy JSON `split` field).")
 SplitFileOpt = typer.Option(None, "--split-file", help="Text file listing the image names to use, one a line.")
+AllowOutsideOpt = typer.Option(
+    False, "--allow-outside-images",
+    help="Read image paths in the data file that lead outside the images folder (absolute, or through ..).",
+)
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
 SearchParamOpt = typer.Option(
     [], "--search-param",
@@ -40,9 +44,18 @@ def parse_search_params(values: list[str]) -> dict[str, int]:
     return params
 
 
-def read_data(data: Path, images: Optional[Path], split: Optional[str], split_file: Optional[Path], quiet: bool = False) -> Dataset:
+def read_data(
+    data: Path,
+    images: Optional[Path],
+    split: Optional[str],
+    split_file: Optional[Path],
+    quiet: bool = False,
+    allow_outside_images: bool = False,
+) -> Dataset:
     """Load a dataset and report its skipped rows on stderr."""
-    dataset = load_dataset(data, images_root=images, split=split, split_file=split_file)
+    dataset = load_dataset(
+        data, images_root=images, split=split, split_file=split_file, allow_outside_images=allow_outside_images
+    )
     if dataset.problems and not quiet:
         err.print(f"[yellow]{summarize_problems(dataset.problems)}[/yellow]")
     return dataset

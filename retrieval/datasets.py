@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 from retrieval.errors import BadDataError
 
@@ -31,6 +34,13 @@ FORMATS = ("csv", "karpathy", "coco", "folder", "jsonl")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 # Karpathy's "restval" images are the extra training images of his COCO split.
 _SPLIT_ALIASES = {"train": {"train", "restval"}}
+# Longer captions are skipped as bad rows: no caption set has them, and every encoder
+# would read them in full before truncating.
+MAX_CAPTION_CHARS = 10_000
+# Control characters (NUL and the rest of C0/C1) become spaces; tabs and newlines are whitespace anyway.
+_CONTROL = {code: " " for code in [*range(0x00, 0x20), *range(0x7F, 0xA0)]}
+# Bytes that are not UTF-8, as Python's surrogateescape decoding keeps them.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
 
 
 def load_dataset(
@@ -39,6 +49,7 @@ def load_dataset(
     split: str | None = None,
     split_file: str | Path | None = None,
     fmt: str | None = None,
+    allow_outside_images: bool = False,
 ) -> Dataset:
     """Read a captioned image dataset, one Record per image, in order of first appearance.
 
@@ -50,6 +61,9 @@ def load_dataset(
     `split`, or the file's stem. Skipped rows and unknown split names go to `problems`.
     Row formats (csv, jsonl) make a record only for images with a usable caption; image
     formats (karpathy, coco, folder) make one for every image listed, captioned or not.
+    Image names that lead outside the images folder (absolute, or through `..`) are skipped
+    as problems unless `allow_outside_images`: a captions file from elsewhere must not make
+    seesay read (and a server show) any file the user can read.
     """
     path = Path(path)
     if not path.exists():
@@ -62,7 +76,8 @@ def load_dataset(
     if fmt == "folder" and images_root is not None:
         raise BadDataError(f"{path}: images_root does not apply to a folder of images")
 
-    fmt, records, problems = _read(path, fmt, None if images_root is None else Path(images_root))
+    root = None if images_root is None else Path(images_root)
+    fmt, records, problems = _read(path, fmt, root, allow_outside_images)
     if split_file is not None:
         records, split_problems = _apply_split_file(records, Path(split_file), split)
         problems += split_problems
@@ -84,16 +99,39 @@ def summarize_problems(problems: list[str], limit: int = 10) -> str:
 
 
 def clean_caption(text: str) -> str:
-    """Strip a caption and collapse its runs of whitespace to single spaces."""
-    return " ".join(text.split())
+    """Strip a caption, turn control characters (NUL included) into spaces and collapse runs of whitespace."""
+    return " ".join(text.translate(_CONTROL).split())
+
+
+def bad_image_name(name: str) -> str | None:
+    """Why `name` cannot name an image file (control characters, bytes that were not UTF-8), or None."""
+    if _UNDECODABLE.search(name):
+        return "image name is not valid UTF-8"
+    if any(ord(ch) in _CONTROL for ch in name):
+        return "image name contains control characters"
+    return None
 
 
 class _Grouper:
     """Collects captions per image, keeping images in order of first appearance."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path | None = None, allow_outside: bool = False) -> None:
         self.records: dict[str, Record] = {}
         self.problems: list[str] = []
+        self.root = root
+        self.allow_outside = allow_outside
+
+    def located(self, where: str, *parts: str) -> Path | None:
+        """root/parts..., or None after noting that the parts lead outside the root."""
+        assert self.root is not None, "located() needs the images root"
+        path = self.root.joinpath(*parts)
+        if not self.allow_outside and not _inside(self.root, path):
+            self.problems.append(
+                f"{where}: image path {'/'.join(parts)!r} leads outside the images folder {self.root}; "
+                "allow it with --allow-outside-images"
+            )
+            return None
+        return path
 
     def image(self, image_id: str, image_path: Path, split: str | None = None) -> Record:
         if image_id not in self.records:
@@ -105,28 +143,49 @@ class _Grouper:
         if not isinstance(text, str):
             self.problems.append(f"{where}: caption missing or not text")
             return None
+        if len(text) > MAX_CAPTION_CHARS:
+            self.problems.append(f"{where}: caption of {len(text)} characters is over the limit of {MAX_CAPTION_CHARS}")
+            return None
+        if _UNDECODABLE.search(text):
+            self.problems.append(f"{where}: caption is not valid UTF-8 text")
+            return None
         cleaned = clean_caption(text)
         if not cleaned:
             self.problems.append(f"{where}: empty caption")
             return None
         return cleaned
 
+    def image_name(self, name: str, where: str) -> str | None:
+        """Return the stripped image name, or None after noting why it cannot name a file."""
+        name = name.strip()
+        why = "no image name" if not name else bad_image_name(name)
+        if why:
+            self.problems.append(f"{where}: {why}")
+            return None
+        return name
+
     def result(self) -> tuple[list[Record], list[str]]:
         return list(self.records.values()), self.problems
 
 
-def _read(path: Path, fmt: str, images_root: Path | None) -> tuple[str, list[Record], list[str]]:
+def _inside(root: Path, path: Path) -> bool:
+    """Whether `path` stays within `root` once `.` and `..` are resolved by name (symlinks are not followed)."""
+    base, target = os.path.abspath(root), os.path.abspath(path)
+    return os.path.commonpath([base, target]) == base
+
+
+def _read(path: Path, fmt: str, images_root: Path | None, allow_outside: bool) -> tuple[str, list[Record], list[str]]:
     """Run the reader for `fmt` ("json" picks Karpathy or COCO by layout); return the format used."""
     if fmt == "folder":
         return (fmt, *_read_folder(path))
-    root = images_root or _default_root(path)
+    grouper = _Grouper(images_root or _default_root(path), allow_outside)
     if fmt in ("json", "karpathy", "coco"):
         data = _load_json(path)
         fmt = _json_layout(data, path) if fmt == "json" else fmt
         reader = _read_karpathy if fmt == "karpathy" else _read_coco
-        return (fmt, *reader(data, path, root))
+        return (fmt, *reader(data, path, grouper))
     reader = _read_csv if fmt == "csv" else _read_jsonl
-    return (fmt, *reader(path, root))
+    return (fmt, *reader(path, grouper))
 
 
 def _detect_format(path: Path) -> str:
@@ -155,11 +214,16 @@ def _load_json(path: Path) -> object:
         raise BadDataError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        raise BadDataError(f"{path}: not UTF-8 text ({exc})") from exc
+def _lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(number, text) for each line of a text file; text is None for a line that is not UTF-8."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield number, raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                yield number, None
 
 
 def _default_root(path: Path) -> Path:
@@ -167,38 +231,52 @@ def _default_root(path: Path) -> Path:
     return beside if beside.is_dir() else path.parent
 
 
-def _read_csv(path: Path, root: Path) -> tuple[list[Record], list[str]]:
-    grouper = _Grouper()
-    with path.open(encoding="utf-8-sig", newline="") as f:
+def _read_csv(path: Path, grouper: _Grouper) -> tuple[list[Record], list[str]]:
+    """Rows of `image,caption`; a bad row (too long a field, bytes that are not UTF-8) is skipped and named."""
+    # surrogateescape: a byte that is not UTF-8 spoils its own row, not the whole file.
+    with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
         try:
             header = [name.strip().lower() for name in next(reader, [])]
-            if "image" not in header or "caption" not in header:
-                raise BadDataError(f"{path}: the first row must be a header naming 'image' and 'caption' columns")
-            image_col, caption_col = header.index("image"), header.index("caption")
-            for row in reader:
-                where = f"{path}: line {reader.line_num}"
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    grouper.problems.append(f"{where}: wrong number of fields: {len(row)}, expected {len(header)}")
-                    continue
-                image_id = row[image_col].strip()
-                if not image_id:
-                    grouper.problems.append(f"{where}: no image name")
-                    continue
-                caption = grouper.caption(row[caption_col], f"{where} ({image_id})")
-                if caption is not None:
-                    grouper.image(image_id, root / image_id).captions.append(caption)
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise BadDataError(f"{path}: line {reader.line_num}: unreadable CSV ({exc})") from exc
+        except csv.Error as exc:
+            raise BadDataError(f"{path}: line 1: unreadable CSV header ({exc})") from exc
+        if "image" not in header or "caption" not in header:
+            raise BadDataError(f"{path}: the first row must be a header naming 'image' and 'caption' columns")
+        image_col, caption_col = header.index("image"), header.index("caption")
+        for row, where in _csv_rows(reader, path, grouper.problems):
+            if len(row) != len(header):
+                grouper.problems.append(f"{where}: wrong number of fields: {len(row)}, expected {len(header)}")
+                continue
+            image_id = grouper.image_name(row[image_col], where)
+            image_path = None if image_id is None else grouper.located(where, image_id)
+            if image_path is None:
+                continue
+            caption = grouper.caption(row[caption_col], f"{where} ({image_id})")
+            if caption is not None:
+                grouper.image(image_id, image_path).captions.append(caption)
     return grouper.result()
 
 
-def _read_jsonl(path: Path, root: Path) -> tuple[list[Record], list[str]]:
-    grouper = _Grouper()
-    for number, line in enumerate(_read_lines(path), start=1):
+def _csv_rows(reader, path: Path, problems: list[str]) -> Iterator[tuple[list[str], str]]:
+    """(row, "PATH: line N") for each non-empty row; rows the csv module refuses go to `problems`."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit(): the reader goes on at the next line
+            problems.append(f"{path}: line {reader.line_num}: unreadable CSV row ({exc})")
+            continue
+        if row:
+            yield row, f"{path}: line {reader.line_num}"
+
+
+def _read_jsonl(path: Path, grouper: _Grouper) -> tuple[list[Record], list[str]]:
+    for number, line in _lines(path):
         where = f"{path}: line {number}"
+        if line is None:
+            grouper.problems.append(f"{where}: not UTF-8 text")
+            continue
         if not line.strip():
             continue
         try:
@@ -210,7 +288,10 @@ def _read_jsonl(path: Path, root: Path) -> tuple[list[Record], list[str]]:
         if not isinstance(image_id, str) or not image_id.strip():
             grouper.problems.append(f"{where}: no \"image\" name")
             continue
-        image_id = image_id.strip()
+        image_id = grouper.image_name(image_id, where)
+        image_path = None if image_id is None else grouper.located(where, image_id)
+        if image_path is None:
+            continue
         texts = row.get("captions", row.get("caption"))
         if texts is None or texts == []:
             grouper.problems.append(f"{where} ({image_id}): no \"caption\" or \"captions\"")
@@ -218,12 +299,11 @@ def _read_jsonl(path: Path, root: Path) -> tuple[list[Record], list[str]]:
         texts = texts if isinstance(texts, list) else [texts]
         captions = [c for c in (grouper.caption(t, f"{where} ({image_id})") for t in texts) if c is not None]
         if captions:
-            grouper.image(image_id, root / image_id).captions.extend(captions)
+            grouper.image(image_id, image_path).captions.extend(captions)
     return grouper.result()
 
 
-def _read_karpathy(data: object, path: Path, root: Path) -> tuple[list[Record], list[str]]:
-    grouper = _Grouper()
+def _read_karpathy(data: object, path: Path, grouper: _Grouper) -> tuple[list[Record], list[str]]:
     images = _json_list(data, "images", path)
     for i, entry in enumerate(images):
         where = f"{path}: images[{i}]"
@@ -231,8 +311,14 @@ def _read_karpathy(data: object, path: Path, root: Path) -> tuple[list[Record], 
         if not isinstance(filename, str) or not filename.strip():
             grouper.problems.append(f"{where}: no filename")
             continue
-        filename = filename.strip()
-        record = grouper.image(filename, root / str(entry.get("filepath") or "") / filename, entry.get("split"))
+        filename = grouper.image_name(filename, where)
+        folder = entry.get("filepath") or ""
+        if filename is None or not isinstance(folder, str) or (folder and grouper.image_name(folder, where) is None):
+            continue
+        image_path = grouper.located(where, folder, filename)
+        if image_path is None:
+            continue
+        record = grouper.image(filename, image_path, entry.get("split"))
         sentences = entry.get("sentences", [])
         for j, sentence in enumerate(sentences if isinstance(sentences, list) else []):
             raw = sentence.get("raw") if isinstance(sentence, dict) else None
@@ -242,16 +328,18 @@ def _read_karpathy(data: object, path: Path, root: Path) -> tuple[list[Record], 
     return grouper.result()
 
 
-def _read_coco(data: object, path: Path, root: Path) -> tuple[list[Record], list[str]]:
-    grouper = _Grouper()
+def _read_coco(data: object, path: Path, grouper: _Grouper) -> tuple[list[Record], list[str]]:
     by_id: dict[object, Record] = {}
     for i, entry in enumerate(_json_list(data, "images", path)):
         file_name = entry.get("file_name") if isinstance(entry, dict) else None
         if not isinstance(file_name, str) or not file_name.strip() or not isinstance(entry.get("id"), (int, str)):
             grouper.problems.append(f"{path}: images[{i}]: needs an id and a file_name")
             continue
-        file_name = file_name.strip()
-        by_id[entry["id"]] = grouper.image(file_name, root / file_name)
+        file_name = grouper.image_name(file_name, f"{path}: images[{i}]")
+        image_path = None if file_name is None else grouper.located(f"{path}: images[{i}]", file_name)
+        if image_path is None:
+            continue
+        by_id[entry["id"]] = grouper.image(file_name, image_path)
     for i, ann in enumerate(_json_list(data, "annotations", path)):
         where = f"{path}: annotations[{i}]"
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
@@ -310,7 +398,10 @@ def _apply_split_file(
     by_id = {r.image_id: r for r in records}
     chosen: dict[str, Record] = {}
     problems = []
-    for number, line in enumerate(_read_lines(split_file), start=1):
+    for number, line in _lines(split_file):
+        if line is None:
+            problems.append(f"{split_file}: line {number}: not UTF-8 text")
+            continue
         name = line.strip()
         if not name or name in chosen:
             continue

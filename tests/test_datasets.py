@@ -275,3 +275,76 @@ def test_flickr8k_dev_split() -> None:
     assert data.records[0].image_id == first_name
     assert data.records[0].image_path == FLICKR8K / "images" / first_name
     assert data.records[0].image_path.is_file()
+
+
+# --- hostile rows: each spoils only itself -----------------------------------------------------
+
+
+def test_csv_a_huge_field_skips_only_its_row(tmp_path: Path) -> None:
+    huge = "x" * 140_000  # over the csv module's 131,072-character field limit
+    csv_path = write(tmp_path / "caps.csv", f"image,caption\na.jpg,first\nb.jpg,{huge}\nc.jpg,last\nd.jpg,{'y' * 20_000}\n")
+    data = load_dataset(csv_path)
+    assert [r.image_id for r in data.records] == ["a.jpg", "c.jpg"]
+    assert len(data.problems) == 2
+    assert data.problems[0].startswith(f"{csv_path}: line 3: unreadable CSV row (field larger than field limit")
+    assert data.problems[1] == f"{csv_path}: line 5 (d.jpg): caption of 20000 characters is over the limit of 10000"
+
+
+def test_csv_an_invalid_utf8_byte_skips_only_its_row_and_names_its_line(tmp_path: Path) -> None:
+    csv_path = tmp_path / "caps.csv"
+    csv_path.write_bytes(b"image,caption\na.jpg,good\nb.jpg,caf\xe9 au lait\n\xff.jpg,name\nc.jpg,also good\n")
+    data = load_dataset(csv_path)
+    assert [r.image_id for r in data.records] == ["a.jpg", "c.jpg"]
+    assert data.problems == [
+        f"{csv_path}: line 3 (b.jpg): caption is not valid UTF-8 text",
+        f"{csv_path}: line 4: image name is not valid UTF-8",
+    ]
+
+
+def test_nul_and_control_characters(tmp_path: Path) -> None:
+    csv_path = tmp_path / "caps.csv"
+    csv_path.write_bytes(b"image,caption\na.jpg,a dog\x00runs\x07 fast\nb\x00.jpg,hidden name\n")
+    data = load_dataset(csv_path)
+    assert by_id(data.records)["a.jpg"].captions == ["a dog runs fast"]
+    assert data.problems == [f"{csv_path}: line 3: image name contains control characters"]
+    jsonl = write(tmp_path / "caps.jsonl", json.dumps({"image": "c.jpg", "caption": "nul\u0000 inside"}) + "\n")
+    assert load_dataset(jsonl).records[0].captions == ["nul inside"]
+
+
+def test_jsonl_an_invalid_utf8_line_skips_only_itself(tmp_path: Path) -> None:
+    path = tmp_path / "caps.jsonl"
+    path.write_bytes(b'{"image": "a.jpg", "caption": "one"}\n{"image": "b.jpg", "caption": "\xff"}\n{"image": "c.jpg", "caption": "three"}\n')
+    data = load_dataset(path)
+    assert [r.image_id for r in data.records] == ["a.jpg", "c.jpg"]
+    assert data.problems == [f"{path}: line 2: not UTF-8 text"]
+
+
+@pytest.mark.parametrize("name", ["../secret.png", "/etc/passwd", "sub/../../x.png", "./../x.png"])
+def test_image_paths_outside_the_images_folder_need_an_opt_in(tmp_path: Path, name: str) -> None:
+    images = tmp_path / "photos"
+    images.mkdir()
+    csv_path = write(tmp_path / "caps.csv", f"image,caption\nok.png,fine\n{name},sneaky\n")
+    data = load_dataset(csv_path, images_root=images)
+    assert [r.image_id for r in data.records] == ["ok.png"]
+    assert len(data.problems) == 1 and "outside the images folder" in data.problems[0]
+    assert "--allow-outside-images" in data.problems[0]
+    allowed = load_dataset(csv_path, images_root=images, allow_outside_images=True)
+    assert [r.image_id for r in allowed.records] == ["ok.png", name]
+
+
+def test_paths_inside_stay_allowed(tmp_path: Path) -> None:
+    csv_path = write(tmp_path / "caps.csv", "image,caption\nsub/a.png,one\nsub/../b.png,two\n")
+    assert [r.image_path for r in load_dataset(csv_path).records] == [tmp_path / "sub/a.png", tmp_path / "sub/../b.png"]
+    karpathy = write(
+        tmp_path / "k.json",
+        json.dumps({"images": [{"filename": "a.jpg", "filepath": "..", "sentences": [{"raw": "x"}]},
+                               {"filename": "b.jpg", "filepath": "val", "sentences": [{"raw": "y"}]}]}),
+    )
+    data = load_dataset(karpathy)
+    assert [r.image_id for r in data.records] == ["b.jpg"] and "outside" in data.problems[0]
+    coco = write(
+        tmp_path / "c.json",
+        json.dumps({"images": [{"id": 1, "file_name": "/abs.jpg"}, {"id": 2, "file_name": "in.jpg"}],
+                    "annotations": [{"image_id": 2, "caption": "z"}]}),
+    )
+    assert [r.image_id for r in load_dataset(coco).records] == ["in.jpg"]
