@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import DEFAULT_ENCODER, DataOpt, ImagesOpt, JsonOpt, SplitFileOpt, SplitOpt, out, print_json, read_data, report_problems
+from cli.common import DEFAULT_ENCODER, AllowOutsideOpt, DataOpt, ImagesOpt, JsonOpt, SplitFileOpt, SplitOpt, out, print_json, read_data, report_problems
 from indexer import Index
 from retrieval.collection import Collection
 from retrieval.encoders import load_encoder
@@ -20,6 +20,7 @@ def index(
     index_dir: Path = IndexOpt,
     encoder: str = typer.Option(DEFAULT_ENCODER, "--encoder", help="Encoder spec or saved model directory."),
     images: Optional[Path] = ImagesOpt,
+    allow_outside_images: bool = AllowOutsideOpt,
     split: Optional[str] = SplitOpt,
     split_file: Optional[Path] = SplitFileOpt,
     factory: str = typer.Option("Flat", help="FAISS factory string for a new index: Flat, IVF1024,PQ32, HNSW32, ..."),
@@ -28,7 +29,7 @@ def index(
     as_json: bool = JsonOpt,
 ) -> None:
     """Embed a captioned image set into an index (created if new, extended if not)."""
-    dataset = read_data(data, images, split, split_file, quiet=as_json)
+    dataset = read_data(data, images, split, split_file, quiet=as_json, allow_outside_images=allow_outside_images)
     collection = Collection.open_or_create(index_dir, load_encoder(encoder), factory=factory, db_url=db_url)
     report = collection.add(dataset.records, batch_size=batch_size, progress=not as_json)
     problems = dataset.problems + report.problems

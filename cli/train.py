@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import DataOpt, ImagesOpt, JsonOpt, SplitFileOpt, SplitOpt, err, print_json, read_data, report_problems
+from cli.common import AllowOutsideOpt, DataOpt, ImagesOpt, JsonOpt, SplitFileOpt, SplitOpt, err, print_json, read_data, report_problems
 from retrieval.encoders.bow import KIND_TO_THETA, BowConfig, fit_bow
 
 
@@ -14,6 +14,7 @@ def train(
     encoder: str = typer.Option(..., "--encoder", help="bow-pmi | bow-ratio | towers | towers:TEXT_MODEL_DIR"),
     data: Path = DataOpt,
     images: Optional[Path] = ImagesOpt,
+    allow_outside_images: bool = AllowOutsideOpt,
     split: Optional[str] = SplitOpt,
     split_file: Optional[Path] = SplitFileOpt,
     out: Path = typer.Option(..., "--out", help="Directory to save the trained model in."),
@@ -39,11 +40,11 @@ def train(
     as_json: bool = JsonOpt,
 ) -> None:
     """Fit an encoder on training pairs and save it to --out."""
-    dataset = read_data(data, images, split, split_file, quiet=as_json)
+    dataset = read_data(data, images, split, split_file, quiet=as_json, allow_outside_images=allow_outside_images)
     if encoder.partition(":")[0] == "towers":
         from retrieval.training import train_encoder
 
-        val = read_data(data, images, val_split, val_split_file, quiet=as_json) if (val_split or val_split_file) else None
+        val = read_data(data, images, val_split, val_split_file, quiet=as_json, allow_outside_images=allow_outside_images) if (val_split or val_split_file) else None
         path = train_encoder(
             encoder, dataset, val, out, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, resume=resume, seed=seed,
             head=head, embed_dim=embed_dim, image_top=image_top, text_top=text_top, flip=flip, patience=patience,

@@ -95,7 +95,12 @@ def test_bad_items_are_skipped_counted_and_named(shapes, model, tmp_path):
         + "\n".join(f"{images / r.split(',')[0]},{r.split(',', 1)[1]}" for r in rows[1:5])
         + f"\n{tmp_path / 'corrupt.png'},a broken file\n{tmp_path / 'missing.png'},nowhere\n{images / 'red_square_0.png'},   \n"
     )
-    report = json.loads(run("index", "--encoder", model, "--data", data, "--index", tmp_path / "i", "--json"))
+    # absolute paths outside the data file's folder are refused unless asked for
+    refused = json.loads(run("index", "--encoder", model, "--data", data, "--index", tmp_path / "i", "--json"))
+    assert refused["images_added"] == 0 and all("--allow-outside-images" in p for p in refused["problems"][:5])
+    report = json.loads(
+        run("index", "--encoder", model, "--data", data, "--index", tmp_path / "i", "--json", "--allow-outside-images")
+    )
     assert report["images_added"] == 2
     problems = "\n".join(report["problems"])
     assert "corrupt.png" in problems and "missing.png" in problems and "empty caption" in problems
