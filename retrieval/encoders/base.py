@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -79,8 +81,14 @@ class Encoder(ABC):
         """Save into `directory` (created if needed): encoder.json plus weights."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.save_weights(directory)
-        self.digest, files = _digests(directory)
+        # Weights are written apart first, so the record lists exactly them and not what else
+        # shares the folder (a trainer's checkpoint.pt, rewritten every epoch).
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
+            self.save_weights(Path(staging))
+            self.digest, files = _digests(Path(staging))
+            for name in files:
+                (directory / name).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(Path(staging) / name, directory / name)
         manifest = {
             "kind": self.kind,
             "version": self.version,
@@ -104,49 +112,45 @@ def _digests(directory: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     whole = hashlib.sha256()
     files: dict[str, dict[str, Any]] = {}
     for path in sorted(p for p in Path(directory).rglob("*") if p.is_file() and not p.name.startswith(MANIFEST)):
-        name = path.relative_to(directory).as_posix()
         whole.update(str(path.relative_to(directory)).encode())
         one = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 whole.update(block)
                 one.update(block)
-        files[name] = {"bytes": path.stat().st_size, "sha256": one.hexdigest()}
+        files[path.relative_to(directory).as_posix()] = {"bytes": path.stat().st_size, "sha256": one.hexdigest()}
     return whole.hexdigest(), files
 
 
-def verify_weights(directory: Path, manifest: dict[str, Any]) -> None:
-    """Check a saved encoder's files against what its encoder.json records; EncoderError naming the file if not.
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
-    `files` ({name: {"bytes", "sha256"}}) is checked file by file, and nothing else may be
-    there; manifests without it (saved by older versions) are checked against `digest`,
-    the sha256 of all files together, and a mismatch names the folder's files.
+
+def verify_weights(directory: Path, manifest: dict[str, Any]) -> None:
+    """Check a saved encoder's weight files against encoder.json's record; EncoderError naming the file if not.
+
+    The record (`files`: {name: {"bytes", "sha256"}}) lists what `save_weights` wrote;
+    other files in the folder are not the encoder's and are left alone. Encoders saved
+    before the record existed are not checked: their `digest` covered whatever shared
+    the folder at the time, so it cannot tell tampering from a trainer's checkpoint.
     """
-    directory = Path(directory)
     listed = manifest.get("files")
-    recorded = manifest.get("digest")
-    if not isinstance(listed, dict) and not recorded:
-        return
-    digest, files = _digests(directory)
     if not isinstance(listed, dict):
-        if digest != recorded:
-            named = str(directory / next(iter(files))) if len(files) == 1 else f"{directory} ({', '.join(files) or 'no files'})"
-            raise EncoderError(f"{named} does not match the sha256 {MANIFEST} records: the weights are truncated, altered or swapped")
         return
+    directory = Path(directory)
     for name, record in sorted(listed.items()):
-        found, path = files.get(name), directory / name
-        if found is None:
+        path = directory / name
+        if not path.is_file():
             raise EncoderError(f"{path} is missing: {MANIFEST} records it as part of this encoder")
-        if found["bytes"] != record.get("bytes"):
+        size = path.stat().st_size
+        if not isinstance(record, dict) or size != record.get("bytes"):
             raise EncoderError(
-                f"{path} is {found['bytes']} bytes but {MANIFEST} records {record.get('bytes')}: "
+                f"{path} is {size} bytes but {MANIFEST} records {record.get('bytes') if isinstance(record, dict) else '?'}: "
                 "the weights are truncated or were replaced"
             )
-        if found["sha256"] != record.get("sha256"):
+        if _file_sha256(path) != record.get("sha256"):
             raise EncoderError(f"{path} does not match the sha256 {MANIFEST} records: the weights were altered or swapped")
-    extra = sorted(set(files) - set(listed))
-    if extra:
-        raise EncoderError(f"{directory / extra[0]} is not part of this saved encoder: {MANIFEST} does not list it")
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
