@@ -25,7 +25,6 @@ import csv
 import http.client
 import io
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -6,7 +6,20 @@ from typing import Optional
 
 import typer
 
-from cli.common import DEFAULT_ENCODER, AllowOutsideOpt, DataOpt, ImagesOpt, JsonOpt, SplitFileOpt, SplitOpt, out, print_json, read_data, recall_table, report_problems
+from cli.common import (
+    DEFAULT_ENCODER,
+    AllowOutsideOpt,
+    DataOpt,
+    ImagesOpt,
+    JsonOpt,
+    SplitFileOpt,
+    SplitOpt,
+    out,
+    print_json,
+    read_data,
+    recall_table,
+    report_problems,
+)
 from retrieval.encoders import load_encoder
 from retrieval.evaluation import evaluate
 

@@ -44,7 +44,9 @@ def train(
     if encoder.partition(":")[0] == "towers":
         from retrieval.training import train_encoder
 
-        val = read_data(data, images, val_split, val_split_file, quiet=as_json, allow_outside_images=allow_outside_images) if (val_split or val_split_file) else None
+        val = None
+        if val_split or val_split_file:
+            val = read_data(data, images, val_split, val_split_file, quiet=as_json, allow_outside_images=allow_outside_images)
         path = train_encoder(
             encoder, dataset, val, out, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, resume=resume, seed=seed,
             head=head, embed_dim=embed_dim, image_top=image_top, text_top=text_top, flip=flip, patience=patience,
