@@ -1,11 +1,14 @@
 """open_clip encoders on a tiny randomly initialised architecture (no network needed)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from retrieval.encoders.openclip import OpenClipEncoder
 from retrieval.encoders.registry import load_encoder
 from retrieval.errors import EncoderError
 
@@ -18,14 +21,15 @@ OTHER = {**TINY, "embed_dim": 48}
 
 
 @pytest.fixture(scope="module")
-def tiny_archs():
-    from open_clip import factory
+def tiny_archs(tmp_path_factory):
+    """Two tiny architectures registered through open_clip's public `add_model_config`."""
+    import open_clip
 
-    factory._MODEL_CONFIGS["seesay-tiny"] = TINY
-    factory._MODEL_CONFIGS["seesay-tiny48"] = OTHER
-    yield "seesay-tiny", "seesay-tiny48"
-    factory._MODEL_CONFIGS.pop("seesay-tiny", None)
-    factory._MODEL_CONFIGS.pop("seesay-tiny48", None)
+    folder = tmp_path_factory.mktemp("open_clip_configs")
+    for name, cfg in (("seesay-tiny", TINY), ("seesay-tiny48", OTHER)):
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+        open_clip.add_model_config(folder / f"{name}.json")
+    return "seesay-tiny", "seesay-tiny48"
 
 
 def _checkpoint(arch, path):
@@ -49,13 +53,26 @@ def test_tiny_model_from_checkpoint_encodes_and_round_trips(tiny_archs, tmp_path
     assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-5)
     saved = enc.save(tmp_path / "saved")
     assert (saved / "open_clip.pt").is_file()
-    # The saved directory records the architecture, so it reloads even where it is not registered.
-    from open_clip import factory
-
-    factory._MODEL_CONFIGS.pop(arch)
     again = load_encoder(saved)
     assert np.allclose(again.encode_texts(["a red square"]), txt[:1], atol=1e-5)
     assert np.allclose(again.encode_images(images), img, atol=1e-5)
+
+
+def test_a_recorded_architecture_open_clip_does_not_know_is_registered_from_seesays_cache(tiny_archs, tmp_path, monkeypatch):
+    import open_clip
+
+    monkeypatch.setenv("SEESAY_CACHE", str(tmp_path / "cache"))
+    arch, _ = tiny_archs
+    ckpt = str(_checkpoint(arch, tmp_path / "tiny.pt"))
+    want = load_encoder(f"openclip:{arch}@{ckpt}").encode_texts(["a red square"])
+    # What a saved model of a custom architecture records: its name and its config.
+    enc = OpenClipEncoder("seesay-unregistered", checkpoint=ckpt, model_cfg=TINY)
+    assert np.allclose(enc.encode_texts(["a red square"]), want, atol=1e-5)
+    saved = enc.save(tmp_path / "saved")
+    assert np.allclose(load_encoder(saved).encode_texts(["a red square"]), want, atol=1e-5)
+    assert open_clip.get_model_config("seesay-unregistered") is None  # nothing registered under the user's name
+    files = list((tmp_path / "cache" / "openclip" / "model_configs").iterdir())
+    assert len(files) == 1 and json.loads(files[0].read_text()) == TINY
 
 
 def test_checkpoint_of_another_architecture_names_both(tiny_archs, tmp_path):
@@ -89,8 +106,6 @@ def test_download_failure_suggests_a_local_checkpoint(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_bfloat16_encoding_agrees_with_the_cpu(tiny_archs, tmp_path):
-    from retrieval.encoders.openclip import OpenClipEncoder
-
     arch, _ = tiny_archs
     ckpt = str(_checkpoint(arch, tmp_path / "tiny.pt"))
     cpu = OpenClipEncoder(arch, checkpoint=ckpt, device=torch.device("cpu"))

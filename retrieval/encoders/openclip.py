@@ -5,10 +5,13 @@ Specs:
                             the weights where the network allows).
   openclip:ARCH@PATH        the architecture with weights from a local checkpoint file.
 Saving writes the state dict (open_clip.pt) plus the architecture's config, so a saved
-directory reloads without the network, even for a custom architecture.
+directory reloads without the network, even for a custom architecture (registered with open_clip
+through `add_model_config`). A model fine-tuned by `retrieval.training.openclip_finetune` also
+records its base checkpoint (spec and sha256) and its training settings.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +19,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from indexer.files import atomic_path, write_atomic
 from retrieval import runtime
+from retrieval.cache import cache_dir
 from retrieval.encoders.base import Encoder, l2_normalize
 from retrieval.encoders.registry import register
 from retrieval.encoders.torch_image import TorchImageEncoder
@@ -24,6 +29,7 @@ from retrieval.errors import EncoderError
 
 KIND = "openclip"
 WEIGHTS = "open_clip.pt"
+PROVENANCE = ("base", "train")  # config keys of a fine-tuned model: base checkpoint (spec, sha256), settings
 
 
 def parse_spec(args: str) -> tuple[str, str | None, str | None]:
@@ -41,25 +47,35 @@ def parse_spec(args: str) -> tuple[str, str | None, str | None]:
     return arch, tag, None
 
 
-def _ensure_arch(arch: str, model_cfg: dict | None = None) -> None:
-    import open_clip
-    from open_clip import factory
-
-    if arch in open_clip.list_models():
-        return
-    if model_cfg is not None:
-        factory._MODEL_CONFIGS[arch] = model_cfg  # a custom architecture recorded by a saved model
-        return
-    raise EncoderError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
-
-
-def _arch_config(arch: str) -> dict:
+def _registered_name(arch: str, model_cfg: dict | None) -> str:
+    """The open_clip model name to build `arch` with: `arch` itself when open_clip knows it with
+    the same config, else a name registered for `model_cfg` (a custom architecture recorded by a
+    saved model) through open_clip's public `add_model_config`, from a config file under seesay's cache.
+    """
     import open_clip
 
-    cfg = open_clip.get_model_config(arch)
-    if cfg is None:
-        raise EncoderError(f"unknown open_clip architecture {arch!r}")
-    return json.loads(json.dumps(cfg))
+    known = open_clip.get_model_config(arch)
+    if model_cfg is None:
+        if known is None:
+            raise EncoderError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+        return arch
+    model_cfg = json.loads(json.dumps(model_cfg))
+    if known is not None and json.loads(json.dumps(known)) == model_cfg:
+        return arch
+    # Content-addressed, so two saved models that gave one name to different configs never collide.
+    digest = hashlib.sha256(json.dumps([arch, model_cfg], sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{arch}-seesay-{digest}"
+    if open_clip.get_model_config(name) is None:
+        path = cache_dir("openclip", "model_configs") / f"{name}.json"
+        write_atomic(path, json.dumps(model_cfg, indent=1))
+        open_clip.add_model_config(path)
+    return name
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (the base checkpoint a fine-tuned model records)."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class OpenClipEncoder(TorchImageEncoder):
@@ -67,67 +83,65 @@ class OpenClipEncoder(TorchImageEncoder):
     version = 1
 
     def __init__(self, arch: str, pretrained: str | None = None, checkpoint: str | None = None,
-                 model_cfg: dict | None = None, spec: str | None = None, state: dict | None = None,
-                 device: torch.device | None = None) -> None:
+                 model_cfg: dict | None = None, spec: str | None = None, device: torch.device | None = None,
+                 provenance: dict | None = None) -> None:
         import open_clip
 
-        _ensure_arch(arch, model_cfg)
         self.arch, self.pretrained = arch, pretrained
-        self.model_cfg = _arch_config(arch)
+        name = _registered_name(arch, model_cfg)
+        self.model_cfg = json.loads(json.dumps(open_clip.get_model_config(name)))
+        self.checkpoint_file: Path | None = None  # the weights file this encoder started from
         if pretrained is not None:
-            known = open_clip.list_pretrained_tags_by_model(arch)
-            if pretrained not in known:
-                raise EncoderError(
-                    f"open_clip has no pretrained weights {pretrained!r} for {arch}; "
-                    f"known tags: {', '.join(known) or 'none'} (or use openclip:{arch}@PATH)"
-                )
-            try:
-                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-            except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
-                raise EncoderError(
-                    f"cannot fetch open_clip weights {arch}/{pretrained} (no network access?): "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
-                    f"Download the checkpoint where the network allows and use openclip:{arch}@PATH"
-                ) from exc
+            model, preprocess = self._pretrained(pretrained)
         else:
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
             if checkpoint is not None:
-                path = Path(checkpoint).expanduser()
-                if not path.is_file():
-                    raise EncoderError(f"open_clip checkpoint {path} does not exist")
-                try:
-                    state = torch.load(path, map_location="cpu", weights_only=True)
-                except Exception as exc:  # noqa: BLE001
-                    raise EncoderError(f"{path} is not a readable PyTorch checkpoint: {exc}") from exc
-                for key in ("state_dict", "model"):
-                    if isinstance(state, dict) and isinstance(state.get(key), dict):
-                        state = state[key]
-                state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-                where = str(path)
-            else:
-                where = "saved state"
-            if state is not None:
-                self._load_state(model, state, where)
+                self.checkpoint_file = Path(checkpoint).expanduser()
+                self._load_checkpoint(model, self.checkpoint_file)
+        self.provenance = dict(provenance or {})  # a fine-tuned model's base checkpoint and training settings
         self.device = device or runtime.default_device()
         self.model = model.to(self.device).eval()
         self.image_transform = preprocess
-        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.tokenizer = open_clip.get_tokenizer(name)
         self._dim = int(self.model_cfg["embed_dim"])
         self._spec = spec or (f"{KIND}:{arch}/{pretrained}" if pretrained else f"{KIND}:{arch}@{checkpoint}")
 
-    def _load_state(self, model: torch.nn.Module, state: dict, where: str) -> None:
-        own = model.state_dict()
-        mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        missing = [k for k in own if k not in state]
-        if mismatched or len(missing) > len(own) // 2:
-            detail = (f"{mismatched[0]}: checkpoint {tuple(state[mismatched[0]].shape)} vs "
-                      f"{tuple(own[mismatched[0]].shape)}") if mismatched else f"{len(missing)} of {len(own)} weights missing"
-            raise EncoderError(f"checkpoint {where} does not fit open_clip architecture {self.arch} ({detail}); "
-                               "it was saved from another architecture")
+    def _pretrained(self, tag: str) -> tuple[torch.nn.Module, Any]:
+        """open_clip's model with its named pretrained weights (downloaded once where the network allows)."""
+        import open_clip
+
+        known = open_clip.list_pretrained_tags_by_model(self.arch)
+        if tag not in known:
+            raise EncoderError(
+                f"open_clip has no pretrained weights {tag!r} for {self.arch}; "
+                f"known tags: {', '.join(known) or 'none'} (or use openclip:{self.arch}@PATH)"
+            )
         try:
-            model.load_state_dict(state, strict=False)
+            model, _, preprocess = open_clip.create_model_and_transforms(self.arch, pretrained=tag)
+            found = open_clip.download_pretrained(open_clip.get_pretrained_cfg(self.arch, tag))  # cached by now
+        except Exception as exc:  # noqa: BLE001 - hub/network errors come in many types
+            raise EncoderError(
+                f"cannot fetch open_clip weights {self.arch}/{tag} (no network access?): "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}. "
+                f"Download the checkpoint where the network allows and use openclip:{self.arch}@PATH"
+            ) from exc
+        self.checkpoint_file = Path(found) if found else None
+        return model, preprocess
+
+    def _load_checkpoint(self, model: torch.nn.Module, path: Path) -> None:
+        """open_clip's `load_checkpoint` (it unwraps and converts known layouts), with errors that name the file."""
+        import open_clip
+
+        if not path.is_file():
+            raise EncoderError(f"open_clip checkpoint {path} does not exist")
+        try:
+            open_clip.load_checkpoint(model, str(path), strict=True)
         except RuntimeError as exc:
-            raise EncoderError(f"checkpoint {where} does not fit open_clip architecture {self.arch}: {exc}") from exc
+            detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+            raise EncoderError(f"checkpoint {path} does not fit open_clip architecture {self.arch} ({detail}); "
+                               "it was saved from another architecture") from exc
+        except Exception as exc:  # noqa: BLE001 - unpickling and format errors come in many types
+            raise EncoderError(f"{path} is not a readable open_clip checkpoint: {type(exc).__name__}: {exc}") from exc
 
     @property
     def dim(self) -> int:
@@ -150,12 +164,11 @@ class OpenClipEncoder(TorchImageEncoder):
         return l2_normalize(out)
 
     def config(self) -> dict[str, Any]:
-        return {"arch": self.arch, "pretrained": self.pretrained, "model_cfg": self.model_cfg}
+        return {"arch": self.arch, "pretrained": self.pretrained, "model_cfg": self.model_cfg, **self.provenance}
 
     def save_weights(self, directory: Path) -> None:
-        from retrieval.encoders.towers import save_state
-
-        save_state(self.model.state_dict(), Path(directory) / WEIGHTS)
+        with atomic_path(Path(directory) / WEIGHTS) as tmp:
+            torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, tmp)
 
     @classmethod
     def from_saved(cls, directory: Path, config: dict[str, Any]) -> "OpenClipEncoder":
@@ -164,8 +177,9 @@ class OpenClipEncoder(TorchImageEncoder):
             raise EncoderError(f"{directory}: no {WEIGHTS}")
         if "arch" not in config:
             raise EncoderError(f"{directory}: encoder.json config names no open_clip architecture")
+        provenance = {k: v for k, v in config.items() if k in PROVENANCE}
         return cls(config["arch"], checkpoint=str(path), model_cfg=config.get("model_cfg"),
-                   spec=str(Path(directory).resolve()))
+                   spec=str(Path(directory).resolve()), provenance=provenance)
 
 
 def _factory(args: str) -> Encoder:
