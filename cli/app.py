@@ -8,7 +8,7 @@ import typer
 from cli.bench import bench_app
 from cli.demo import demo
 from cli.evaluate import eval_command
-from cli.index import delete, index, info
+from cli.index import check, delete, index, info
 from cli.search import search
 from cli.serve import serve
 from cli.train import train
@@ -25,6 +25,7 @@ app.command()(index)
 app.command()(search)
 app.command("eval")(eval_command)
 app.command()(info)
+app.command()(check)
 app.command()(delete)
 app.command()(demo)
 app.command()(serve)
@@ -38,12 +39,14 @@ ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Cl
 def main() -> None:
     """Console entry point: run the app, turning seesay's errors into one line and exit code 1."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except SeesayError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except FileNotFoundError as exc:
-        typer.echo(f"error: {exc.strerror}: {exc.filename}", err=True)
+    except OSError as exc:  # a file or folder the command needed: one line naming it
+        typer.echo(f"error: {exc.strerror or exc}: {exc.filename}" if exc.filename else f"error: {exc}", err=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("interrupted", err=True)

@@ -41,15 +41,39 @@ def index(
 
 
 def info(index_dir: Path = IndexOpt, as_json: bool = JsonOpt) -> None:
-    """Describe an index: encoder, dimension, counts, files."""
-    details = Index.open(index_dir, read_only=True).info()
+    """Describe an index: encoder, dimension, counts, files; exit 1 when its files disagree."""
+    with Collection.open(index_dir, read_only=True) as collection:
+        details = collection.index.info()
+        problems = collection.verify(deep=False)
     if as_json:
-        print_json(details)
+        print_json({**details, "problems": problems})
+    else:
+        table = Table(title=f"index {index_dir}", show_header=False)
+        for key, value in details.items():
+            table.add_row(key, str(value))
+        out.print(table)
+    _exit_on(problems, index_dir, "seesay check --index")
+
+
+def check(index_dir: Path = IndexOpt, as_json: bool = JsonOpt) -> None:
+    """Verify an index: encoder weights against their digests, file sizes, FAISS counts against SQL; exit 1 on any mismatch."""
+    with Collection.open(index_dir, read_only=True) as collection:
+        problems = collection.verify(deep=True)
+    if as_json:
+        print_json({"index": str(index_dir), "ok": not problems, "problems": problems})
+    elif not problems:
+        out.print(f"{index_dir}: ok (encoder weights, files, FAISS and SQL agree)")
+    _exit_on(problems, index_dir, None)
+
+
+def _exit_on(problems: list[str], index_dir: Path, hint: str | None) -> None:
+    if not problems:
         return
-    table = Table(title=f"index {index_dir}", show_header=False)
-    for key, value in details.items():
-        table.add_row(key, str(value))
-    out.print(table)
+    for problem in problems:
+        typer.echo(f"problem: {problem}", err=True)
+    if hint:
+        typer.echo(f"{index_dir} is damaged; `{hint} {index_dir}` checks it in full", err=True)
+    raise typer.Exit(1)
 
 
 def delete(

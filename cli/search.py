@@ -14,7 +14,7 @@ from cli.common import JsonOpt, SearchParamOpt, err, out, parse_search_params, p
 from cli.index import IndexOpt
 from indexer import Index
 from retrieval.collection import Collection
-from retrieval.engine import TARGETS, Filters, Hit, QueryEngine
+from retrieval.engine import MAX_RESULTS, TARGETS, Filters, Hit, QueryEngine
 from retrieval.errors import SeesayError
 
 # Text queries encoded and searched together when reading --queries.
@@ -45,8 +45,10 @@ def search(
     queries: Optional[Path] = typer.Option(
         None, "--queries", help="Run every line of this file (- for stdin) as a text query, in one process; "
         "with --json, one JSON object per line."),
-    k: int = typer.Option(10, "-k", "--k", help="Number of results."),
-    offset: int = typer.Option(0, "--offset", help="Skip this many results first (the next page: --offset 10 -k 10)."),
+    k: int = typer.Option(10, "-k", "--k", min=1, max=MAX_RESULTS, help=f"Number of results (at most {MAX_RESULTS})."),
+    offset: int = typer.Option(
+        0, "--offset", min=0, max=MAX_RESULTS - 1, help="Skip this many results first (the next page: --offset 10 -k 10)."
+    ),
     target: Optional[str] = typer.Option(None, "--target", help="image | caption (default: images for text and --id, captions for an image)."),
     path_prefix: Optional[str] = typer.Option(None, "--path-prefix", help="Only images whose file (or captions whose image's file) is under this path."),
     split: Optional[str] = typer.Option(None, "--split", help="Only items of this split."),

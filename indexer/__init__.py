@@ -3,8 +3,8 @@
 It takes rows and their vectors (`Index.add_vectors`) and never encodes anything: the
 encoder's saved folder is kept as an opaque artefact for the layer above (`retrieval`).
 """
-from indexer.errors import IndexMismatchError, ItemNotFoundError, SeesayError
+from indexer.errors import IndexExistsError, IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.index import Index
 from indexer.items import Added, BuiltBy, Item, NewItem
 
-__all__ = ["Added", "BuiltBy", "Index", "IndexMismatchError", "Item", "ItemNotFoundError", "NewItem", "SeesayError"]
+__all__ = ["Added", "BuiltBy", "Index", "IndexExistsError", "IndexMismatchError", "Item", "ItemNotFoundError", "NewItem", "SeesayError"]

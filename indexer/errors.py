@@ -14,6 +14,10 @@ class IndexMismatchError(SeesayError):
     """An index opened with an encoder or dimension other than the one it was built with."""
 
 
+class IndexExistsError(SeesayError):
+    """A folder or database that already holds a seesay index (e.g. made by another process meanwhile)."""
+
+
 class ItemNotFoundError(SeesayError):
     """Item ids that are not in the index."""
 

@@ -17,21 +17,27 @@ generation the committed manifest names.
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import faiss
 import numpy as np
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from indexer import store
+from indexer.errors import IndexExistsError, IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.files import write_atomic
-from indexer.errors import IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.items import Added, BuiltBy, Item, NewItem
 from indexer.store import ItemRow, Manifest, Store
 from indexer.vectors import (
     VectorSet,
+    read_or_fail,
     generation_paths,
     remove_generations_below,
     remove_orphans,
@@ -46,6 +52,8 @@ ENCODER_DIR = "encoder"
 DEFAULT_DB = "meta.sqlite"
 # Set names on disk, by item kind.
 SET_NAMES = {"image": "images", "caption": "captions"}
+# Files of a generation (images.g3.faiss, ...): their presence marks a half-made index.
+_GENERATION_NAME = re.compile(r"^(images|captions)\.g\d+\.")
 # How often a reader retries when writers delete the generation it is loading.
 _LOAD_ATTEMPTS = 5
 
@@ -70,6 +78,65 @@ def _read_index_json(directory: Path) -> dict:
             f"this seesay reads {FORMAT!r} version {FORMAT_VERSION}"
         )
     return meta
+
+
+def _staging_prefix(directory: Path) -> str:
+    return f".{directory.name}.creating-"
+
+
+def _check_creatable(directory: Path) -> None:
+    """Refuse folders that hold an index, a file, or anything else: an index gets a folder of its own."""
+    if Index.exists(directory):
+        raise IndexExistsError(f"{directory} already holds a seesay index")
+    if directory.exists() and not directory.is_dir():
+        raise SeesayError(f"{directory} is a file, not a folder for an index")
+    if directory.is_dir() and any(directory.iterdir()):
+        names = {path.name for path in directory.iterdir()}
+        if names & {ENCODER_DIR, DEFAULT_DB} or any(_GENERATION_NAME.match(name) for name in names):
+            raise SeesayError(
+                f"{directory} holds a half-made index (no {INDEX_JSON}), left by an interrupted creation: "
+                "remove the folder and index again"
+            )
+        raise SeesayError(f"{directory} is not empty and holds no seesay index: give a new or empty folder")
+
+
+def _remove_dead_staging(directory: Path) -> None:
+    """Remove staging folders of creations whose process is gone (killed, or the machine restarted)."""
+    prefix = _staging_prefix(directory)
+    for path in directory.parent.glob(prefix + "*"):
+        pid = path.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(staging: Path, directory: Path) -> None:
+    """Rename the finished staging folder to `directory` (absent or empty); IndexExistsError if another won."""
+    _fsync_folder(staging)
+    try:
+        os.rename(staging, directory)  # replaces an empty folder; fails on a non-empty one
+    except OSError as exc:
+        if Index.exists(directory):
+            raise IndexExistsError(f"{directory} already holds a seesay index (made by another process meanwhile)") from exc
+        raise
+    _fsync_folder(directory.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_index_json(directory: Path, db_url: str | None) -> None:
@@ -97,30 +164,49 @@ class Index:
         factory: str = "Flat",
         db_url: str | None = None,
     ) -> "Index":
-        """Make a new, empty index in `directory`; an error if it already holds one.
+        """Make a new, empty index in `directory`; IndexExistsError if it already holds one.
 
         `save_artefact(folder)` writes the encoder's files into DIR/encoder and returns
-        how the manifest should record that encoder.
+        how the manifest should record that encoder. Everything is built in a hidden
+        staging folder beside `directory`, index.json last, and moved into place with one
+        rename: a failed or killed creation leaves no index folder behind, and of two
+        processes creating the same index one wins and the other gets IndexExistsError.
         """
         directory = Path(directory)
-        if (directory / INDEX_JSON).exists():
-            raise SeesayError(f"{directory} already holds a seesay index")
-        directory.mkdir(parents=True, exist_ok=True)
-        built_by = save_artefact(directory / ENCODER_DIR)
-        sets = [VectorSet.empty(name, built_by.dim, factory) for name in SET_NAMES.values()]
-        db = Store(db_url or default_db_url(directory))
-        save_generation(sets, directory, 0)
-        db.initialise(
-            Manifest(
-                encoder_kind=built_by.kind,
-                encoder_spec=built_by.identity,
-                encoder_version=built_by.version,
-                dim=built_by.dim,
-                factory=factory,
+        _check_creatable(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_staging(directory)
+        staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(directory)}{os.getpid()}-", dir=directory.parent))
+        db: Store | None = None
+        initialised = False
+        try:
+            built_by = save_artefact(staging / ENCODER_DIR)
+            sets = [VectorSet.empty(name, built_by.dim, factory) for name in SET_NAMES.values()]
+            save_generation(sets, staging, 0)
+            db = Store(db_url or default_db_url(staging))
+            db.initialise(
+                Manifest(
+                    encoder_kind=built_by.kind,
+                    encoder_spec=built_by.identity,
+                    encoder_version=built_by.version,
+                    dim=built_by.dim,
+                    factory=factory,
+                )
             )
-        )
-        _write_index_json(directory, db_url)
-        return cls(directory, db, read_only=False)
+            initialised = True
+            db.close()  # an SQLite database checkpoints its WAL into meta.sqlite here
+            _write_index_json(staging, db_url)
+            _move_into_place(staging, directory)
+        except BaseException as exc:
+            if db is not None:
+                if initialised and db_url is not None:
+                    db.drop()  # a database outside the folder would otherwise say "already holds" forever
+                db.close()
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise SeesayError(f"cannot create an index in {directory}: {exc.strerror or exc}: {exc.filename or ''}") from exc
+            raise
+        return cls.open(directory)
 
     @staticmethod
     def exists(directory: str | Path) -> bool:
@@ -301,6 +387,60 @@ class Index:
             "search_params": dict(self._params),
             "read_only": self.read_only,
         }
+
+    def verify(self, deep: bool = False) -> list[str]:
+        """Problems of the committed generation, one line each naming the file; [] for a sound index.
+
+        Always: every file is there, the vectors and ids files hold as many rows as SQL
+        has items of their kind and as the manifest counts, in the index's dimension.
+        `deep` also reads each FAISS file and checks its count, and that the stored ids
+        are exactly SQL's ids and that no caption points at a missing image.
+        """
+        problems: list[str] = []
+        manifest = self._db.manifest()
+        with self._db.session() as session:
+            counts = {kind: store.count(session, kind) for kind in SET_NAMES}
+            sql_ids = {kind: store.ids_of(session, kind) for kind in SET_NAMES} if deep else {}
+            dangling = store.dangling_captions(session) if deep else 0
+        recorded = {"image": manifest.n_images, "caption": manifest.n_captions}
+        for kind, name in SET_NAMES.items():
+            index_path, vectors_path, ids_path = generation_paths(self.directory, name, manifest.generation)
+            missing = [path for path in (index_path, vectors_path, ids_path) if not path.is_file()]
+            if missing:
+                problems += [f"{path} is missing" for path in missing]
+                continue
+            try:
+                vectors = read_or_fail(lambda path: np.load(path, mmap_mode="r"), vectors_path)
+                ids = read_or_fail(lambda path: np.load(path, mmap_mode="r"), ids_path)
+            except SeesayError as exc:
+                problems.append(str(exc))
+                continue
+            if vectors.ndim != 2 or vectors.shape[1] != manifest.dim:
+                problems.append(f"{vectors_path} holds vectors of shape {vectors.shape}, not (n, {manifest.dim})")
+            if not len(vectors) == len(ids) == counts[kind] == recorded[kind]:
+                problems.append(
+                    f"{name}.g{manifest.generation}: {len(vectors)} vectors and {len(ids)} ids, but SQL holds "
+                    f"{counts[kind]} {kind}s and the manifest counts {recorded[kind]}"
+                )
+            if deep:
+                problems += self._verify_deep(index_path, ids, sql_ids[kind], kind)
+        if dangling:
+            problems.append(f"{self._db.display_url}: {dangling} captions point at no image")
+        return problems
+
+    def _verify_deep(self, index_path: Path, ids: np.ndarray, sql_ids: list[int], kind: str) -> list[str]:
+        problems = []
+        try:
+            index = read_or_fail(lambda path: faiss.read_index(str(path)), index_path)
+        except SeesayError as exc:
+            return [str(exc)]
+        if index.d != self._manifest.dim:
+            problems.append(f"{index_path} holds dimension {index.d}, not {self._manifest.dim}")
+        if index.is_trained and index.ntotal != len(ids):
+            problems.append(f"{index_path} holds {index.ntotal} vectors, the ids file {len(ids)}")
+        if sorted(np.asarray(ids).tolist()) != sql_ids:
+            problems.append(f"{index_path.with_suffix('').with_suffix('')}.ids.npy: the stored {kind} ids differ from SQL's")
+        return problems
 
     # ----- writing -----
 

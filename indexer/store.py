@@ -23,13 +23,14 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    or_,
     select,
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from indexer.errors import SeesayError
+from indexer.errors import IndexExistsError, SeesayError
 from indexer.items import Item
 
 KINDS = ("image", "caption")
@@ -142,10 +143,21 @@ class Store:
             Base.metadata.create_all(self.engine)
             with self._sessions.begin() as session:
                 if session.get(Manifest, MANIFEST_ID) is not None:
-                    raise SeesayError(f"database {self.display_url} already holds a seesay index")
+                    raise IndexExistsError(f"database {self.display_url} already holds a seesay index")
                 session.add(manifest)
         except SQLAlchemyError as exc:
             raise SeesayError(f"cannot create the index tables in {self.display_url}: {exc}") from exc
+
+    def drop(self) -> None:
+        """Remove seesay's tables (what `initialise` made), as far as the database lets us."""
+        try:
+            Base.metadata.drop_all(self.engine)
+        except SQLAlchemyError:
+            pass  # best effort: the creation that failed reports its own error
+
+    def session(self) -> Session:
+        """A read session (use as a context manager) for the module's query helpers."""
+        return self._sessions()
 
     def manifest(self) -> Manifest:
         """The committed manifest, detached; a clear error when this is no seesay database."""
@@ -243,3 +255,18 @@ def delete_ids(session: Session, ids: Sequence[int]) -> None:
 def count(session: Session, kind: str) -> int:
     """Number of items of `kind` as seen by `session`."""
     return session.scalar(select(func.count()).select_from(ItemRow).where(ItemRow.kind == kind))
+
+
+def ids_of(session: Session, kind: str) -> list[int]:
+    """Every item id of `kind`, ascending."""
+    return list(session.scalars(select(ItemRow.id).where(ItemRow.kind == kind).order_by(ItemRow.id)))
+
+
+def dangling_captions(session: Session) -> int:
+    """How many captions point at no image item."""
+    images = select(ItemRow.id).where(ItemRow.kind == "image")
+    return session.scalar(
+        select(func.count())
+        .select_from(ItemRow)
+        .where(ItemRow.kind == "caption", or_(ItemRow.image_item_id.is_(None), ItemRow.image_item_id.not_in(images)))
+    )

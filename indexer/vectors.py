@@ -15,7 +15,7 @@ import shutil
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence, TypeVar
 
 import faiss
 import numpy as np
@@ -29,6 +29,7 @@ GPU_MAX_K = 2048
 # Index types FAISS can copy to a GPU (others would come back as a second CPU copy).
 _GPU_TYPES = (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
 _TEMPORARY = ".tmp"
+T = TypeVar("T")
 _GENERATION_FILE = re.compile(r"^\w+\.g(?P<generation>\d+)\.(faiss|npy|ids\.npy)(?P<tmp>\.tmp)?$")
 
 
@@ -45,6 +46,18 @@ def build(dim: int, factory: str) -> faiss.Index:
     except RuntimeError as exc:
         raise SeesayError(f"bad FAISS factory string {factory!r} for dim {dim}: {_faiss_reason(exc)}") from exc
     return index if _keeps_ids(index) else faiss.IndexIDMap2(index)
+
+
+def read_or_fail(read: Callable[[Path], T], path: Path) -> T:
+    """`read(path)`, with a truncated or corrupt file turned into one SeesayError naming it (FileNotFoundError stays)."""
+    try:
+        return read(path)
+    except FileNotFoundError:
+        raise
+    except RuntimeError as exc:  # FAISS: the C++ exception's text, several lines
+        raise SeesayError(f"{path} is truncated or corrupt ({_faiss_reason(exc)})") from exc
+    except (OSError, ValueError, EOFError) as exc:  # numpy: a short or garbled .npy
+        raise SeesayError(f"{path} is truncated or corrupt ({exc})") from exc
 
 
 def _faiss_reason(exc: RuntimeError) -> str:
@@ -127,11 +140,11 @@ class VectorSet:
     ) -> "VectorSet":
         """Read one generation's files (vectors memory-mapped); FileNotFoundError if a file is gone."""
         index_path, vectors_path, ids_path = generation_paths(directory, name, generation)
-        vectors = np.load(vectors_path, mmap_mode="r")
-        ids = np.load(ids_path)
+        vectors = read_or_fail(lambda path: np.load(path, mmap_mode="r"), vectors_path)
+        ids = read_or_fail(np.load, ids_path)
         if not index_path.is_file():
             raise FileNotFoundError(index_path)
-        index = faiss.read_index(str(index_path))
+        index = read_or_fail(lambda path: faiss.read_index(str(path)), index_path)
         held = index.ntotal if index.is_trained else len(ids)
         if len(vectors) != len(ids) or held != len(ids):
             raise SeesayError(

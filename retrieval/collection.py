@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from indexer import BuiltBy, Index
+from indexer import BuiltBy, Index, IndexExistsError
 from retrieval.datasets import Record
-from retrieval.encoders.base import Encoder
+from retrieval.encoders.base import Encoder, read_manifest, verify_weights
 from retrieval.encoders.registry import load_encoder
-from retrieval.errors import IndexMismatchError
+from retrieval.errors import EncoderError, IndexMismatchError
 from retrieval.ingest import COMMIT_EVERY, AddReport, Encoded, Meter, encode_chunk
 
 
@@ -64,7 +64,10 @@ class Collection:
         """
         directory = Path(directory)
         if not Index.exists(directory):
-            return cls.create(directory, encoder, factory, db_url)
+            try:
+                return cls.create(directory, encoder, factory, db_url)
+            except IndexExistsError:
+                pass  # another process made it meanwhile: append to it like any existing index
         index = Index.open(directory)
         built = index.built_by
         if built.dim != encoder.dim or not same_encoder(built.identity, encoder):
@@ -87,15 +90,44 @@ class Collection:
 
     @property
     def encoder(self) -> Encoder:
-        """The index's encoder, loaded from DIR/encoder on first use."""
+        """The index's encoder, loaded from DIR/encoder on first use (its weights verified, and its identity)."""
         if self._encoder is None:
             encoder = load_encoder(self.index.artefact_dir)
             if encoder.dim != self.index.built_by.dim:
                 raise IndexMismatchError(
                     f"{self.index.artefact_dir}: encoder gives dim {encoder.dim}, index holds {self.index.built_by.dim}"
                 )
+            problem = self._not_the_builder(encoder.digest)
+            if problem:
+                raise IndexMismatchError(problem)
             self._encoder = encoder
         return self._encoder
+
+    def _not_the_builder(self, digest: str | None) -> str | None:
+        """Why an encoder folder whose weights have `digest` is not the one that built the index, or None."""
+        recorded = self.index.built_by.identity.partition("#")[2]
+        if recorded and not (digest or "").startswith(recorded):
+            return (
+                f"{self.index.artefact_dir} is not the encoder this index was built with: the index records "
+                f"weights {recorded}…, the folder holds {(digest or 'unrecorded')[:16]}…"
+            )
+        return None
+
+    def verify(self, deep: bool = True) -> list[str]:
+        """Problems of the index (see `Index.verify`) and of its encoder folder, one line each; [] when sound.
+
+        The encoder's weights are checked against its encoder.json, and encoder.json
+        against the index's record, without loading the model.
+        """
+        problems = self.index.verify(deep=deep)
+        folder = self.index.artefact_dir
+        try:
+            manifest = read_manifest(folder)
+            verify_weights(folder, manifest)
+        except EncoderError as exc:
+            return problems + [str(exc)]
+        problem = self._not_the_builder(manifest.get("digest"))
+        return problems + ([problem] if problem else [])
 
     def add(
         self,

@@ -68,6 +68,8 @@ def load_dataset(
     path = Path(path)
     if not path.exists():
         raise BadDataError(f"dataset not found: {path}")
+    if not (path.is_file() or path.is_dir()):
+        raise BadDataError(f"{path} is not a regular file or folder (a FIFO or device is never read)")
     if fmt is not None and fmt not in FORMATS:
         raise BadDataError(f"unknown dataset format {fmt!r} for {path}; expected one of {', '.join(FORMATS)}")
     fmt = fmt or _detect_format(path)

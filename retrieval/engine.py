@@ -13,6 +13,8 @@ from retrieval.errors import BadQueryError, ItemNotFoundError
 from retrieval.images import ImageInput
 
 Target = Literal["image", "caption"]
+# The deepest result a query may ask for (k + offset): answers are assembled in memory.
+MAX_RESULTS = 10_000
 TARGETS: tuple[Target, ...] = ("image", "caption")
 # How many more candidates each round of a filtered or deduplicated search asks the index for.
 _GROWTH = 4
@@ -85,6 +87,8 @@ class QueryEngine:
             raise BadQueryError(f"k must be at least 1, got {k}")
         if offset < 0:
             raise BadQueryError(f"offset must be 0 or more, got {offset}")
+        if k + offset > MAX_RESULTS:
+            raise BadQueryError(f"k + offset is at most {MAX_RESULTS} (results are found in memory), got {k + offset}")
 
     def search_vectors(
         self,

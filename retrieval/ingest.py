@@ -7,6 +7,8 @@ images and captions whose content hash is already indexed are not encoded again.
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -95,14 +97,33 @@ class Encoded:
 
 
 def file_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes; BadImageError naming the file when it cannot be read."""
+    """sha256 of a regular file's bytes; BadImageError naming the file when it cannot or must not be read.
+
+    FIFOs, devices (a symlink to /dev/zero) and folders are refused from the open file's
+    own status: opening without blocking, then checking, leaves no window in which the
+    name could be swapped for something that never ends.
+    """
     try:
-        with open(path, "rb") as handle:
-            return hashlib.file_digest(handle, "sha256").hexdigest()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError as exc:
         raise BadImageError(path, "no such file") from exc
-    except OSError as exc:
-        raise BadImageError(path, f"unreadable ({exc.strerror or exc})") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        raise BadImageError(path, f"unreadable ({getattr(exc, 'strerror', None) or exc})") from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise BadImageError(path, f"not a regular file ({_file_kind(mode)}): only regular files are read")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as exc:
+            raise BadImageError(path, f"unreadable ({exc.strerror or exc})") from exc
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
 def normalise_caption(text: str) -> str:
