@@ -11,7 +11,7 @@ from retrieval.encoders.bow import KIND_TO_THETA, BowConfig, fit_bow
 
 
 def train(
-    encoder: str = typer.Option(..., "--encoder", help="bow-pmi | bow-ratio | towers | towers:TEXT_MODEL_DIR"),
+    encoder: str = typer.Option(..., "--encoder", help="bow-pmi | bow-ratio | towers[:TEXT_MODEL_DIR] | openclip:ARCH@PATH | openclip:ARCH/TAG | openclip DIR"),
     data: Path = DataOpt,
     images: Optional[Path] = ImagesOpt,
     allow_outside_images: bool = AllowOutsideOpt,
@@ -27,37 +27,51 @@ def train(
     val_split_file: Optional[Path] = typer.Option(None, "--val-split-file", help="towers: file listing the validation images."),
     epochs: int = typer.Option(15, help="towers: maximum epochs."),
     batch_size: int = typer.Option(256, help="towers: pairs per batch (one caption per image)."),
-    lr: float = typer.Option(1e-3, help="towers: peak learning rate of the heads."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: towers 1e-3 for the heads, openclip 1e-5 for the projections)."),
     loss: str = typer.Option("infonce", help="towers: infonce (symmetric, learnable temperature) or vse (max-violation hinge)."),
     head: str = typer.Option("linear", help="towers: projection head, linear or mlp."),
     embed_dim: int = typer.Option(1024, help="towers: dimension of the shared space."),
-    image_top: int = typer.Option(4, help="towers: unfreeze the top N blocks of the image tower (at most 4 reuse the cached features below them)."),
-    text_top: int = typer.Option(1, help="towers: unfreeze the top N layers of the text tower (0: heads only)."),
+    image_top: int = typer.Option(4, help="towers, openclip: unfreeze the top N image blocks (towers: at most 4 reuse cached features; openclip: -1 all)."),
+    text_top: int = typer.Option(1, help="towers, openclip: unfreeze the top N text layers (0: heads only; openclip: -1 all)."),
     flip: bool = typer.Option(True, help="towers: also train on mirrored images (doubles the one-off feature caching)."),
     patience: int = typer.Option(4, help="towers: stop after this many epochs without a validation gain."),
     resume: bool = typer.Option(False, help="towers: continue from --out's last checkpoint."),
+    lock_image: bool = typer.Option(False, help="openclip: freeze the whole image tower, train the text side only (LiT)."),
+    layer_decay: float = typer.Option(0.75, help="openclip: the k-th unfrozen block from the top trains at lr × this^k."),
     seed: int = typer.Option(0, help="Random seed."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Fit an encoder on training pairs and save it to --out."""
     dataset = read_data(data, images, split, split_file, quiet=as_json, allow_outside_images=allow_outside_images)
+    val = None
+    if val_split or val_split_file:
+        val = read_data(data, images, val_split, val_split_file, quiet=as_json, allow_outside_images=allow_outside_images)
+    log = (lambda _m: None) if as_json else (lambda m: err.print(m, markup=False, highlight=False))
+    if encoder.partition(":")[0] == "openclip" or (Path(encoder) / "encoder.json").is_file():
+        from retrieval.training.openclip_finetune import FinetuneConfig, finetune_openclip
+
+        config = FinetuneConfig(
+            epochs=epochs, batch_size=batch_size, loss=loss, seed=seed, image_top=image_top, text_top=text_top, flip=flip,
+            patience=patience, lock_image=lock_image, layer_decay=layer_decay, **({} if lr is None else {"lr": lr}),
+        )
+        path = finetune_openclip(encoder, dataset, val, out, config, resume=resume, log=log)
+        if as_json:
+            print_json({"encoder": encoder, "out": str(path)})
+        return
     if encoder.partition(":")[0] == "towers":
         from retrieval.training import train_encoder
 
-        val = None
-        if val_split or val_split_file:
-            val = read_data(data, images, val_split, val_split_file, quiet=as_json, allow_outside_images=allow_outside_images)
         path = train_encoder(
-            encoder, dataset, val, out, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, resume=resume, seed=seed,
-            head=head, embed_dim=embed_dim, image_top=image_top, text_top=text_top, flip=flip, patience=patience,
-            log=(lambda _m: None) if as_json else (lambda m: err.print(m, markup=False, highlight=False)),
+            encoder, dataset, val, out, epochs=epochs, batch_size=batch_size, loss=loss, resume=resume, seed=seed,
+            **({} if lr is None else {"lr": lr}),
+            head=head, embed_dim=embed_dim, image_top=image_top, text_top=text_top, flip=flip, patience=patience, log=log,
         )
         if as_json:
             print_json({"encoder": encoder, "out": str(path)})
         return
     if encoder not in KIND_TO_THETA:
         raise typer.BadParameter(
-            f"unknown trainable encoder {encoder!r}; choose from {', '.join(KIND_TO_THETA)}, towers", param_hint="--encoder"
+            f"unknown trainable encoder {encoder!r}; choose from {', '.join(KIND_TO_THETA)}, towers, openclip:…", param_hint="--encoder"
         )
     config = BowConfig(
         theta=KIND_TO_THETA[encoder], colours=colours, objects=objects, colour_weight=colour_weight, min_count=min_count, alpha=alpha

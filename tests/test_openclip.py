@@ -12,38 +12,17 @@ from retrieval.encoders.openclip import OpenClipEncoder
 from retrieval.encoders.registry import load_encoder
 from retrieval.errors import EncoderError
 
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-OTHER = {**TINY, "embed_dim": 48}
+from openclip_tiny import TINY, register_tiny, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_archs(tmp_path_factory):
-    """Two tiny architectures registered through open_clip's public `add_model_config`."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("open_clip_configs")
-    for name, cfg in (("seesay-tiny", TINY), ("seesay-tiny48", OTHER)):
-        (folder / f"{name}.json").write_text(json.dumps(cfg))
-        open_clip.add_model_config(folder / f"{name}.json")
-    return "seesay-tiny", "seesay-tiny48"
-
-
-def _checkpoint(arch, path):
-    import open_clip
-
-    torch.manual_seed(0)
-    model = open_clip.create_model(arch, pretrained=None)
-    torch.save(model.state_dict(), path)
-    return path
+    return register_tiny(tmp_path_factory.mktemp("open_clip_configs"))
 
 
 def test_tiny_model_from_checkpoint_encodes_and_round_trips(tiny_archs, tmp_path):
     arch, _ = tiny_archs
-    ckpt = _checkpoint(arch, tmp_path / "tiny.pt")
+    ckpt = tiny_checkpoint(arch, tmp_path / "tiny.pt")
     enc = load_encoder(f"openclip:{arch}@{ckpt}")
     assert enc.dim == 32 and enc.spec == f"openclip:{arch}@{ckpt}"
     images = [Image.new("RGB", (40, 30), c) for c in ("red", "blue")]
@@ -63,7 +42,7 @@ def test_a_recorded_architecture_open_clip_does_not_know_is_registered_from_sees
 
     monkeypatch.setenv("SEESAY_CACHE", str(tmp_path / "cache"))
     arch, _ = tiny_archs
-    ckpt = str(_checkpoint(arch, tmp_path / "tiny.pt"))
+    ckpt = str(tiny_checkpoint(arch, tmp_path / "tiny.pt"))
     want = load_encoder(f"openclip:{arch}@{ckpt}").encode_texts(["a red square"])
     # What a saved model of a custom architecture records: its name and its config.
     enc = OpenClipEncoder("seesay-unregistered", checkpoint=ckpt, model_cfg=TINY)
@@ -77,7 +56,7 @@ def test_a_recorded_architecture_open_clip_does_not_know_is_registered_from_sees
 
 def test_checkpoint_of_another_architecture_names_both(tiny_archs, tmp_path):
     arch, other = tiny_archs
-    ckpt = _checkpoint(other, tmp_path / "other.pt")
+    ckpt = tiny_checkpoint(other, tmp_path / "other.pt")
     with pytest.raises(EncoderError, match=f"{ckpt}.*{arch}"):
         load_encoder(f"openclip:{arch}@{ckpt}")
 
@@ -107,7 +86,7 @@ def test_download_failure_suggests_a_local_checkpoint(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_bfloat16_encoding_agrees_with_the_cpu(tiny_archs, tmp_path):
     arch, _ = tiny_archs
-    ckpt = str(_checkpoint(arch, tmp_path / "tiny.pt"))
+    ckpt = str(tiny_checkpoint(arch, tmp_path / "tiny.pt"))
     cpu = OpenClipEncoder(arch, checkpoint=ckpt, device=torch.device("cpu"))
     gpu = OpenClipEncoder(arch, checkpoint=ckpt, device=torch.device("cuda"))
     paths = []

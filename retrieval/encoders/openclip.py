@@ -143,6 +143,11 @@ class OpenClipEncoder(TorchImageEncoder):
         except Exception as exc:  # noqa: BLE001 - unpickling and format errors come in many types
             raise EncoderError(f"{path} is not a readable open_clip checkpoint: {type(exc).__name__}: {exc}") from exc
 
+    def mark_fine_tuned(self, directory: Path, provenance: dict) -> None:
+        """Name this encoder by the directory it is about to be saved in, recording its base and training."""
+        self._spec = str(Path(directory).resolve())
+        self.provenance = dict(provenance)
+
     @property
     def dim(self) -> int:
         return self._dim

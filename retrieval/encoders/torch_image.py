@@ -49,15 +49,20 @@ class TorchImageEncoder(Encoder):
         `x` is float, as `image_transform` makes it, or uint8, as the decode workers send it
         (then scaled and normalised here, on the device).
         """
+        x = self.model_input(x)
+        with runtime.autocast(self.device):
+            v = self.image_forward(x)
+        return F.normalize(v.float(), dim=-1).cpu().numpy()
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch as the decode workers send it (uint8) or as `image_transform` makes it → float on the device."""
         x = x.to(self.device, non_blocking=True)
         if x.dtype == torch.uint8:
             finish = self._split_transform[1]
             if finish is None:
                 raise EncoderError(f"{self.spec} takes float image tensors made by its image_transform, not uint8")
             x = finish(x)
-        with runtime.autocast(self.device):
-            v = self.image_forward(x)
-        return F.normalize(v.float(), dim=-1).cpu().numpy()
+        return x
 
     def image_tensor_batches(self, images: Sequence[ImageInput], batch_size: int):
         """(start, batch, reasons) over `images`, decoded by as many workers as the device needs."""

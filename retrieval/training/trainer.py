@@ -13,7 +13,6 @@ update equals one process's on the whole batch). The frozen parts of both towers
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -32,12 +31,13 @@ from retrieval.errors import EncoderError, SeesayError
 from retrieval.towers import efficientnet as effnet
 from retrieval.towers import sentence
 from retrieval.training import features as feats
+from retrieval.training.curves import CURVE, LOG  # noqa: F401 - LOG is read by benchmarks.gpu_check
+from retrieval.training.curves import plot_curves as _plot
+from retrieval.training.curves import write_log as _write_log
 from retrieval.training.losses import clamp_logit_scale, gather_with_grad, infonce, vse_max_violation
 from retrieval.training.schedule import warmup_cosine
 
 CHECKPOINT = "checkpoint.pt"
-LOG = "train_log.jsonl"
-CURVE = "learning_curve.png"
 IMAGE_CACHE_DEPTH = 4  # the 192×7×7 map entering EfficientNet-Lite0's last four blocks
 TEXT_CACHE_DEPTH = 2  # MiniLM token states after layer 4 of 6
 
@@ -376,36 +376,6 @@ def _save_checkpoint(path, heads, opt, cfg, epoch, best_rsum, since_best, histor
     torch.save({"heads": {k: v.cpu() for k, v in heads.state_dict().items()}, "optimizer": opt.state_dict(),
                 "cfg": cfg, "epoch": epoch, "best_rsum": best_rsum, "since_best": since_best, "history": history}, tmp)
     tmp.replace(path)
-
-
-def _write_log(out: Path, history: list[dict], skipped: list[str] | None) -> None:
-    lines = [json.dumps(h) for h in history]
-    if skipped:
-        lines.insert(0, json.dumps({"skipped": skipped}))
-    (out / LOG).write_text("\n".join(lines) + "\n")
-
-
-def _plot(path: Path, history: list[dict]) -> None:
-    """Loss and validation R@1 both ways per epoch, as a PNG."""
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ep = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
-    ax[0].plot(ep, [h["loss"] for h in history], marker="o")
-    ax[0].set(title="training loss", xlabel="epoch")
-    if "val_i2t_R@1" in history[0]:
-        ax[1].plot(ep, [h["val_i2t_R@1"] for h in history], marker="o", label="image→text R@1")
-        ax[1].plot(ep, [h["val_t2i_R@1"] for h in history], marker="o", label="text→image R@1")
-        ax[1].legend()
-    ax[1].set(title="validation recall", xlabel="epoch", ylabel="%")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def check_checkpoint(directory: Path) -> dict:

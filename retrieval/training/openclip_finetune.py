@@ -1,0 +1,387 @@
+"""Contrastive fine-tuning of open_clip models (`seesay train --encoder openclip:ARCH@PATH|ARCH/TAG|DIR`).
+
+The same recipe as the towers trainer: one caption per image per batch (a random one each
+epoch), symmetric InfoNCE with the model's own learnable logit scale (or the VSE++ hinge),
+AdamW with linear warm-up and cosine decay, validation recall@k each epoch, the best epoch by
+validation RSUM saved as a seesay encoder, a checkpoint per epoch for `resume`, a JSONL log and
+a learning-curve PNG, bf16 autocast on a GPU and DistributedDataParallel under torchrun.
+
+What trains (`FinetuneConfig`): the top `image_top` / `text_top` blocks of each tower (-1: the
+whole tower; 0: only its final norm and projection), the k-th block from the top at
+lr × layer_decay^k; `lock_image` freezes the whole image tower (LiT). What stays frozen below the
+trained blocks runs once per image and caption, and is cached on disk keyed by the base
+checkpoint's sha256 (`retrieval.training.openclip_towers`). The saved encoder records the base
+checkpoint (spec and sha256) and these settings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from retrieval import runtime
+from retrieval.cache import cache_dir as seesay_cache
+from retrieval.datasets import Dataset
+from retrieval.encoders.openclip import KIND, OpenClipEncoder, file_sha256
+from retrieval.encoders.registry import load_encoder
+from retrieval.image_batches import bad_images
+from retrieval.metrics import recall_at_k
+from retrieval.training.curves import CURVE, plot_curves, write_log
+from retrieval.training.features import pad_tokens
+from retrieval.training.losses import clamp_logit_scale, gather_with_grad, infonce, vse_max_violation
+from retrieval.training.openclip_towers import ImageTower, TextTower, Towers, param_groups
+from retrieval.training.schedule import warmup_cosine
+from retrieval.training.trainer import TrainingError, epoch_batches
+
+CHECKPOINT = "checkpoint.pt"
+RESUMABLE_CHANGES = ("epochs", "patience")  # settings a resumed run may change
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of an open_clip fine-tuning run (the defaults are the CLI's)."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 1e-5  # heads (projections, final norms) and temperature; blocks get less
+    layer_decay: float = 0.75  # the k-th block from the top trains at lr × layer_decay^k
+    weight_decay: float = 0.1
+    warmup_epochs: float = 1.0
+    image_top: int = 4  # top blocks of the image tower trained; -1: all of it
+    text_top: int = 1  # top blocks of the text tower trained; -1: all of it
+    lock_image: bool = False  # LiT: the image tower frozen whole (image_top is ignored)
+    loss: str = "infonce"
+    margin: float = 0.2  # VSE++ hinge margin
+    flip: bool = True  # the mirrored images as a second view
+    patience: int | None = 4  # stop after this many epochs without a validation gain
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.loss not in ("infonce", "vse"):
+            raise TrainingError(f"unknown loss {self.loss!r}; expected infonce or vse")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise TrainingError("need at least 1 epoch and a batch of at least 2 pairs")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _key(parts: object) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _file_ids(paths: list[Path]) -> list:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([str(p), None, None])
+    return out
+
+
+class _Split:
+    """A dataset split as the frozen bottoms' outputs: images (N, V, ...) and captions (ragged)."""
+
+    def __init__(self, ds: Dataset, enc: OpenClipEncoder, towers: Towers, views: int, model_key: str,
+                 cache: Path, log: Callable[[str], None], name: str) -> None:
+        records = [r for r in ds.records if r.captions]
+        self.problems = [f"{r.image_id}: no captions" for r in ds.records if not r.captions]
+        images, bad = self._images(enc, towers.image, [r.image_path for r in records], views, model_key, cache, log)
+        self.problems += [f"{records[i].image_id}: skipped, {reason}" for i, reason in sorted(bad.items())]
+        keep = [i for i in range(len(records)) if i not in bad]
+        if not keep:
+            raise TrainingError(f"{name}: no readable images ({len(bad)} bad)")
+        self.records = [records[i] for i in keep]
+        self.images = images[keep]
+        self.captions = [c for r in self.records for c in r.captions]
+        self.caption_start = np.cumsum([0] + [len(r.captions) for r in self.records])
+        self.text_to_image = np.repeat(np.arange(len(self.records)), [len(r.captions) for r in self.records])
+        self.tokens, self.offsets = self._texts(enc, towers.text, model_key, cache, log)
+
+    @staticmethod
+    def _images(enc: OpenClipEncoder, tower: ImageTower, paths: list[Path], views: int, model_key: str,
+                cache: Path, log: Callable[[str], None]) -> tuple[torch.Tensor, dict[int, str]]:
+        """(N, V, ...) bottom outputs (fp16; uint8 pixels when the whole tower trains) and {index: reason}."""
+        mode = "pixels" if tower.full else ("locked" if tower.locked else f"cut{tower.cut}")
+        path = cache / f"img-{mode}-v{views}-{_key([model_key, mode, views, _file_ids(paths)])}.pt"
+        if not tower.full and path.is_file():
+            data = torch.load(path, weights_only=True)
+            return data["feats"], {int(k): v for k, v in data["bad"].items()}
+        feats, bad, t0 = None, {}, time.time()
+        for start, x, reasons in enc.image_tensor_batches(paths, 64):
+            bad.update((i, err.reason or str(err)) for i, err in bad_images(paths, start, reasons).items())
+            batch = [x, torch.flip(x, dims=[3])][:views]  # a centre crop mirrored = the mirrored image's crop
+            if tower.full:
+                out = torch.stack(batch, dim=1)
+            else:
+                with runtime.autocast(enc.device):
+                    out = torch.stack([tower.bottom(enc.model_input(v)).half().cpu() for v in batch], dim=1)
+            if feats is None:
+                feats = torch.zeros((len(paths), *out.shape[1:]), dtype=out.dtype)
+            feats[start : start + len(x)] = out
+            log(f"  image inputs {start + len(x)}/{len(paths)} ({(start + len(x)) / (time.time() - t0):.1f} img/s)")
+        feats = feats if feats is not None else torch.zeros((0, views), dtype=torch.float16)
+        if not tower.full:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with _atomic(path) as tmp:
+                torch.save({"feats": feats, "bad": {str(k): v for k, v in bad.items()}}, tmp)
+        return feats, bad
+
+    def _texts(self, enc: OpenClipEncoder, tower: TextTower, model_key: str, cache: Path,
+               log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ragged bottom outputs of every caption, concatenated (T, ...), and their offsets (N+1,)."""
+        key = _key([model_key, tower.cut, tower.full, hashlib.sha1("\n".join(self.captions).encode()).hexdigest()])
+        path = cache / f"txt-{'ids' if tower.full else f'cut{tower.cut}'}-{key}.pt"
+        if path.is_file():
+            data = torch.load(path, weights_only=True)
+            return data["rows"], data["offsets"]
+        rows: list[torch.Tensor] = []
+        for s in range(0, len(self.captions), 256):
+            tokens = enc.tokenizer(self.captions[s : s + 256]).to(enc.device)
+            with runtime.autocast(enc.device):
+                rows += [r.cpu() if tower.full else r.half().cpu() for r in tower.bottom(tokens)]
+        log(f"  caption inputs {len(rows)}")
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(torch.tensor([len(r) for r in rows]), 0)
+        data = {"rows": torch.cat([r.reshape(len(r), -1) for r in rows]), "offsets": offsets}
+        with _atomic(path) as tmp:
+            torch.save(data, tmp)
+        return data["rows"], data["offsets"]
+
+    def text_batch(self, idx: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded inputs of captions `idx` and their lengths, on `device`."""
+        if self.tokens.dtype == torch.long:  # whole-tower token ids: `context` ids per caption
+            rows = torch.stack([self.tokens[self.offsets[i] : self.offsets[i + 1], 0] for i in idx])
+            return rows.to(device), torch.full((len(idx),), rows.shape[1], device=device)
+        rows, mask = pad_tokens(self.tokens, self.offsets, idx)
+        return rows.to(device, non_blocking=True), mask.sum(dim=1).to(device)
+
+
+def _atomic(path: Path):
+    from indexer.files import atomic_path
+
+    return atomic_path(path)
+
+
+@torch.no_grad()
+def evaluate(towers: Towers, split: _Split, enc: OpenClipEncoder, batch: int = 256) -> dict:
+    """Recall@k of the current model on a split (plain view, every caption)."""
+    device = enc.device
+    towers.eval()
+    img, txt = [], []
+    with runtime.autocast(device):
+        for s in range(0, len(split.images), batch):
+            x = _image_input(split.images[s : s + batch, 0], towers, enc)
+            img.append(torch.nn.functional.normalize(towers.image.top(x).float(), dim=-1).cpu())
+        for s in range(0, len(split.captions), batch):
+            rows, lengths = split.text_batch(list(range(s, min(s + batch, len(split.captions)))), device)
+            txt.append(torch.nn.functional.normalize(towers.text.top(rows, lengths).float(), dim=-1).cpu())
+    return recall_at_k(torch.cat(img).numpy(), torch.cat(txt).numpy(), split.text_to_image)
+
+
+def _image_input(x: torch.Tensor, towers: Towers, enc: OpenClipEncoder) -> torch.Tensor:
+    """A batch of stored image inputs as the image top takes them, on the device."""
+    if towers.image.full:
+        return enc.model_input(x)  # uint8 pixels → normalised floats
+    return x.to(enc.device, non_blocking=True).float()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def base_encoder(spec: str | Path) -> tuple[OpenClipEncoder, dict[str, str]]:
+    """The open_clip model to fine-tune and its record: {"spec", "sha256" of its checkpoint file}."""
+    enc = load_encoder(spec)
+    if not isinstance(enc, OpenClipEncoder):
+        raise TrainingError(f"{spec} is a {enc.kind!r} encoder; this trainer fine-tunes {KIND} models")
+    if enc.checkpoint_file is None or not enc.checkpoint_file.is_file():
+        raise TrainingError(f"{spec} has no checkpoint file to start from (random weights?)")
+    return enc, {"spec": str(spec), "sha256": file_sha256(enc.checkpoint_file)}
+
+
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device): torchrun's process group when WORLD_SIZE > 1, else one process on the default device."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, runtime.default_device()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def finetune_openclip(spec: str | Path, train: Dataset, val: Dataset | None, out: Path,
+                      config: FinetuneConfig = FinetuneConfig(), *, resume: bool = False,
+                      cache_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Fine-tune the open_clip model `spec` on `train`, select on `val`, save to `out` (returned).
+
+    `out` is then a seesay encoder directory (the best epoch by validation RSUM; the last one
+    without `val`) and `out/checkpoint.pt` the last finished epoch, which `resume=True`
+    continues. Unreadable images are skipped and listed in the log; a non-finite loss stops
+    with TrainingError, keeping the last good checkpoint and best model.
+    """
+    config.check()
+    out = Path(out)
+    rank, world, device = _distributed()
+    say = log if rank == 0 else (lambda _msg: None)
+    torch.manual_seed(config.seed)
+    enc, base = base_encoder(spec)
+    enc.device = device
+    model = enc.model.to(device)
+    towers = Towers(model, ImageTower(model, config.image_top, config.lock_image), TextTower(model, config.text_top))
+    groups = param_groups(model, towers.image, towers.text, config.lr, config.layer_decay, config.weight_decay)
+    cache = Path(cache_dir) if cache_dir else seesay_cache("features", "openclip")
+    model_key = _key([base["sha256"], enc.model_cfg])
+    say(f"preparing inputs below the trained blocks (train {len(train.records)} images)")
+    tr = _Split(train, enc, towers, 2 if config.flip else 1, model_key, cache, say, "train")
+    va = _Split(val, enc, towers, 1, model_key, cache, say, "val") if val is not None and val.records else None
+    skipped = tr.problems + (va.problems if va else [])
+    for p in skipped[:20]:
+        say(f"  {p}")
+
+    settings = {**dataclasses.asdict(config), "base": base, "train_images": len(tr.records),
+                "val_images": len(va.records) if va else 0}
+    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    run = _Run(out, settings, towers, opt, resume, say)
+    if va is not None and not run.history:
+        run.baseline = evaluate(towers, va, enc)
+        say(f"before training: val R@1 i2t={run.baseline['i2t']['R@1']:.1f} t2i={run.baseline['t2i']['R@1']:.1f}"
+            f" rsum={run.baseline['rsum']:.1f}")
+    wrapped = towers
+    if world > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
+    counts = np.diff(tr.caption_start)
+    steps_per_epoch = len(epoch_batches(len(tr.records), counts, config.batch_size * world, config.seed, 0))
+    total, warmup = steps_per_epoch * config.epochs, int(round(config.warmup_epochs * steps_per_epoch))
+    for epoch in range(run.start_epoch, config.epochs):
+        if config.patience is not None and va is not None and run.since_best >= config.patience:
+            say(f"early stop: no validation RSUM gain for {config.patience} epochs")
+            break
+        t0, losses = time.time(), []
+        towers.train()
+        for b, (img_idx, cap, view) in enumerate(
+            epoch_batches(len(tr.records), counts, config.batch_size * world, config.seed, epoch, tr.images.shape[1])
+        ):
+            per_rank = len(img_idx) // world  # equal slices: all_gather needs equal sizes
+            sl = slice(rank * per_rank, (rank + 1) * per_rank)
+            step = epoch * steps_per_epoch + b
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * warmup_cosine(step, total, warmup)
+            x = _image_input(tr.images[img_idx[sl], view[sl]], towers, enc)
+            rows, lengths = tr.text_batch((tr.caption_start[img_idx[sl]] + cap[sl]).tolist(), device)
+            with runtime.autocast(device):
+                im, tx = wrapped(x, rows, lengths)
+                value = _loss(config, model, im, tx)
+            if not torch.isfinite(value):
+                raise TrainingError(f"loss became {value.item()} at epoch {epoch + 1}, batch {b + 1}; stopped. "
+                                    f"{run.where_good()}; try a lower learning rate")
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0)
+            opt.step()
+            clamp_logit_scale(model.logit_scale)
+            losses.append(value.item())
+        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+                                 "temperature": float(1 / model.logit_scale.exp().item()), "train_s": round(time.time() - t0, 1)}
+        result = evaluate(towers, va, enc) if va is not None else None
+        run.finish_epoch(epoch, entry, result, enc, skipped if epoch == run.start_epoch else None, rank)
+    if rank == 0:
+        plot_curves(out / CURVE, run.history)
+    return out
+
+
+def _loss(config: FinetuneConfig, model: torch.nn.Module, im: torch.Tensor, tx: torch.Tensor) -> torch.Tensor:
+    """The loss over the global batch: every rank scores all ranks' rows, gradients flow through its own."""
+    im_all, offset = gather_with_grad(im)
+    tx_all, _ = gather_with_grad(tx)
+    if config.loss == "infonce":
+        return infonce(im, tx, model.logit_scale, image_all=im_all, text_all=tx_all, offset=offset)
+    return vse_max_violation(im, tx, config.margin, image_all=im_all, text_all=tx_all, offset=offset)
+
+
+class _Run:
+    """The run's state across epochs and processes: history, best RSUM, the checkpoint and the saved model."""
+
+    def __init__(self, out: Path, settings: dict, towers: Towers, opt: torch.optim.Optimizer, resume: bool,
+                 say: Callable[[str], None]) -> None:
+        self.out, self.settings, self.towers, self.opt, self.say = out, settings, towers, opt, say
+        self.ckpt = out / CHECKPOINT
+        self.history: list[dict] = []
+        self.start_epoch, self.best_rsum, self.since_best = 0, -math.inf, 0
+        self.baseline: dict | None = None
+        if resume and self.ckpt.is_file():
+            self._resume()
+        elif self.ckpt.is_file():
+            say(f"{out} holds an earlier run; starting afresh (pass resume=True to continue it)")
+
+    def _resume(self) -> None:
+        state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+        was, now = _fingerprint(state["settings"]), _fingerprint(self.settings)
+        if was != now:
+            diff = {k: (was.get(k), v) for k, v in now.items() if was.get(k) != v}
+            raise TrainingError(f"{self.ckpt} was trained with other settings (checkpoint vs now: {diff}); "
+                                "use another --out or drop --resume")
+        self.towers.model.load_state_dict(state["trained"], strict=False)
+        self.opt.load_state_dict(state["optimizer"])
+        self.start_epoch, self.best_rsum, self.since_best = state["epoch"] + 1, state["best_rsum"], state["since_best"]
+        self.history, self.baseline = state["history"], state["baseline"]
+        self.say(f"resumed from {self.ckpt} after epoch {state['epoch'] + 1}")
+
+    def where_good(self) -> str:
+        best = f" and the best model is in {self.out}" if (self.out / "encoder.json").is_file() else ""
+        return f"The last good checkpoint is {self.ckpt if self.ckpt.is_file() else 'not written yet'}{best}"
+
+    def finish_epoch(self, epoch: int, entry: dict, result: dict | None, enc: OpenClipEncoder,
+                     skipped: list[str] | None, rank: int) -> None:
+        """Record the epoch; on rank 0 save the model when it is the best so far, then the checkpoint and log."""
+        improved = True
+        if result is not None:
+            entry.update({f"val_{way}_R@{k}": result[way][f"R@{k}"] for way in ("i2t", "t2i") for k in (1, 5)})
+            entry["val_rsum"] = result["rsum"]
+            improved = result["rsum"] > self.best_rsum
+            self.best_rsum, self.since_best = (result["rsum"], 0) if improved else (self.best_rsum, self.since_best + 1)
+        self.history.append(entry)
+        if rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if improved:
+            self._save_model(enc, entry)
+        trained = {n: p.detach().cpu() for n, p in self.towers.model.named_parameters() if p.requires_grad}
+        with _atomic(self.ckpt) as tmp:
+            torch.save({"trained": trained, "optimizer": self.opt.state_dict(), "settings": self.settings,
+                        "epoch": epoch, "best_rsum": self.best_rsum, "since_best": self.since_best,
+                        "history": self.history, "baseline": self.baseline}, tmp)
+        write_log(self.out, self.history, skipped)
+        self.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
+                 + ("  *best*" if improved and result is not None else ""))
+
+    def _save_model(self, enc: OpenClipEncoder, entry: dict) -> None:
+        base = self.settings["base"]
+        train = {k: v for k, v in self.settings.items() if k != "base"}
+        train.update(best_epoch=entry["epoch"], **{k: v for k, v in entry.items() if k.startswith("val_")})
+        if self.baseline is not None:
+            train["val_before"] = {"i2t_R@1": self.baseline["i2t"]["R@1"], "t2i_R@1": self.baseline["t2i"]["R@1"],
+                                   "rsum": self.baseline["rsum"]}
+        enc.mark_fine_tuned(self.out, {"base": base, "train": train})
+        enc.save(self.out)
+
+
+def _fingerprint(settings: dict) -> dict:
+    """The settings a resumed run must share with the checkpoint (the base by its sha256, not its spelling)."""
+    out = {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
+    out["base"] = settings["base"]["sha256"]
+    return out
