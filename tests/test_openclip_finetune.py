@@ -148,16 +148,37 @@ def test_frozen_parts_stay_as_they_were(tiny, tmp_path, mode):
         assert "transformer.resblocks.1.attn.in_proj_weight" not in changed
 
 
-def test_resume_with_other_settings_and_other_encoders_are_refused(tiny, tmp_path):
+def test_bad_images_are_skipped_and_other_settings_or_encoders_refused(tiny, tmp_path):
     spec, _, train, dev, cache = tiny
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    records = train.records[:18] + [Record("gone.png", tmp_path / "gone.png", ["a ghost"]), Record("broken.png", broken, ["junk"])]
     out = tmp_path / "m"
     config = FinetuneConfig(epochs=1, image_top=1, text_top=1, **QUICK)
-    finetune_openclip(spec, train, None, out, config, cache_dir=cache, log=lambda m: None)
+    finetune_openclip(spec, Dataset(records), None, out, config, cache_dir=cache, log=lambda m: None)
+    skipped = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["skipped"]
+    assert [s.split(":")[0] for s in skipped] == ["gone.png", "broken.png"]
     with pytest.raises(TrainingError, match="image_top"):
-        finetune_openclip(spec, train, None, out, FinetuneConfig(**{**config.__dict__, "epochs": 2, "image_top": 2}),
+        finetune_openclip(spec, Dataset(records), None, out, FinetuneConfig(**{**config.__dict__, "epochs": 2, "image_top": 2}),
                           resume=True, cache_dir=cache, log=lambda m: None)
     with pytest.raises(TrainingError, match="fine-tunes openclip"):
         finetune_openclip("test-colour:8", train, None, tmp_path / "x", config, cache_dir=cache)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_epoch(tiny, tmp_path, monkeypatch):
+    from retrieval.training import openclip_finetune
+
+    spec, _, train, dev, cache = tiny
+    out = tmp_path / "m"
+    config = FinetuneConfig(epochs=1, image_top=1, text_top=1, **QUICK)
+    finetune_openclip(spec, train, dev, out, config, cache_dir=cache, log=lambda m: None)
+    good = (out / "open_clip.pt").read_bytes()
+    monkeypatch.setattr(openclip_finetune, "infonce", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(TrainingError, match="nan.*last good checkpoint"):
+        finetune_openclip(spec, train, dev, out, FinetuneConfig(**{**config.__dict__, "epochs": 3}), resume=True,
+                          cache_dir=cache, log=lambda m: None)
+    assert (out / "open_clip.pt").read_bytes() == good
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 0
 
 
 def test_train_index_and_eval_from_the_cli(tiny, tmp_path, monkeypatch):
