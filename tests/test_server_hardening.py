@@ -186,3 +186,14 @@ def test_bounded_query_sizes(client):
     assert client.get("/api/search/text", params={"q": "red " * 600}).status_code == 422
     assert client.get("/api/search/text", params={"q": "red", "k": 101}).status_code == 422
     assert upload(client, png_bytes(draw_shape("red", "circle")), k=101).status_code == 422
+
+
+def test_queries_beyond_the_slots_wait_then_get_a_503(index_dir):
+    app = create_app(index_dir, disk_cache=False, query_slots=1)
+    service = app.state.service
+    service.query_slot.wait_s = 0.2
+    with local_client(app) as c:
+        with service.query_slot():  # the only slot is taken
+            busy = c.get("/api/search/text", params={"q": "red"})
+        assert busy.status_code == 503 and "busy" in busy.json()["detail"] and busy.headers["retry-after"]
+        assert c.get("/api/search/text", params={"q": "red"}).status_code == 200

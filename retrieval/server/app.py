@@ -6,6 +6,7 @@ Host-header check), `service` (the shared index snapshots, encoder and thumbnail
 """
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Collection as Names
@@ -23,8 +24,12 @@ from retrieval.server.service import Service, Snapshots
 from retrieval.server.thumbnails import ThumbnailCache, default_cache_dir
 from retrieval.server.uploads import DEFAULT_MAX_UPLOAD_BYTES, UploadLimit
 
-# Images decoded or encoded at once (uploads and thumbnail renders); more wait their turn.
+# Images decoded or encoded at once (uploads and thumbnail renders), and text queries
+# encoded and searched at once; more wait their turn. Two queries per core kept p99 at 8
+# concurrent clients within 3x p50 where one per core lost a third of the throughput
+# (benchmarks/load.py, RESULTS.md).
 IMAGE_SLOTS = 2
+QUERY_SLOTS = 2 * (os.cpu_count() or 2)
 
 
 def create_app(
@@ -38,6 +43,7 @@ def create_app(
     search_params: dict[str, int] | None = None,
     allowed_hosts: Names[str] | None = LOOPBACK_HOSTS,
     image_slots: int = IMAGE_SLOTS,
+    query_slots: int = QUERY_SLOTS,
 ) -> FastAPI:
     """The seesay web app over the index in `index_dir`, opened read-only.
 
@@ -56,6 +62,7 @@ def create_app(
         max_upload_bytes=max_upload_bytes,
         max_pixels=max_pixels,
         image_slots=image_slots,
+        query_slots=query_slots,
     )
 
     @asynccontextmanager

@@ -81,7 +81,8 @@ def search_text(
 ) -> SearchOut:
     """Text → images, or text → captions."""
     started = time.perf_counter()
-    hits = service.snapshot().engine.search_texts([q], target, k)[0]
+    with service.query_slot():
+        hits = service.snapshot().engine.search_texts([q], target, k)[0]
     return _finish(q, "text", target, k, started, hits)
 
 

@@ -101,8 +101,32 @@ class Snapshots:
             index.close()
 
 
+class Slots:
+    """At most `n` requests doing one kind of heavy work at once; the others wait their turn, in arrival order."""
+
+    def __init__(self, n: int, what: str, wait_s: float) -> None:
+        self._free = threading.BoundedSemaphore(n)
+        self.what = what
+        self.wait_s = wait_s
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        """Hold a slot for the block, or ServerBusyError after `wait_s`."""
+        if not self._free.acquire(timeout=self.wait_s):
+            raise ServerBusyError(f"the server is busy with other {self.what}; try again shortly")
+        try:
+            yield
+        finally:
+            self._free.release()
+
+
 class Service:
-    """The snapshots, encoder, thumbnail cache and limits shared by every request."""
+    """The snapshots, encoder, thumbnail cache, limits and work slots shared by every request.
+
+    Image work (decoding, encoding, thumbnails) and text queries each run in a few slots:
+    more at once would only share the cores among more threads, so every request would
+    take longer and the slowest far longer. Requests beyond that queue.
+    """
 
     def __init__(
         self,
@@ -112,14 +136,15 @@ class Service:
         max_upload_bytes: int,
         max_pixels: int,
         image_slots: int = 2,
+        query_slots: int = 2,
         slot_wait_s: float = 30.0,
     ) -> None:
         self.snapshots = snapshots
         self.thumbnails = thumbnails
         self.max_upload_bytes = max_upload_bytes
         self.max_pixels = max_pixels
-        self.slot_wait_s = slot_wait_s
-        self._image_slots = threading.BoundedSemaphore(image_slots)
+        self.image_slot = Slots(image_slots, "images", slot_wait_s)
+        self.query_slot = Slots(query_slots, "queries", slot_wait_s)
 
     @property
     def encoder(self) -> Encoder:
@@ -127,16 +152,6 @@ class Service:
 
     def snapshot(self) -> Snapshot:
         return self.snapshots.current()
-
-    @contextmanager
-    def image_slot(self) -> Iterator[None]:
-        """Hold one of the few slots for decoding/encoding images, or ServerBusyError after a wait."""
-        if not self._image_slots.acquire(timeout=self.slot_wait_s):
-            raise ServerBusyError("the server is busy with other images; try again shortly")
-        try:
-            yield
-        finally:
-            self._image_slots.release()
 
     def close(self) -> None:
         self.snapshots.close()
