@@ -204,3 +204,42 @@ def test_train_index_and_eval_from_the_cli(tiny, tmp_path, monkeypatch):
     assert json.loads(result.stdout)["n_images"] == len(dev.records)
     result = runner.invoke(app, ["index", "--encoder", str(tmp_path / "model"), *common, "--index", str(tmp_path / "index")])
     assert result.exit_code == 0, result.output
+
+
+DDP_RUN = """
+import sys
+from pathlib import Path
+
+import open_clip
+import torch
+
+from retrieval.datasets import Dataset
+from retrieval.training.openclip_finetune import FinetuneConfig, finetune_openclip
+from test_openclip_finetune import shape_images
+
+torch.set_num_threads(1)
+root, out, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+open_clip.add_model_config(root / "seesay-tiny.json")
+train = Dataset(shape_images(root / "train", 3, seed=0).records[:40])
+config = FinetuneConfig(epochs=2, batch_size=batch, lr=1e-3, warmup_epochs=0.5, patience=None, image_top=1, text_top=1, flip=False)
+finetune_openclip(f"openclip:seesay-tiny@{root / 'tiny.pt'}", train, None, out, config, cache_dir=root / "cache", log=lambda m: None)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_train_as_one_with_their_global_batch(tiny, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    _, ckpt, *_ = tiny
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "run.py").write_text(DDP_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    one = [sys.executable, str(tmp_path / "run.py"), str(ckpt.parent), str(tmp_path / "one"), "10"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "run.py"),
+           str(ckpt.parent), str(tmp_path / "two"), "5"]
+    for command in (one, two):
+        subprocess.run(command, check=True, env=env, cwd=repo, capture_output=True, timeout=600)
+    losses = [[e["loss"] for e in _log(tmp_path / name)] for name in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)  # the same updates: 4 batches of 10 an epoch either way

@@ -290,7 +290,12 @@ def finetune_openclip(spec: str | Path, train: Dataset, val: Dataset | None, out
                 raise TrainingError(f"loss became {value.item()} at epoch {epoch + 1}, batch {b + 1}; stopped. "
                                     f"{run.where_good()}; try a lower learning rate")
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            # DDP averages gradients over ranks, and each rank's holds only the part through its own
+            # rows: ×world makes the average their sum, the full gradient. The temperature's is
+            # already complete on every rank, so it is divided back.
+            (value * world).backward()
+            if world > 1:
+                model.logit_scale.grad /= world
             torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0)
             opt.step()
             clamp_logit_scale(model.logit_scale)
@@ -305,12 +310,12 @@ def finetune_openclip(spec: str | Path, train: Dataset, val: Dataset | None, out
 
 
 def _loss(config: FinetuneConfig, model: torch.nn.Module, im: torch.Tensor, tx: torch.Tensor) -> torch.Tensor:
-    """The loss over the global batch: every rank scores all ranks' rows, gradients flow through its own."""
-    im_all, offset = gather_with_grad(im)
+    """The loss of the global batch: every rank scores all ranks' rows, its gradients flow through its own."""
+    im_all, _ = gather_with_grad(im)
     tx_all, _ = gather_with_grad(tx)
     if config.loss == "infonce":
-        return infonce(im, tx, model.logit_scale, image_all=im_all, text_all=tx_all, offset=offset)
-    return vse_max_violation(im, tx, config.margin, image_all=im_all, text_all=tx_all, offset=offset)
+        return infonce(im_all, tx_all, model.logit_scale)
+    return vse_max_violation(im_all, tx_all, config.margin)
 
 
 class _Run:
