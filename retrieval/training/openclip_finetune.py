@@ -47,9 +47,9 @@ RESUMABLE_CHANGES = ("epochs", "patience")  # settings a resumed run may change
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    """Settings of an open_clip fine-tuning run (the defaults are the CLI's)."""
+    """Settings of an open_clip fine-tuning run (`seesay train` passes its own option values, whose defaults these match)."""
 
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 256
     lr: float = 1e-5  # heads (projections, final norms) and temperature; blocks get less
     layer_decay: float = 0.75  # the k-th block from the top trains at lr × layer_decay^k
