@@ -9,8 +9,9 @@ machine two threads win. So the thread count is measured like the method, never 
 
 `PathTable` holds, for one (machine, shape, batch-size bucket), the seconds per query
 each path took. Until each available path has `SAMPLES` times (or one time that is
-already `PRUNE`× the best), a search runs the next untimed path; then the fastest by its
-best time serves, its own times refreshing on every call. Every `RECHECK_CALLS` calls
+already `PRUNE`× the best), a search runs the next untimed path; then the fastest by the
+best of its last `SAMPLES` times serves, its own times refreshing on every call, so a
+path that turns slow on the calls it serves gives way. Every `RECHECK_CALLS` calls
 the runner-up's times are dropped, so it is timed again on the next calls and a change
 of load can move the choice. Tables live per process (`table_for`), keyed by
 `machine_key()`: a change of thread settings or usable CPUs starts a fresh table.
@@ -29,8 +30,6 @@ from typing import Iterator, Sequence
 SAMPLES = 2
 # A path whose first time is this many times the best known is not timed a second time.
 PRUNE = 1.5
-# The chosen path keeps its last this-many times, so its figure follows the load.
-WINDOW = 4
 # Calls between re-timings of the runner-up (one or two slower calls in this many).
 RECHECK_CALLS = 200
 
@@ -53,16 +52,21 @@ class PathTable:
     times: dict[Path, list[float]] = field(default_factory=dict)
     calls: int = 0
 
+    def figure(self, path: Path) -> float:
+        """A path's time: the best of its last `SAMPLES`, the only ones kept (so a path that has turned slow
+        under the calls it serves loses its place after `SAMPLES` of them)."""
+        return min(self.times[path])
+
     def best(self, available: Sequence[Path]) -> Path | None:
-        """The timed path with the lowest best time, among `available`."""
+        """The timed path with the lowest figure, among `available`."""
         timed = [p for p in available if self.times.get(p)]
-        return min(timed, key=lambda p: min(self.times[p]), default=None)
+        return min(timed, key=self.figure, default=None)
 
     def untimed(self, available: Sequence[Path]) -> list[Path]:
         """Paths still to time, in the order given: fewer than `SAMPLES` times, unless
         their first is already `PRUNE`× the best."""
         best = self.best(available)
-        floor = min(self.times[best]) if best is not None else float("inf")
+        floor = self.figure(best) if best is not None else float("inf")
         return [
             p for p in available
             if len(self.times.get(p, ())) < SAMPLES and not min(self.times.get(p, [0.0])) >= PRUNE * floor
@@ -83,7 +87,7 @@ class PathTable:
         if self.calls >= RECHECK_CALLS:
             self.calls = 0
             others = [p for p in available if p != best]
-            runner_up = min(others, key=lambda p: min(self.times[p]), default=None)
+            runner_up = min(others, key=self.figure, default=None)
             if runner_up is not None:
                 del self.times[runner_up]
                 return runner_up
@@ -92,11 +96,11 @@ class PathTable:
     def record(self, path: Path, seconds_per_query: float) -> None:
         kept = self.times.setdefault(path, [])
         kept.append(seconds_per_query)
-        del kept[:-WINDOW]
+        del kept[:-SAMPLES]
 
     def summary(self) -> dict[str, float]:
         """{path: best seconds per query} for reports."""
-        return {str(p): min(t) for p, t in self.times.items() if t}
+        return {str(p): self.figure(p) for p, t in self.times.items() if t}
 
 
 @lru_cache(maxsize=1)

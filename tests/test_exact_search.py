@@ -215,6 +215,12 @@ def test_the_choice_follows_the_timings() -> None:
     assert order == [a, a, b, c, c]  # b's first time is 3× the best: not timed again
     assert table.best([a, b, c]) == c and table.next_path([a, b, c]) == c
     assert table.next_path([a, b]) == a  # c unavailable (e.g. no codes yet): the best of the rest
+    for _ in range(SAMPLES):  # c turns slow on the calls it serves: it gives way to a
+        table.record(c, 2.0)
+    assert table.next_path([a, b, c]) == a
+    table.record(a, 1.0)
+    table.record(c, 0.5)  # and c is back: it gets the next call once a's recent best is worse
+    assert table.next_path([a, b, c]) == c
     seconds[a] = 0.1  # the load changed: the runner-up is re-timed every RECHECK_CALLS calls
     served = []
     for _ in range(RECHECK_CALLS + 2):
