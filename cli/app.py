@@ -1,6 +1,8 @@
 """The `seesay` typer application: every command, and one clear line for every error."""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import typer
@@ -14,6 +16,27 @@ from cli.serve import serve
 from cli.train import train
 from retrieval.errors import SeesayError
 
+# What the model libraries print by default: weight-loading and download progress bars,
+# advisory warnings, the tokenizers' fork notice. None of it is the command's output, so
+# it stays off stderr; setting these variables yourself brings it back.
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+QUIET_LOGGERS = ("sentence_transformers", "huggingface_hub", "open_clip", "timm")
+
+
+def quiet_libraries() -> None:
+    """Keep third-party chatter off stderr (before the libraries are imported, which happens lazily)."""
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+quiet_libraries()
 
 app = typer.Typer(
     help="seesay: index images and captions, search both ways, train and benchmark encoders.",

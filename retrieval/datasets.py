@@ -6,6 +6,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +32,8 @@ class Dataset:
 
 
 FORMATS = ("csv", "karpathy", "coco", "folder", "jsonl")
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+# Pillow formats it can only identify, or decode only with an outside program (Ghostscript).
+_UNDECODABLE = frozenset({"EPS", "MPEG"})
 # Karpathy's "restval" images are the extra training images of his COCO split.
 _SPLIT_ALIASES = {"train": {"train", "restval"}}
 # Longer captions are skipped as bad rows: no caption set has them, and every encoder
@@ -88,6 +90,19 @@ def load_dataset(
             raise BadDataError(f"{path}: {fmt} datasets have no split field; pass a split file to select {split!r}")
         records = _select_split(records, split, path)
     return Dataset(records, problems)
+
+
+@cache
+def image_extensions() -> frozenset[str]:
+    """File suffixes (lowercase, with the dot) of every image format the installed Pillow decodes."""
+    from PIL import Image, ImageFile
+
+    Image.init()
+    decodable = {
+        name for name, (opener, _accept) in Image.OPEN.items()
+        if name not in _UNDECODABLE and not (isinstance(opener, type) and issubclass(opener, ImageFile.StubImageFile))
+    }
+    return frozenset(ext for ext, name in Image.registered_extensions().items() if name in decodable)
 
 
 def summarize_problems(problems: list[str], limit: int = 10) -> str:
@@ -357,7 +372,8 @@ def _read_coco(data: object, path: Path, grouper: _Grouper) -> tuple[list[Record
 
 def _read_folder(path: Path) -> tuple[list[Record], list[str]]:
     grouper = _Grouper()
-    images = (p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    suffixes = image_extensions()
+    images = (p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     for image_path in sorted(images, key=lambda p: p.relative_to(path).as_posix()):
         record = grouper.image(image_path.relative_to(path).as_posix(), image_path)
         sidecar = image_path.with_suffix(".txt")
