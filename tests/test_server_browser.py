@@ -199,6 +199,15 @@ def test_a_bad_upload_shows_the_servers_message(page, tmp_path):
     )
 
 
+def test_a_link_with_q_in_the_query_string_searches(page, server):
+    page.goto(server["base"] + "/?q=a+green+circle&target=caption")
+    page.wait_for_function("() => document.getElementById('query-label').textContent.includes('a green circle')")
+    page.wait_for_selector("#results .hit.caption")
+    assert "green" in first_hit(page).locator(".hit-text").inner_text()
+    assert page.locator("#q").input_value() == "a green circle"
+    assert page.url.endswith("/#q=a+green+circle&target=caption")
+
+
 def test_nothing_is_fetched_from_elsewhere(page, server):
     allowed = (server["base"] + "/", "data:", "blob:")
     outside = [url for url in page.requests if not url.startswith(allowed)]

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 
-from retrieval.engine import Hit
+from retrieval.engine import Filters, Hit
 from retrieval.errors import BadImageError
 from retrieval.server.schemas import (
     ERRORS,
@@ -32,6 +32,8 @@ from retrieval.server.uploads import decode_upload, read_upload
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_K = 100
+# Deepest result a page may reach is MAX_OFFSET + MAX_K.
+MAX_OFFSET = 10_000
 MAX_QUERY_CHARS = 2000
 # Item ids are SQL integers: larger numbers are not ids of anything.
 MAX_ITEM_ID = 2**63 - 1
@@ -45,15 +47,40 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 ItemId = Annotated[int, PathParam(ge=0, le=MAX_ITEM_ID, description="Item id in the index")]
 K = Annotated[int, Query(ge=1, le=MAX_K, description="Number of results")]
 
+
+class SearchOptions:
+    """Paging and filters every search takes as query parameters."""
+
+    def __init__(
+        self,
+        offset: int = Query(0, ge=0, le=MAX_OFFSET, description="Skip this many results first (the next page: offset=k)"),
+        path_prefix: Optional[str] = Query(
+            None, min_length=1, max_length=4096,
+            description="Only images whose indexed file (or captions whose image's file) starts with this absolute path",
+        ),
+        split: Optional[str] = Query(None, min_length=1, max_length=64, description="Only items of this split"),
+    ) -> None:
+        self.offset = offset
+        self.filters = Filters(path_prefix, split)
+
+    def engine_options(self) -> dict:
+        return {"offset": self.offset, "filters": self.filters}
+
+
+Options = Annotated[SearchOptions, Depends()]
+
 router = APIRouter()
 
 
-def _finish(query: str, query_kind: str, target: str, k: int, started: float, hits: list[Hit]) -> SearchOut:
+def _finish(
+    query: str, query_kind: str, target: str, k: int, options: SearchOptions, started: float, hits: list[Hit]
+) -> SearchOut:
     return SearchOut(
         query=query,
         query_kind=query_kind,
         target=target,
         k=k,
+        offset=options.offset,
         took_ms=round((time.perf_counter() - started) * 1000, 2),
         hits=[hit_out(h) for h in hits],
     )
@@ -75,6 +102,7 @@ def info(service: ServiceDep) -> InfoOut:
 @router.get("/api/search/text", response_model=SearchOut, responses=ERRORS, tags=["search"])
 def search_text(
     service: ServiceDep,
+    options: Options,
     q: str = Query(..., min_length=1, max_length=MAX_QUERY_CHARS, description="Text to search for"),
     k: K = 10,
     target: TargetParam = Query("image", description="Search images (default) or captions"),
@@ -82,25 +110,37 @@ def search_text(
     """Text → images, or text → captions."""
     started = time.perf_counter()
     with service.query_slot():
-        hits = service.snapshot().engine.search_texts([q], target, k)[0]
-    return _finish(q, "text", target, k, started, hits)
+        hits = service.snapshot().engine.search_texts([q], target, k, **options.engine_options())[0]
+    return _finish(q, "text", target, k, options, started, hits)
+
+
+def _one_of(name: str, in_url: object, in_form: object, default: object) -> object:
+    """A parameter the client may send in the URL or the form, not differently in both."""
+    if in_url is not None and in_form is not None and in_url != in_form:
+        raise HTTPException(400, f"{name} is {in_url!r} in the URL but {in_form!r} in the form: send it once")
+    return next((value for value in (in_url, in_form) if value is not None), default)
 
 
 @router.post("/api/search/image", response_model=SearchOut, responses=ERRORS, tags=["search"])
 def search_image(
     service: ServiceDep,
+    options: Options,
     file: UploadFile = File(..., description="A PNG, JPEG, GIF, WebP, BMP or TIFF image"),
-    k: int = Form(10, ge=1, le=MAX_K),
-    target: TargetParam = Form("caption", description="Search captions (default) or images"),
+    k_url: Optional[int] = Query(None, alias="k", ge=1, le=MAX_K, description="Number of results (default 10)"),
+    k_form: Optional[int] = Form(None, alias="k", ge=1, le=MAX_K, description="Number of results (default 10)"),
+    target_url: Optional[TargetParam] = Query(None, alias="target", description="Search captions (default) or images"),
+    target_form: Optional[TargetParam] = Form(None, alias="target", description="Search captions (default) or images"),
 ) -> SearchOut:
-    """Image → captions, or image → images."""
+    """Image → captions, or image → images. `k` and `target` may come in the URL or as form fields."""
     started = time.perf_counter()
+    k = _one_of("k", k_url, k_form, 10)
+    target = _one_of("target", target_url, target_form, "caption")
     name = file.filename or "upload"
     data = read_upload(file.file, name, service.max_upload_bytes)
     with service.image_slot():
         vectors = service.encoder.encode_images([decode_upload(data, name, service.max_pixels)])
-    hits = service.snapshot().engine.search_vectors(vectors, target, k)[0]
-    return _finish(name, "image", target, k, started, hits)
+    hits = service.snapshot().engine.search_vectors(vectors, target, k, **options.engine_options())[0]
+    return _finish(name, "image", target, k, options, started, hits)
 
 
 @router.get("/api/items/{item_id}", response_model=ItemOut, responses=ERRORS, tags=["items"])
@@ -118,14 +158,15 @@ def get_item(
 @router.get("/api/items/{item_id}/similar", response_model=SearchOut, responses=ERRORS, tags=["search"])
 def similar(
     service: ServiceDep,
+    options: Options,
     item_id: ItemId,
     k: K = 10,
     target: TargetParam = Query("image", description="Search images (default) or captions"),
 ) -> SearchOut:
-    """Search from an indexed item's stored vector: more images (or captions) like this one."""
+    """Search from an indexed item's stored vector: more images (or captions) like this one, never itself."""
     started = time.perf_counter()
-    hits = service.snapshot().engine.search_items([item_id], target, k)[0]
-    return _finish(f"item:{item_id}", "item", target, k, started, hits)
+    hits = service.snapshot().engine.search_items([item_id], target, k, **options.engine_options())[0]
+    return _finish(f"item:{item_id}", "item", target, k, options, started, hits)
 
 
 @router.get(

@@ -27,6 +27,7 @@ class HitOut(BaseModel):
     source_id: str = Field(description="The image name in the dataset the item came from")
     text: Optional[str] = Field(None, description="Caption text (captions only)")
     image_id: Optional[int] = Field(None, description="Item id of the caption's image (captions only)")
+    split: Optional[str] = Field(None, description="The split the item was indexed under")
     captions: list[str] = Field(default_factory=list, description="Captions stored with an image")
     thumbnail: Optional[str] = Field(None, description="URL of the thumbnail of the (caption's) image")
 
@@ -38,6 +39,7 @@ class SearchOut(BaseModel):
     query_kind: Literal["text", "image", "item"]
     target: TargetParam
     k: int
+    offset: int = Field(0, description="Results skipped before the first hit (its rank is offset + 1)")
     took_ms: float
     hits: list[HitOut]
 
@@ -115,6 +117,7 @@ def hit_out(hit: Hit) -> HitOut:
         source_id=item.source_id,
         text=item.text,
         image_id=item.image_item_id,
+        split=item.split,
         captions=hit.captions,
         thumbnail=thumbnail_url(item),
     )

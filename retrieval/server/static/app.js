@@ -220,6 +220,11 @@
     els.info.title = `encoder ${info.encoder.kind} v${info.encoder.version}, ${info.dim} dimensions, generation ${info.generation}`;
   }).catch((err) => { els.info.textContent = `index unavailable: ${err.message}`; });
 
+  // A link or a browser's site-search entry may carry the query as ?q=… (or ?item=…): move it
+  // into the hash, where searches live, so it runs now and Back works as for any other search.
+  const linked = new URLSearchParams(location.search);
+  if (linked.has("q") || linked.has("item")) history.replaceState(null, "", `${location.pathname}#${linked}`);
+
   if (location.hash.length > 1) route();
   else els.q.focus();
 })();
