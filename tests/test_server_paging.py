@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import io
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer import Index
+from retrieval.collection import Collection
 from retrieval.datasets import load_dataset
 from retrieval.demo_data import draw_shape, make_shape_set
 from retrieval.encoders.bow import BowConfig, fit_bow
@@ -27,8 +26,8 @@ def served(tmp_path_factory):
         found = load_dataset(make_shape_set(root / split, copies=2, seed=seed)).records
         records += [replace(r, image_id=f"{split}/{r.image_id}", split=split) for r in found]
     encoder, _ = fit_bow(records, BowConfig(colours=16, objects=0))
-    with Index.open_or_create(root / "index", encoder) as index:
-        index.add(records, workers=1)
+    with Collection.open_or_create(root / "index", encoder) as collection:
+        collection.add(records, workers=1)
     with TestClient(create_app(root / "index", disk_cache=False), base_url="http://127.0.0.1") as client:
         yield client, root
 
