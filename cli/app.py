@@ -11,6 +11,7 @@ from cli.bench import bench_app
 from cli.demo import demo
 from cli.evaluate import eval_command
 from cli.index import check, delete, index, info
+from cli.maintain import export, prune, update
 from cli.search import search
 from cli.serve import serve
 from cli.train import train
@@ -50,6 +51,9 @@ app.command("eval")(eval_command)
 app.command()(info)
 app.command()(check)
 app.command()(delete)
+app.command()(update)
+app.command()(prune)
+app.command()(export)
 app.command()(demo)
 app.command()(serve)
 app.add_typer(bench_app, name="bench")

@@ -7,10 +7,26 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from cli.common import DEFAULT_ENCODER, AllowOutsideOpt, DataOpt, ImagesOpt, JsonOpt, SplitFileOpt, SplitOpt, out, print_json, read_data, report_problems
+from cli.common import (
+    DEFAULT_ENCODER,
+    AllowOutsideOpt,
+    DataOpt,
+    ImagesOpt,
+    JsonOpt,
+    SplitFileOpt,
+    SplitOpt,
+    err,
+    out,
+    print_json,
+    read_data,
+    report_problems,
+)
 from indexer import Index
 from retrieval.collection import Collection
 from retrieval.encoders import load_encoder
+from retrieval.errors import SeesayError
+from retrieval.sources import Source, record_source
+from retrieval.sync import images_at
 
 IndexOpt = typer.Option(..., "--index", help="Index directory.")
 
@@ -23,7 +39,7 @@ def index(
     allow_outside_images: bool = AllowOutsideOpt,
     split: Optional[str] = SplitOpt,
     split_file: Optional[Path] = SplitFileOpt,
-    factory: str = typer.Option("Flat", help="FAISS factory string for a new index: Flat, IVF1024,PQ32, HNSW32, ..."),
+    factory: Optional[str] = typer.Option(None, help="FAISS factory string for a new index (default Flat): Flat, IVF1024,PQ32, HNSW32, ..."),
     db_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL for the metadata (default: SQLite file in the index)."),
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     as_json: bool = JsonOpt,
@@ -32,7 +48,16 @@ def index(
     dataset = read_data(data, images, split, split_file, quiet=as_json, allow_outside_images=allow_outside_images)
     collection = Collection.open_or_create(index_dir, load_encoder(encoder), factory=factory, db_url=db_url)
     report = collection.add(dataset.records, batch_size=batch_size, progress=not as_json)
+    record_source(index_dir, Source.given(data, images, split, split_file, allow_outside_images))
     problems = dataset.problems + report.problems
+    shortfall = collection.index.training_shortfall()
+    if shortfall:
+        waiting = ", ".join(f"{need} more {kind}s" for kind, need in shortfall.items())
+        err.print(
+            f"[yellow]note: FAISS {collection.index.info()['factory']} cannot be trained until it has {waiting}; "
+            "until then those searches scan every vector (exact)[/yellow]",
+            soft_wrap=True,
+        )
     if as_json:
         print_json({**vars(report), "problems": problems, "index": str(index_dir)})
         return
@@ -77,12 +102,22 @@ def _exit_on(problems: list[str], index_dir: Path, hint: str | None) -> None:
 
 
 def delete(
-    ids: list[int] = typer.Argument(..., help="Item ids to delete (an image takes its captions along)."),
+    ids: Optional[list[int]] = typer.Argument(None, help="Item ids to delete (an image takes its captions along)."),
     index_dir: Path = IndexOpt,
+    paths: list[Path] = typer.Option([], "--path", help="Delete the images indexed from this file, or from anywhere under this folder (repeatable)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Delete items from an index by id."""
-    removed = Index.open(index_dir).delete(ids)
+    """Delete items from an index by id, or images by file or folder."""
+    if not ids and not paths:
+        raise typer.BadParameter("give item ids, or --path FILE_OR_FOLDER")
+    collection = Collection.open(index_dir)
+    chosen = list(ids or [])
+    if paths:
+        found = images_at(collection, paths)
+        if not found:
+            raise SeesayError(f"index {index_dir} holds no image from {', '.join(map(str, paths))}; nothing deleted")
+        chosen += found
+    removed = collection.index.delete(sorted(set(chosen)))
     if as_json:
         print_json({"deleted": removed, "index": str(index_dir)})
     else:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime
 import sys
 from pathlib import Path
 from typing import Optional
@@ -52,6 +53,9 @@ def search(
     target: Optional[str] = typer.Option(None, "--target", help="image | caption (default: images for text and --id, captions for an image)."),
     path_prefix: Optional[str] = typer.Option(None, "--path-prefix", help="Only images whose file (or captions whose image's file) is under this path."),
     split: Optional[str] = typer.Option(None, "--split", help="Only items of this split."),
+    added_after: Optional[datetime] = typer.Option(
+        None, "--added-after", formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f"],
+        help="Only items indexed after this time (UTC), e.g. 2026-12-01 or 2026-12-01T18:00:00."),
     as_json: bool = JsonOpt,
     html_out: Optional[Path] = typer.Option(
         None, "--html",
@@ -73,7 +77,7 @@ def search(
         collection.index.set_search_params(**params)
     index = collection.index
     engine = QueryEngine(index, collection.encoder)
-    filters = Filters(os.path.abspath(path_prefix) if path_prefix else None, split)
+    filters = Filters(os.path.abspath(path_prefix) if path_prefix else None, split, added_after)
     options = {"offset": offset, "filters": filters}
     if queries is not None:
         _run_query_file(engine, queries, target or "image", k, options, as_json)

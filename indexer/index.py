@@ -30,6 +30,7 @@ import numpy as np
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from indexer import db_url as db_url_rules
 from indexer import store
 from indexer.errors import IndexExistsError, IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.files import write_atomic
@@ -146,9 +147,10 @@ def _write_index_json(directory: Path, db_url: str | None) -> None:
 class Index:
     """Images and captions with their vectors: add, delete, search, look up."""
 
-    def __init__(self, directory: Path, db: Store, read_only: bool) -> None:
+    def __init__(self, directory: Path, db: Store, read_only: bool, db_url: str | None = None) -> None:
         self.directory = directory
         self.read_only = read_only
+        self.db_url = db_url  # as index.json records it (no password); None: DIR/meta.sqlite
         self._db = db
         self._manifest = db.manifest()
         self._sets: dict[str, VectorSet] | None = None
@@ -171,9 +173,12 @@ class Index:
         staging folder beside `directory`, index.json last, and moved into place with one
         rename: a failed or killed creation leaves no index folder behind, and of two
         processes creating the same index one wins and the other gets IndexExistsError.
+        A relative SQLite `db_url` is made absolute; index.json records the URL without
+        its password (see `indexer.db_url`).
         """
         directory = Path(directory)
         _check_creatable(directory)
+        db_url = db_url and db_url_rules.resolved(db_url)
         directory.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_staging(directory)
         staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(directory)}{os.getpid()}-", dir=directory.parent))
@@ -195,7 +200,7 @@ class Index:
             )
             initialised = True
             db.close()  # an SQLite database checkpoints its WAL into meta.sqlite here
-            _write_index_json(staging, db_url)
+            _write_index_json(staging, db_url and db_url_rules.without_password(db_url))
             _move_into_place(staging, directory)
         except BaseException as exc:
             if db is not None:
@@ -218,7 +223,9 @@ class Index:
         """Open an existing index; writable opens also clear what a crashed writer left."""
         directory = Path(directory)
         meta = _read_index_json(directory)
-        index = cls(directory, Store(meta.get("db_url") or default_db_url(directory)), read_only)
+        recorded = meta.get("db_url")
+        db = Store(db_url_rules.with_password(recorded) if recorded else default_db_url(directory))
+        index = cls(directory, db, read_only, db_url=recorded)
         if not read_only:
             with index._db.writing() as (_, manifest):
                 remove_orphans(directory, manifest.generation)
@@ -313,6 +320,13 @@ class Index:
             raise SeesayError(f"k must be at least 1, got {k}")
         return vector_set.search(queries, k)
 
+    def training_shortfall(self) -> dict[str, int]:
+        """For each kind whose FAISS index still waits for training data, how many more vectors it needs.
+
+        Until then that kind is searched by an exact scan of its stored vectors.
+        """
+        return {kind: s.untrained for kind, s in self._loaded().items() if s.untrained}
+
     def set_search_params(self, **params: int) -> None:
         """Override FAISS search parameters (e.g. nprobe=64, efSearch=256) for this session."""
         sets = self._loaded()
@@ -343,6 +357,10 @@ class Index:
     def captions_by_image(self, image_item_ids: Sequence[int]) -> dict[int, list[Item]]:
         """The captions of many image items at once: {image id: captions}."""
         return self._db.captions_by_image([int(i) for i in image_item_ids])
+
+    def images_under(self, prefix: str | None = None) -> list[Item]:
+        """Image items whose stored path starts with `prefix` (all images for None), in id order."""
+        return self._db.images_under(prefix)
 
     def ids_by_hash(self, kind: str, hashes: Sequence[str]) -> dict[str, int]:
         """Committed item ids of `kind` whose content hash is among `hashes`."""
@@ -542,6 +560,18 @@ class Index:
             sets["image"].remove(images)
             sets["caption"].remove(captions)
         return len(images) + len(captions)
+
+
+    def set_paths(self, paths: dict[int, str]) -> None:
+        """Point image items at new files ({item id: path}), e.g. after the files moved; vectors stay."""
+        if not paths:
+            return
+        with self._writing("set paths") as (session, _sets):
+            rows = store.rows_by_id(session, paths)
+            wrong = sorted(set(paths) - {row.id for row in rows if row.kind == "image"})
+            if wrong:
+                raise ItemNotFoundError(f"no image items with ids {wrong} in index {self.directory}; no path changed", wrong)
+            store.set_paths(session, paths)
 
 
 def _insert(

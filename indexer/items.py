@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Literal
 
 Kind = Literal["image", "caption"]
@@ -18,6 +19,7 @@ class Item:
     text: str | None
     image_item_id: int | None
     split: str | None
+    added_at: datetime | None = None  # when it was indexed, UTC
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from indexer.db_url import password_hint
 from indexer.errors import IndexExistsError, SeesayError
 from indexer.items import Item
 
@@ -90,7 +91,10 @@ class Manifest(Base):
 
 
 def _item(row: ItemRow) -> Item:
-    return Item(row.id, row.kind, row.source_id, row.path, row.text, row.image_item_id, row.split)
+    added = row.created_at
+    if added is not None and added.tzinfo is None:  # SQLite hands back naive datetimes; they are UTC
+        added = added.replace(tzinfo=timezone.utc)
+    return Item(row.id, row.kind, row.source_id, row.path, row.text, row.image_item_id, row.split, added)
 
 
 def _chunks(values: Sequence, size: int = _IN_CHUNK) -> Iterator[Sequence]:
@@ -127,6 +131,7 @@ class Store:
         except (SQLAlchemyError, ValueError) as exc:
             raise SeesayError(f"cannot use that database URL: {exc}") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._url = url
 
     def close(self) -> None:
         """Release every pooled connection."""
@@ -165,7 +170,9 @@ class Store:
             with self._sessions() as session:
                 row = session.get(Manifest, MANIFEST_ID)
         except SQLAlchemyError as exc:
-            raise SeesayError(f"database {self.display_url} holds no readable seesay index: {exc}") from exc
+            raise SeesayError(
+                f"database {self.display_url} holds no readable seesay index: {exc}{password_hint(self._url)}"
+            ) from exc
         if row is None:
             raise SeesayError(f"database {self.display_url} holds no seesay index (empty manifest)")
         return row
@@ -211,6 +218,20 @@ class Store:
         """Committed item ids of `kind` whose hash is among `hashes`."""
         with self._sessions() as session:
             return ids_by_hash(session, kind, hashes)
+
+    def images_under(self, prefix: str | None) -> list[Item]:
+        """Image items whose path starts with `prefix` (every image for None), in id order."""
+        query = select(ItemRow).where(ItemRow.kind == "image")
+        if prefix is not None:
+            query = query.where(ItemRow.path.startswith(prefix, autoescape=True))
+        with self._sessions() as session:
+            return [_item(row) for row in session.scalars(query.order_by(ItemRow.id))]
+
+
+def set_paths(session: Session, paths: dict[int, str]) -> None:
+    """Point image items at new files: {item id: path}."""
+    for item_id, path in paths.items():
+        session.execute(update(ItemRow).where(ItemRow.id == item_id, ItemRow.kind == "image").values(path=path))
 
 
 def ids_by_hash(session: Session, kind: str, hashes: Sequence[str]) -> dict[str, int]:

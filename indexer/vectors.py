@@ -159,6 +159,11 @@ class VectorSet:
     def dim(self) -> int:
         return self.vectors.shape[1]
 
+    @property
+    def untrained(self) -> int:
+        """How many more vectors this set needs before its index can be trained (0 once trained)."""
+        return 0 if self.index.is_trained else max(0, training_need(self.index) - len(self.ids))
+
     def set_params(self, overrides: Mapping[str, int]) -> None:
         """Apply default search parameters, then `overrides`, where they fit this index type."""
         names = tunable(self.index)
@@ -227,10 +232,10 @@ class VectorSet:
         if not len(self.ids) or not len(queries):
             return scores, ids
         if not self.index.is_trained:
-            raise SeesayError(
-                f"{self.factory} needs ≥ {training_need(self.index)} training vectors, have {len(self.ids)} {self.name}: "
-                "use --factory Flat or index more items"
-            )
+            # Too few vectors to train on yet (`training_need`): an exact scan of the stored ones answers meanwhile.
+            if self._exact is None:
+                self._exact = ExactSearch(self.vectors, self.ids)
+            return self._exact.search(queries, k)
         kk = min(k, len(self.ids))
         index = self._on_device() if kk <= GPU_MAX_K else self.index
         if index is self.index and isinstance(_unwrapped(index), faiss.IndexFlat):

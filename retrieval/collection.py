@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from indexer import BuiltBy, Index, IndexExistsError
+from indexer import db_url as db_url_rules
 from retrieval.datasets import Record
 from retrieval.encoders.base import Encoder, read_manifest, verify_weights
 from retrieval.encoders.registry import load_encoder
@@ -56,26 +57,41 @@ class Collection:
 
     @classmethod
     def open_or_create(
-        cls, directory: str | Path, encoder: Encoder, factory: str = "Flat", db_url: str | None = None
+        cls, directory: str | Path, encoder: Encoder, factory: str | None = None, db_url: str | None = None
     ) -> "Collection":
         """Open the index in `directory` if there is one (it must use `encoder`), else create it.
 
-        `factory` and `db_url` only apply when creating.
+        `factory` (default Flat) and `db_url` choose how a new index is made; given for an
+        existing index that was made otherwise, they are an error rather than ignored.
         """
         directory = Path(directory)
         if not Index.exists(directory):
             try:
-                return cls.create(directory, encoder, factory, db_url)
+                return cls.create(directory, encoder, factory or "Flat", db_url)
             except IndexExistsError:
                 pass  # another process made it meanwhile: append to it like any existing index
         index = Index.open(directory)
         built = index.built_by
+        made = index.info()
+        problem = None
         if built.dim != encoder.dim or not same_encoder(built.identity, encoder):
-            index.close()
-            raise IndexMismatchError(
+            problem = (
                 f"index {directory} was built with encoder {built.identity!r} (dim {built.dim}), "
                 f"not {encoder.identity!r} (dim {encoder.dim})"
             )
+        elif factory is not None and factory != made["factory"]:
+            problem = (
+                f"index {directory} was made with FAISS factory {made['factory']!r}; a factory ({factory!r}) "
+                "only applies when an index is created: leave it out to add to this one, or index into a new folder"
+            )
+        elif db_url is not None and db_url_rules.without_password(db_url_rules.resolved(db_url)) != index.db_url:
+            problem = (
+                f"index {directory} keeps its metadata in {made['db_url']}; a database URL only applies when "
+                "an index is created: leave it out to add to this one"
+            )
+        if problem:
+            index.close()
+            raise IndexMismatchError(problem)
         return cls(index, encoder)
 
     def close(self) -> None:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Collection, Literal, Optional, Sequence
 
 import numpy as np
 
 from indexer import Index, Item
-from retrieval.ingest import normalise_caption
+from retrieval.ingest import file_hash, normalise_caption
 from retrieval.encoders.base import Encoder
 from retrieval.errors import BadQueryError, ItemNotFoundError
 from retrieval.images import ImageInput
@@ -26,14 +28,19 @@ class Filters:
 
     path_prefix: Optional[str] = None
     split: Optional[str] = None
+    added_after: Optional[datetime] = None  # naive times are taken as UTC
 
     def __bool__(self) -> bool:
-        return self.path_prefix is not None or self.split is not None
+        return any(value is not None for value in (self.path_prefix, self.split, self.added_after))
 
     def admit(self, item: Item, image_path: Optional[str]) -> bool:
         """Whether a hit on `item`, showing the image file `image_path`, passes."""
         if self.split is not None and item.split != self.split:
             return False
+        if self.added_after is not None:
+            after = self.added_after if self.added_after.tzinfo else self.added_after.replace(tzinfo=timezone.utc)
+            if item.added_at is None or item.added_at <= after:
+                return False
         return self.path_prefix is None or (image_path or "").startswith(self.path_prefix)
 
 
@@ -174,8 +181,20 @@ class QueryEngine:
     def search_images(
         self, images: Sequence[ImageInput], target: Target = "caption", k: int = 10, **options
     ) -> list[list[Hit]]:
-        """Image queries (paths or PIL images) → captions (image → text) or images (image → image)."""
-        return self.search_vectors(self.encoder.encode_images(list(images)), target, k, **options)
+        """Image queries (paths or PIL images) → captions (image → text) or images (image → image).
+
+        Image → image never answers a query file with itself: an indexed image with the same
+        content is left out.
+        """
+        vectors = self.encoder.encode_images(list(images))
+        if target == "image" and "exclude" not in options:
+            options["exclude"] = self.indexed_copies([file_hash(i) if isinstance(i, (str, Path)) else None for i in images])
+        return self.search_vectors(vectors, target, k, **options)
+
+    def indexed_copies(self, hashes: Sequence[Optional[str]]) -> list[set[int]]:
+        """For each content hash (None: unknown), the indexed image with that content, if any."""
+        found = self.index.ids_by_hash("image", [h for h in hashes if h is not None])
+        return [{found[h]} if h in found else set() for h in hashes]
 
     def search_items(
         self, item_ids: Sequence[int], target: Target = "image", k: int = 10, **options

@@ -80,7 +80,7 @@ class Encoded:
     def rows(self) -> list[NewItem]:
         """The rows to store, images first, in the order of `vectors()`."""
         images = [
-            NewItem("image", new.record.image_id, new.hash, path=str(new.record.image_path), split=new.record.split)
+            NewItem("image", new.record.image_id, new.hash, path=stored_path(new.record.image_path), split=new.record.split)
             for new in self.images
         ]
         captions = [
@@ -94,6 +94,11 @@ class Encoded:
     def vectors(self) -> np.ndarray:
         """Image vectors, then caption vectors."""
         return np.concatenate([self.image_vectors, self.caption_vectors])
+
+
+def stored_path(path: str | Path) -> str:
+    """How an image file is recorded: absolute (not resolving links), so it opens from any working directory."""
+    return os.path.abspath(path)
 
 
 def file_hash(path: str | Path) -> str:

@@ -5,7 +5,9 @@ nothing here takes a lock (see `service.py`).
 """
 from __future__ import annotations
 
+import hashlib
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,9 +61,10 @@ class SearchOptions:
             description="Only images whose indexed file (or captions whose image's file) starts with this absolute path",
         ),
         split: Optional[str] = Query(None, min_length=1, max_length=64, description="Only items of this split"),
+        added_after: Optional[datetime] = Query(None, description="Only items indexed after this time (ISO 8601; UTC unless it says)"),
     ) -> None:
         self.offset = offset
-        self.filters = Filters(path_prefix, split)
+        self.filters = Filters(path_prefix, split, added_after)
 
     def engine_options(self) -> dict:
         return {"offset": self.offset, "filters": self.filters}
@@ -139,7 +142,10 @@ def search_image(
     data = read_upload(file.file, name, service.max_upload_bytes)
     with service.image_slot():
         vectors = service.encoder.encode_images([decode_upload(data, name, service.max_pixels)])
-    hits = service.snapshot().engine.search_vectors(vectors, target, k, **options.engine_options())[0]
+    engine = service.snapshot().engine
+    # image → image leaves out an indexed copy of the uploaded file itself
+    exclude = engine.indexed_copies([hashlib.sha256(data).hexdigest()]) if target == "image" else None
+    hits = engine.search_vectors(vectors, target, k, exclude=exclude, **options.engine_options())[0]
     return _finish(name, "image", target, k, options, started, hits)
 
 
