@@ -19,7 +19,7 @@ class Item:
     text: str | None
     image_item_id: int | None
     split: str | None
-    added_at: datetime | None = None  # when it was indexed, UTC
+    added_at: datetime | None = field(default=None, compare=False)  # when it was indexed, UTC
 
 
 @dataclass(frozen=True)

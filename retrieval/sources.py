@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from indexer.files import write_atomic
 from retrieval.datasets import Dataset, load_dataset
 from retrieval.errors import BadDataError
 
@@ -70,7 +71,4 @@ def record_source(directory: Path, source: Source) -> None:
     sources = read_sources(directory)
     if source in sources:
         return
-    path = Path(directory) / SOURCES_JSON
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"sources": [asdict(s) for s in sources + [source]]}, indent=2))
-    os.replace(tmp, path)
+    write_atomic(Path(directory) / SOURCES_JSON, json.dumps({"sources": [asdict(s) for s in sources + [source]]}, indent=2))

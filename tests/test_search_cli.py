@@ -139,5 +139,5 @@ def test_an_index_without_captions_says_so_to_an_image_query(photos, tmp_path):
     assert result.exit_code != 0
     message = str(result.exception)
     assert "holds no captions" in message and "--target image" in message
-    hits = search_json(tmp_path / "i", "--image", folder / "blue.png", "--target", "image", "-k", "1")
-    assert Path(hits[0]["path"]).name == "blue.png"
+    hits = search_json(tmp_path / "i", "--image", folder / "blue.png", "--target", "image", "-k", "2")
+    assert [Path(h["path"]).name for h in hits] == ["red.png"]  # the query file itself is left out
