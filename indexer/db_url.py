@@ -41,7 +41,11 @@ def resolved(url: str) -> str:
 def without_password(url: str) -> str:
     """`url` as it may be written to disk: any password removed."""
     parsed = _parse(url)
-    return url if parsed.password is None else _render(parsed.set(password=None))
+    if parsed.password is None:
+        return url
+    # URL.set(password=None) would keep the password: None there means "unchanged".
+    bare = URL.create(parsed.drivername, parsed.username, None, parsed.host, parsed.port, parsed.database, parsed.query)
+    return _render(bare)
 
 
 def with_password(url: str) -> str:
