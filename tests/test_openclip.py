@@ -75,12 +75,28 @@ def test_missing_checkpoint_and_bad_specs(tmp_path):
 def test_download_failure_suggests_a_local_checkpoint(monkeypatch):
     import open_clip
 
+    from retrieval.encoders import openclip as module
+
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
+    monkeypatch.setattr(module, "reachable", lambda host, timeout=3.0: True)  # the host answers, the download fails
     monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
     with pytest.raises(EncoderError, match=r"no network access.*openclip:ViT-B-32@PATH"):
         load_encoder("openclip:ViT-B-32/openai")
+
+
+def test_uncached_weights_offline_fail_at_once_without_trying_to_download(monkeypatch):
+    import open_clip
+
+    from retrieval.encoders import openclip as module
+
+    host, cached = module.weights_source("ViT-B-32", "laion2b_s34b_b79k")
+    if cached or module.reachable(host):
+        pytest.skip(f"the weights are cached or {host} answers here")
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(EncoderError, match=rf"not in the local cache and {host} cannot be reached.*openclip:ViT-B-32@PATH"):
+        load_encoder("openclip:ViT-B-32/laion2b_s34b_b79k")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

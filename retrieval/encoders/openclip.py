@@ -78,6 +78,52 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+# How long to wait for the weights' host to answer before calling it unreachable.
+REACH_TIMEOUT_S = 3.0
+# Names open_clip looks for in a Hugging Face repo given without a file name.
+_HUB_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def weights_source(arch: str, tag: str) -> tuple[str, bool]:
+    """(host the pretrained weights download from, whether they are already in the local cache)."""
+    from urllib.parse import urlparse
+
+    from open_clip import pretrained
+
+    cfg = pretrained.get_pretrained_cfg(arch, tag)
+    hub = cfg.get("hf_hub", "")
+    if hub and pretrained.has_hf_hub():
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        repo, filename = hub.rstrip("/").rsplit("/", 1) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        names = (filename,) if filename else _HUB_FILES
+        cached = any(isinstance(try_to_load_from_cache(repo, name), str) for name in names)
+        return urlparse(constants.ENDPOINT).hostname or "huggingface.co", cached
+    url = cfg.get("url", "")
+    cached = (Path.home() / ".cache" / "clip" / Path(urlparse(url).path).name).is_file()
+    return urlparse(url).hostname or "", cached
+
+
+def reachable(host: str, timeout: float = REACH_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to `host`:443 opens within `timeout` (name lookup included)."""
+    import socket
+    import threading
+
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)  # a hung DNS lookup cannot hold us
+    worker.start()
+    worker.join(timeout)
+    return bool(answer and answer[0])
+
+
 class OpenClipEncoder(TorchImageEncoder):
     kind = KIND
     version = 1
@@ -115,6 +161,13 @@ class OpenClipEncoder(TorchImageEncoder):
             raise EncoderError(
                 f"open_clip has no pretrained weights {tag!r} for {self.arch}; "
                 f"known tags: {', '.join(known) or 'none'} (or use openclip:{self.arch}@PATH)"
+            )
+        host, cached = weights_source(self.arch, tag)
+        if not cached and not reachable(host):
+            raise EncoderError(
+                f"open_clip weights {self.arch}/{tag} are not in the local cache and {host or 'their host'} "
+                f"cannot be reached (offline?): download the checkpoint where the network allows and use "
+                f"openclip:{self.arch}@PATH"
             )
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(self.arch, pretrained=tag)
