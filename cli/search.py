@@ -76,7 +76,7 @@ def search(
     if params:
         collection.index.set_search_params(**params)
     index = collection.index
-    engine = QueryEngine(index, collection.encoder)
+    engine = QueryEngine(index, lambda: collection.encoder)  # loaded only for a query that needs it
     filters = Filters(os.path.abspath(path_prefix) if path_prefix else None, split, added_after)
     options = {"offset": offset, "filters": filters}
     if queries is not None:

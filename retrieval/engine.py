@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Collection, Literal, Optional, Sequence
+from typing import Callable, Collection, Literal, Optional, Sequence
 
 import numpy as np
 
@@ -77,15 +77,23 @@ class QueryEngine:
     It reads the generation its index has loaded: whoever wants to follow writers calls
     `index.refresh()` (the server swaps in a newly loaded index instead, so concurrent
     searches never see one change under them). `encoder` turns queries into vectors: the
-    index's own (`Collection.encoder`).
+    index's own (`Collection.encoder`), or a function that loads it, called on the first
+    query that needs it (searches from stored vectors never load a model).
 
     Every search takes `offset` (skip that many hits: page 2 of 10 is offset=10, k=10) and
     `filters`. Caption results hold each caption text once (its best-scoring copy).
     """
 
-    def __init__(self, index: Index, encoder: Encoder) -> None:
+    def __init__(self, index: Index, encoder: Encoder | Callable[[], Encoder]) -> None:
         self.index = index
-        self.encoder = encoder
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Encoder:
+        """The encoder that turns queries into vectors (loaded now if it was given as a loader)."""
+        if not isinstance(self._encoder, Encoder):
+            self._encoder = self._encoder()
+        return self._encoder
 
     def _check(self, target: str, k: int, offset: int) -> None:
         if target not in TARGETS:

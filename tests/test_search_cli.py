@@ -6,6 +6,7 @@ encoder (conftest), so the right answer to each query is known.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,13 @@ def test_an_index_without_captions_says_so_to_an_image_query(photos, tmp_path):
     assert "holds no captions" in message and "--target image" in message
     hits = search_json(tmp_path / "i", "--image", folder / "blue.png", "--target", "image", "-k", "2")
     assert [Path(h["path"]).name for h in hits] == ["red.png"]  # the query file itself is left out
+
+
+def test_search_by_id_needs_no_model(photos, tmp_path):
+    directory = tmp_path / "i"
+    run("index", "--encoder", "test-colour:8", "--data", photos / "captions.csv", "--images", photos, "--index", directory)
+    red = search_json(directory, "red", "-k", "1")[0]
+    shutil.rmtree(directory / "encoder")  # no model to load: only stored vectors can answer
+    assert len(search_json(directory, "--id", red["id"], "-k", "2")) == 2
+    text = invoke("search", "--index", directory, "red")
+    assert text.exit_code != 0 and "encoder" in str(text.exception)
