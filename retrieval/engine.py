@@ -9,7 +9,7 @@ from typing import Callable, Collection, Literal, Optional, Sequence
 import numpy as np
 
 from indexer import Index, Item
-from retrieval.ingest import file_hash, normalise_caption
+from retrieval.ingest import file_hash, normalise_caption, under
 from retrieval.encoders.base import Encoder
 from retrieval.errors import BadQueryError, ItemNotFoundError
 from retrieval.images import ImageInput
@@ -24,7 +24,11 @@ _GROWTH = 4
 
 @dataclass(frozen=True)
 class Filters:
-    """Conditions on stored metadata that every hit must meet; a caption is judged by its image's path."""
+    """Conditions on stored metadata that every hit must meet.
+
+    `path_prefix` is an absolute file or folder: images stored at it or under it pass (a
+    caption goes with its image's file).
+    """
 
     path_prefix: Optional[str] = None
     split: Optional[str] = None
@@ -41,7 +45,7 @@ class Filters:
             after = self.added_after if self.added_after.tzinfo else self.added_after.replace(tzinfo=timezone.utc)
             if item.added_at is None or item.added_at <= after:
                 return False
-        return self.path_prefix is None or (image_path or "").startswith(self.path_prefix)
+        return self.path_prefix is None or under(image_path or "", self.path_prefix)
 
 
 @dataclass

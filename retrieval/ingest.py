@@ -101,6 +101,12 @@ def stored_path(path: str | Path) -> str:
     return os.path.abspath(path)
 
 
+def under(path: str, folder: str) -> bool:
+    """Whether stored path `path` is `folder` itself or lies inside it (both absolute)."""
+    folder = folder.rstrip(os.sep) or os.sep
+    return path == folder or path.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
+
+
 def file_hash(path: str | Path) -> str:
     """sha256 of a regular file's bytes; BadImageError naming the file when it cannot or must not be read.
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from retrieval.collection import Collection
 from retrieval.datasets import Record
-from retrieval.ingest import AddReport, caption_hash, file_hash, stored_path
+from retrieval.ingest import AddReport, caption_hash, file_hash, stored_path, under
 from retrieval.errors import BadImageError
 
 
@@ -32,12 +32,6 @@ class SyncReport:
 
     def to_dict(self) -> dict:
         return {"moved": self.moved, "removed": self.removed, **vars(self.added)}
-
-
-def under(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or lies inside it (both absolute)."""
-    folder = folder.rstrip(os.sep)
-    return path == folder or path.startswith(folder + os.sep)
 
 
 def sync(collection: Collection, records: Sequence[Record], folders: Sequence[str], progress: bool = False) -> SyncReport:

@@ -102,6 +102,9 @@ def test_offset_pages_through_the_ranking(index):
 def test_filters_on_path_prefix_and_split(index, photos, monkeypatch):
     work = search_json(index, "red", "-k", "5", "--path-prefix", photos / "work")
     assert {Path(h["path"]).parent.name for h in work} == {"work"} and len(work) == 3
+    assert search_json(index, "red", "--path-prefix", photos / "wo") == []  # a folder, not a string prefix
+    single = search_json(index, "red", "--path-prefix", photos / "work" / "blue.png")
+    assert [Path(h["path"]).name for h in single] == ["blue.png"]
     monkeypatch.chdir(photos)  # a relative prefix means a folder under the working directory
     holiday = search_json(index, "red", "-k", "5", "--path-prefix", "holiday")
     assert sorted(Path(h["path"]).name for h in holiday) == ["green.png", "red1.png"]

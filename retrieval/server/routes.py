@@ -58,7 +58,7 @@ class SearchOptions:
         offset: int = Query(0, ge=0, le=MAX_OFFSET, description="Skip this many results first (the next page: offset=k)"),
         path_prefix: Optional[str] = Query(
             None, min_length=1, max_length=4096,
-            description="Only images whose indexed file (or captions whose image's file) starts with this absolute path",
+            description="Only images indexed from under this absolute folder (or that file), and their captions",
         ),
         split: Optional[str] = Query(None, min_length=1, max_length=64, description="Only items of this split"),
         added_after: Optional[datetime] = Query(None, description="Only items indexed after this time (ISO 8601; UTC unless it says)"),
