@@ -33,7 +33,7 @@ class Dataset:
 
 FORMATS = ("csv", "karpathy", "coco", "folder", "jsonl")
 # Pillow formats it can only identify, or decode only with an outside program (Ghostscript).
-_UNDECODABLE = frozenset({"EPS", "MPEG"})
+_IDENTIFY_ONLY_FORMATS = frozenset({"EPS", "MPEG"})
 # Karpathy's "restval" images are the extra training images of his COCO split.
 _SPLIT_ALIASES = {"train": {"train", "restval"}}
 # Longer captions are skipped as bad rows: no caption set has them, and every encoder
@@ -100,7 +100,7 @@ def image_extensions() -> frozenset[str]:
     Image.init()
     decodable = {
         name for name, (opener, _accept) in Image.OPEN.items()
-        if name not in _UNDECODABLE and not (isinstance(opener, type) and issubclass(opener, ImageFile.StubImageFile))
+        if name not in _IDENTIFY_ONLY_FORMATS and not (isinstance(opener, type) and issubclass(opener, ImageFile.StubImageFile))
     }
     return frozenset(ext for ext, name in Image.registered_extensions().items() if name in decodable)
 
