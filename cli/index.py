@@ -21,7 +21,6 @@ from cli.common import (
     read_data,
     report_problems,
 )
-from indexer import Index
 from retrieval.collection import Collection
 from retrieval.encoders import load_encoder
 from retrieval.errors import SeesayError

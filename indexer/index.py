@@ -211,7 +211,7 @@ class Index:
             if isinstance(exc, OSError):
                 raise SeesayError(f"cannot create an index in {directory}: {exc.strerror or exc}: {exc.filename or ''}") from exc
             raise
-        return cls.open(directory)
+        return cls.open(directory, db_url=db_url)  # with the password, which index.json does not keep
 
     @staticmethod
     def exists(directory: str | Path) -> bool:
@@ -219,12 +219,23 @@ class Index:
         return (Path(directory) / INDEX_JSON).exists()
 
     @classmethod
-    def open(cls, directory: str | Path, read_only: bool = False) -> "Index":
-        """Open an existing index; writable opens also clear what a crashed writer left."""
+    def open(cls, directory: str | Path, read_only: bool = False, db_url: str | None = None) -> "Index":
+        """Open an existing index; writable opens also clear what a crashed writer left.
+
+        `db_url` may repeat the recorded database URL with its password; naming another
+        database is an error (the URL is chosen when the index is made).
+        """
         directory = Path(directory)
         meta = _read_index_json(directory)
         recorded = meta.get("db_url")
-        db = Store(db_url_rules.with_password(recorded) if recorded else default_db_url(directory))
+        if db_url is not None:
+            db_url = db_url_rules.resolved(db_url)
+            if db_url_rules.without_password(db_url) != (recorded or default_db_url(directory)):
+                raise IndexMismatchError(
+                    f"index {directory} keeps its metadata in {db_url_rules.without_password(recorded or default_db_url(directory))}; "
+                    "a database URL only applies when an index is created: leave it out to add to this one"
+                )
+        db = Store(db_url or (db_url_rules.with_password(recorded) if recorded else default_db_url(directory)))
         index = cls(directory, db, read_only, db_url=recorded)
         if not read_only:
             with index._db.writing() as (_, manifest):

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Sequence
 
 from indexer import BuiltBy, Index, IndexExistsError
-from indexer import db_url as db_url_rules
 from retrieval.datasets import Record
 from retrieval.encoders.base import Encoder, read_manifest, verify_weights
 from retrieval.encoders.registry import load_encoder
@@ -70,7 +69,7 @@ class Collection:
                 return cls.create(directory, encoder, factory or "Flat", db_url)
             except IndexExistsError:
                 pass  # another process made it meanwhile: append to it like any existing index
-        index = Index.open(directory)
+        index = Index.open(directory, db_url=db_url)
         built = index.built_by
         made = index.info()
         problem = None
@@ -83,11 +82,6 @@ class Collection:
             problem = (
                 f"index {directory} was made with FAISS factory {made['factory']!r}; a factory ({factory!r}) "
                 "only applies when an index is created: leave it out to add to this one, or index into a new folder"
-            )
-        elif db_url is not None and db_url_rules.without_password(db_url_rules.resolved(db_url)) != index.db_url:
-            problem = (
-                f"index {directory} keeps its metadata in {made['db_url']}; a database URL only applies when "
-                "an index is created: leave it out to add to this one"
             )
         if problem:
             index.close()

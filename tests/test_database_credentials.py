@@ -88,6 +88,8 @@ def test_the_password_is_used_but_never_written(postgres, tmp_path, monkeypatch)
     assert PASSWORD not in info.stdout
 
     monkeypatch.delenv("SEESAY_DB_PASSWORD")
+    again = invoke("index", "--encoder", "test-colour:8", "--data", tmp_path / "photos", "--index", index, "--db-url", url)
+    assert again.exit_code == 0, f"{again.output}{again.exception!r}"  # the URL with its password opens it too
     (tmp_path / "pgpass").write_text(f"*:*:*:seesay:{PASSWORD}\n")
     os.chmod(tmp_path / "pgpass", 0o600)
     monkeypatch.setenv("PGPASSFILE", str(tmp_path / "pgpass"))  # libpq's own password file
