@@ -10,7 +10,7 @@ import typer
 from cli.bench import bench_app
 from cli.demo import demo
 from cli.evaluate import eval_command
-from cli.index import check, delete, index, info
+from cli.index import check, compact, delete, index, info
 from cli.maintain import export, prune, update
 from cli.search import search
 from cli.serve import serve
@@ -54,6 +54,7 @@ app.command()(delete)
 app.command()(update)
 app.command()(prune)
 app.command()(export)
+app.command()(compact)
 app.command()(demo)
 app.command()(serve)
 app.add_typer(bench_app, name="bench")

@@ -21,6 +21,7 @@ from cli.common import (
     read_data,
     report_problems,
 )
+from indexer import Index
 from retrieval.collection import Collection
 from retrieval.encoders import load_encoder
 from retrieval.errors import SeesayError
@@ -121,3 +122,20 @@ def delete(
         print_json({"deleted": removed, "index": str(index_dir)})
     else:
         out.print(f"deleted {removed} items from {index_dir}")
+
+
+def compact(index_dir: Path = IndexOpt, as_json: bool = JsonOpt) -> None:
+    """Merge each kind's segments into one and drop deleted items' vectors (readers keep working).
+
+    Every add and delete already merges by a size-tiered policy; this merges everything,
+    and migrates an index of an older format.
+    """
+    with Index.open(index_dir) as opened:
+        merged = opened.compact(everything=True)
+        details = opened.info()
+    summary = {"merged": merged, "segments": details["segments"], "index": str(index_dir)}
+    if as_json:
+        print_json(summary)
+    else:
+        segments = ", ".join(f"{n} {kind}" for kind, n in details["segments"].items())
+        out.print(f"merged {merged} segments of {index_dir}; now {segments} segment(s)")

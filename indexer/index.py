@@ -1,24 +1,25 @@
-"""The on-disk index: a directory with the saved encoder, metadata database and FAISS files.
+"""The on-disk index: a directory with the saved encoder, metadata database and vector segments.
 
 The storage engine: it takes rows and their vectors and never encodes anything.
 
-Layout of DIR:
-  index.json                 {"format": "seesay-index", "version": 1, "db_url": null | URL}
+Layout of DIR (format version 2):
+  index.json                 {"format": "seesay-index", "version": 2, "db_url": null | URL}
   encoder/                   the encoder's saved folder, kept as an opaque artefact for the layer above
-  meta.sqlite                items and manifest (unless another db_url was given)
-  images.gG.{faiss,npy,ids.npy}, captions.gG.{...}   vectors of generation G
+  meta.sqlite                items, segments, tombstones and manifest (unless another db_url was given)
+  images.sS.{npy,ids.npy[,faiss]}, captions.sS.{...}   immutable segments (see indexer.segments)
 
-Every write runs in one SQL transaction that holds the manifest lock: rows are
-inserted, generation G+1 files are written and renamed into place, the manifest
-moves to G+1, then it commits. A crash before the commit leaves SQL at G and
-orphan G+1 files, which the next writer removes; readers only ever load the
-generation the committed manifest names.
+Every write runs in one SQL transaction that holds the manifest lock. An add inserts its
+rows, writes one new segment per kind it touches and records it in the `segments` table;
+a delete removes the rows and records tombstones; a merge writes one segment from several
+and retires them. The commit makes the change visible at once; a crash before it leaves
+files no committed segment names, which the next writer removes. Readers load only the
+segments of one committed state, and keep loaded segments across states (they never change).
+Format 1 (one set of files per generation) is migrated on the first writable open.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -30,32 +31,36 @@ import numpy as np
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
+from indexer import compaction, store
 from indexer import db_url as db_url_rules
-from indexer import store
 from indexer.errors import IndexExistsError, IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.files import write_atomic
 from indexer.items import Added, BuiltBy, Item, NewItem
-from indexer.store import ItemRow, Manifest, Store
-from indexer.vectors import (
-    VectorSet,
-    read_or_fail,
-    generation_paths,
-    remove_generations_below,
-    remove_orphans,
-    save_generation,
-    tunable,
+from indexer.migrate import migrate_v1
+from indexer.segments import (
+    SEGMENT_FILE,
+    Loaded,
+    SegmentSet,
+    load_segment,
+    make_part,
+    read_ids,
+    read_template,
+    read_vectors,
+    remove_segments,
+    segment_paths,
+    write_segment,
 )
+from indexer.store import ItemRow, Manifest, SegmentRow, Store
+from indexer.vectors import VectorSet, build, faiss_reason, is_flat, read_or_fail, training_need
 
 FORMAT = "seesay-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INDEX_JSON = "index.json"
 ENCODER_DIR = "encoder"
 DEFAULT_DB = "meta.sqlite"
 # Set names on disk, by item kind.
 SET_NAMES = {"image": "images", "caption": "captions"}
-# Files of a generation (images.g3.faiss, ...): their presence marks a half-made index.
-_GENERATION_NAME = re.compile(r"^(images|captions)\.g\d+\.")
-# How often a reader retries when writers delete the generation it is loading.
+# How often a reader retries when a merge removes a segment it is loading.
 _LOAD_ATTEMPTS = 5
 
 
@@ -64,7 +69,7 @@ def default_db_url(directory: Path) -> str:
     return f"sqlite:///{(directory / DEFAULT_DB).resolve()}"
 
 
-def _read_index_json(directory: Path) -> dict:
+def _read_index_json(directory: Path, read_only: bool) -> dict:
     path = directory / INDEX_JSON
     if not path.is_file():
         raise SeesayError(f"{directory} is not a seesay index (no {INDEX_JSON})")
@@ -73,6 +78,13 @@ def _read_index_json(directory: Path) -> dict:
         version = meta["version"]
     except (ValueError, KeyError, TypeError) as exc:
         raise SeesayError(f"{path} is not a valid seesay index file: {exc}") from exc
+    if meta.get("format") == FORMAT and version == 1:
+        if read_only:
+            raise SeesayError(
+                f"{directory}: index format version 1 must be migrated to version {FORMAT_VERSION} first: "
+                f"run `seesay compact --index {directory}` once"
+            )
+        return meta
     if meta.get("format") != FORMAT or version != FORMAT_VERSION:
         raise SeesayError(
             f"{directory}: index format {meta.get('format')!r} version {version}; "
@@ -93,7 +105,7 @@ def _check_creatable(directory: Path) -> None:
         raise SeesayError(f"{directory} is a file, not a folder for an index")
     if directory.is_dir() and any(directory.iterdir()):
         names = {path.name for path in directory.iterdir()}
-        if names & {ENCODER_DIR, DEFAULT_DB} or any(_GENERATION_NAME.match(name) for name in names):
+        if names & {ENCODER_DIR, DEFAULT_DB} or any(SEGMENT_FILE.match(name) for name in names):
             raise SeesayError(
                 f"{directory} holds a half-made index (no {INDEX_JSON}), left by an interrupted creation: "
                 "remove the folder and index again"
@@ -145,7 +157,7 @@ def _write_index_json(directory: Path, db_url: str | None) -> None:
 
 
 class Index:
-    """Images and captions with their vectors: add, delete, search, look up."""
+    """Images and captions with their vectors: add, delete, search, look up, compact."""
 
     def __init__(self, directory: Path, db: Store, read_only: bool, db_url: str | None = None) -> None:
         self.directory = directory
@@ -153,8 +165,11 @@ class Index:
         self.db_url = db_url  # as index.json records it (no password); None: DIR/meta.sqlite
         self._db = db
         self._manifest = db.manifest()
-        self._sets: dict[str, VectorSet] | None = None
+        self._sets: dict[str, SegmentSet] | None = None
+        self._segments: dict[int, VectorSet] = {}  # loaded segments by id: immutable, kept across states
+        self._ids: dict[int, np.ndarray] = {}  # item ids of segments, by id, for deletes
         self._params: dict[str, int] = {}
+        self._retired: set[int] = set()  # segments the open write transaction retires
 
     # ----- opening -----
 
@@ -186,8 +201,7 @@ class Index:
         initialised = False
         try:
             built_by = save_artefact(staging / ENCODER_DIR)
-            sets = [VectorSet.empty(name, built_by.dim, factory) for name in SET_NAMES.values()]
-            save_generation(sets, staging, 0)
+            build(built_by.dim, factory)  # a bad factory string fails here, before anything is recorded
             db = Store(db_url or default_db_url(staging))
             db.initialise(
                 Manifest(
@@ -220,13 +234,14 @@ class Index:
 
     @classmethod
     def open(cls, directory: str | Path, read_only: bool = False, db_url: str | None = None) -> "Index":
-        """Open an existing index; writable opens also clear what a crashed writer left.
+        """Open an existing index; writable opens also clear what a crashed writer left,
+        and migrate an index of format version 1.
 
         `db_url` may repeat the recorded database URL with its password; naming another
         database is an error (the URL is chosen when the index is made).
         """
         directory = Path(directory)
-        meta = _read_index_json(directory)
+        meta = _read_index_json(directory, read_only)
         recorded = meta.get("db_url")
         if db_url is not None:
             db_url = db_url_rules.resolved(db_url)
@@ -236,10 +251,13 @@ class Index:
                     "a database URL only applies when an index is created: leave it out to add to this one"
                 )
         db = Store(db_url or (db_url_rules.with_password(recorded) if recorded else default_db_url(directory)))
+        if meta["version"] == 1:
+            migrate_v1(directory, db, SET_NAMES)
+            _write_index_json(directory, recorded)
         index = cls(directory, db, read_only, db_url=recorded)
         if not read_only:
-            with index._db.writing() as (_, manifest):
-                remove_orphans(directory, manifest.generation)
+            with index._db.writing() as (session, _):
+                remove_segments(directory, keep={row.id for row in store.list_segments(session)})
         return index
 
     def close(self) -> None:
@@ -265,28 +283,36 @@ class Index:
 
     # ----- reading -----
 
-    def _loaded(self) -> dict[str, VectorSet]:
-        """The vector sets of the committed generation, loading them if needed."""
+    def _loaded(self) -> dict[str, SegmentSet]:
+        """The segments of one committed state, loading those not loaded yet."""
         if self._sets is not None:
             return self._sets
         tried: set[int] = set()
         for _ in range(_LOAD_ATTEMPTS):
-            manifest = self._db.manifest()
+            manifest, rows, dead = self._db.snapshot()
             try:
-                self._sets = self._read_sets(manifest.generation)
+                self._sets = self._read_sets(manifest, rows, dead)
                 self._manifest = manifest
                 return self._sets
             except FileNotFoundError as exc:
-                if manifest.generation in tried:  # not a writer racing us: the files are gone
+                if manifest.generation in tried:  # not a merge racing us: the files are gone
                     raise SeesayError(f"index {self.directory} is missing {exc.filename or exc}") from exc
                 tried.add(manifest.generation)
         raise SeesayError(f"index {self.directory} kept changing while loading; try again")
 
-    def _read_sets(self, generation: int) -> dict[str, VectorSet]:
-        return {
-            kind: VectorSet.load(self.directory, name, generation, self._manifest.factory, self._params)
-            for kind, name in SET_NAMES.items()
-        }
+    def _read_sets(self, manifest: Manifest, rows: list[SegmentRow], dead: dict[int, list[int]]) -> dict[str, SegmentSet]:
+        sets = {}
+        for kind, name in SET_NAMES.items():
+            loaded = []
+            for row in (r for r in rows if r.kind == kind):
+                if row.id not in self._segments:
+                    self._segments[row.id] = load_segment(self.directory, name, row, manifest.factory, manifest.dim)
+                    self._segments[row.id].set_params(self._params)
+                loaded.append(Loaded(row, self._segments[row.id], np.sort(np.array(dead.get(row.id, []), dtype=np.int64))))
+            sets[kind] = SegmentSet(name, manifest.factory, manifest.dim, loaded, dict(self._params))
+        current = {row.id for row in rows}
+        self._segments = {i: v for i, v in self._segments.items() if i in current}
+        return sets
 
     def refresh(self) -> bool:
         """Follow other writers: reload if the committed generation moved; True if it did."""
@@ -299,11 +325,11 @@ class Index:
 
     @property
     def generation(self) -> int:
-        """The generation this object reads; it moves on `refresh()`, never by itself."""
+        """The committed state this object reads (one more at every commit); it moves on `refresh()`."""
         return self._manifest.generation
 
     def load(self) -> "Index":
-        """Load the committed generation's vectors now rather than at the first search; returns self.
+        """Load the committed state's segments now rather than at the first search; returns self.
 
         A loaded read-only index that is never refreshed is an immutable snapshot that
         threads may search at once.
@@ -311,7 +337,7 @@ class Index:
         self._loaded()
         return self
 
-    def _set(self, kind: str) -> VectorSet:
+    def _set(self, kind: str) -> SegmentSet:
         if kind not in SET_NAMES:
             raise SeesayError(f"unknown item kind {kind!r}: use 'image' or 'caption'")
         return self._loaded()[kind]
@@ -321,7 +347,7 @@ class Index:
 
         Rows are padded with id -1 and score -inf when fewer than k items exist.
         """
-        vector_set = self._set(kind)
+        segment_set = self._set(kind)
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self._manifest.dim:
             raise IndexMismatchError(
@@ -329,7 +355,7 @@ class Index:
             )
         if k < 1:
             raise SeesayError(f"k must be at least 1, got {k}")
-        return vector_set.search(queries, k)
+        return segment_set.search(queries, k)
 
     def training_shortfall(self) -> dict[str, int]:
         """For each kind whose FAISS index still waits for training data, how many more vectors it needs.
@@ -341,7 +367,7 @@ class Index:
     def set_search_params(self, **params: int) -> None:
         """Override FAISS search parameters (e.g. nprobe=64, efSearch=256) for this session."""
         sets = self._loaded()
-        known = set().union(*(tunable(s.index) for s in sets.values()))
+        known = set().union(*(s.tunable for s in sets.values()))
         unknown = sorted(set(params) - known)
         if unknown:
             raise SeesayError(
@@ -349,8 +375,8 @@ class Index:
                 f"{self._manifest.factory!r} (it takes: {', '.join(sorted(known)) or 'none'})"
             )
         self._params = {**self._params, **params}
-        for vector_set in sets.values():
-            vector_set.set_params(self._params)
+        for segment_set in sets.values():
+            segment_set.set_params(self._params)
 
     def items(self, ids: Sequence[int]) -> list[Item]:
         """Items by id, in the order given; an error names ids that are not in the index."""
@@ -382,17 +408,16 @@ class Index:
         return self._set(kind).lookup(ids)
 
     def all_vectors(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        """Every stored (ids, vectors) of `kind` at the committed generation, in storage order."""
-        vector_set = self._set(kind)
-        return vector_set.ids, vector_set.vectors
+        """Every stored (ids, vectors) of `kind` in the loaded state, in search order."""
+        return self._set(kind).all()
 
     def info(self) -> dict:
-        """Manifest, counts, current files and database of this index."""
-        manifest = self._db.manifest()
+        """Manifest, counts, segments, current files and database of this index."""
+        manifest, rows, dead = self._db.snapshot()
         files = {
             path.name: path.stat().st_size
-            for name in SET_NAMES.values()
-            for path in generation_paths(self.directory, name, manifest.generation)
+            for row in rows
+            for path in segment_paths(self.directory, SET_NAMES[row.kind], row.id)
             if path.exists()
         }
         return {
@@ -410,6 +435,8 @@ class Index:
             "generation": manifest.generation,
             "n_images": manifest.n_images,
             "n_captions": manifest.n_captions,
+            "segments": {kind: sum(1 for r in rows if r.kind == kind) for kind in SET_NAMES},
+            "tombstones": sum(len(ids) for ids in dead.values()),
             "created_at": manifest.created_at.isoformat(),
             "updated_at": manifest.updated_at.isoformat(),
             "files": files,
@@ -418,57 +445,66 @@ class Index:
         }
 
     def verify(self, deep: bool = False) -> list[str]:
-        """Problems of the committed generation, one line each naming the file; [] for a sound index.
+        """Problems of the committed state, one line each naming the file; [] for a sound index.
 
-        Always: every file is there, the vectors and ids files hold as many rows as SQL
-        has items of their kind and as the manifest counts, in the index's dimension.
-        `deep` also reads each FAISS file and checks its count, and that the stored ids
-        are exactly SQL's ids and that no caption points at a missing image.
+        Always: every committed segment's files are there, hold as many rows as recorded,
+        in the index's dimension, and the segments' rows less their tombstones are as many
+        as SQL has items of each kind and as the manifest counts. `deep` also reads each
+        FAISS part and checks its count, and that the live stored ids are exactly SQL's
+        ids and that no caption points at a missing image.
         """
         problems: list[str] = []
-        manifest = self._db.manifest()
+        manifest, rows, dead = self._db.snapshot()
         with self._db.session() as session:
             counts = {kind: store.count(session, kind) for kind in SET_NAMES}
             sql_ids = {kind: store.ids_of(session, kind) for kind in SET_NAMES} if deep else {}
             dangling = store.dangling_captions(session) if deep else 0
         recorded = {"image": manifest.n_images, "caption": manifest.n_captions}
         for kind, name in SET_NAMES.items():
-            index_path, vectors_path, ids_path = generation_paths(self.directory, name, manifest.generation)
-            missing = [path for path in (index_path, vectors_path, ids_path) if not path.is_file()]
-            if missing:
-                problems += [f"{path} is missing" for path in missing]
-                continue
-            try:
-                vectors = read_or_fail(lambda path: np.load(path, mmap_mode="r"), vectors_path)
-                ids = read_or_fail(lambda path: np.load(path, mmap_mode="r"), ids_path)
-            except SeesayError as exc:
-                problems.append(str(exc))
-                continue
-            if vectors.ndim != 2 or vectors.shape[1] != manifest.dim:
-                problems.append(f"{vectors_path} holds vectors of shape {vectors.shape}, not (n, {manifest.dim})")
-            if not len(vectors) == len(ids) == counts[kind] == recorded[kind]:
+            held, live_ids = 0, []
+            for row in (r for r in rows if r.kind == kind):
+                vectors_path, ids_path, part_path = segment_paths(self.directory, name, row.id)
+                missing = [path for path in (vectors_path, ids_path, *([part_path] if row.part else [])) if not path.is_file()]
+                if missing:
+                    problems += [f"{path} is missing" for path in missing]
+                    continue
+                try:
+                    vectors = read_or_fail(lambda path: np.load(path, mmap_mode="r"), vectors_path)
+                    ids = read_or_fail(lambda path: np.load(path, mmap_mode="r"), ids_path)
+                except SeesayError as exc:
+                    problems.append(str(exc))
+                    continue
+                if vectors.ndim != 2 or vectors.shape[1] != manifest.dim:
+                    problems.append(f"{vectors_path} holds vectors of shape {vectors.shape}, not (n, {manifest.dim})")
+                if not len(vectors) == len(ids) == row.rows:
+                    problems.append(f"{name}.s{row.id}: {len(vectors)} vectors and {len(ids)} ids, but the segment records {row.rows}")
+                gone = dead.get(row.id, [])
+                held += row.rows - len(gone)
+                if deep:
+                    live_ids += np.asarray(ids)[~np.isin(ids, gone)].tolist()
+                    if row.part:
+                        problems += self._verify_part(part_path, len(ids))
+            if not held == counts[kind] == recorded[kind]:
                 problems.append(
-                    f"{name}.g{manifest.generation}: {len(vectors)} vectors and {len(ids)} ids, but SQL holds "
-                    f"{counts[kind]} {kind}s and the manifest counts {recorded[kind]}"
+                    f"{name}: {held} vectors in segments (less deleted ones), but SQL holds {counts[kind]} {kind}s "
+                    f"and the manifest counts {recorded[kind]}"
                 )
-            if deep:
-                problems += self._verify_deep(index_path, ids, sql_ids[kind], kind)
+            if deep and sorted(live_ids) != sql_ids[kind]:
+                problems.append(f"{name}: the stored {kind} ids differ from SQL's")
         if dangling:
             problems.append(f"{self._db.display_url}: {dangling} captions point at no image")
         return problems
 
-    def _verify_deep(self, index_path: Path, ids: np.ndarray, sql_ids: list[int], kind: str) -> list[str]:
-        problems = []
+    def _verify_part(self, part_path: Path, rows: int) -> list[str]:
         try:
-            index = read_or_fail(lambda path: faiss.read_index(str(path)), index_path)
+            index = read_or_fail(lambda path: faiss.read_index(str(path)), part_path)
         except SeesayError as exc:
             return [str(exc)]
+        problems = []
         if index.d != self._manifest.dim:
-            problems.append(f"{index_path} holds dimension {index.d}, not {self._manifest.dim}")
-        if index.is_trained and index.ntotal != len(ids):
-            problems.append(f"{index_path} holds {index.ntotal} vectors, the ids file {len(ids)}")
-        if sorted(np.asarray(ids).tolist()) != sql_ids:
-            problems.append(f"{index_path.with_suffix('').with_suffix('')}.ids.npy: the stored {kind} ids differ from SQL's")
+            problems.append(f"{part_path} holds dimension {index.d}, not {self._manifest.dim}")
+        if index.is_trained and index.ntotal != rows:
+            problems.append(f"{part_path} holds {index.ntotal} vectors, the ids file {rows}")
         return problems
 
     # ----- writing -----
@@ -479,38 +515,31 @@ class Index:
             raise SeesayError(f"index {self.directory} is open read-only: cannot {action}")
 
     @contextmanager
-    def _writing(self, action: str) -> Iterator[tuple[Session, dict[str, VectorSet]]]:
-        """A locked transaction over the latest generation; commits it as the next one."""
+    def _writing(self, action: str) -> Iterator[tuple[Session, Manifest, list[SegmentRow]]]:
+        """A locked transaction over the latest state, committed as the next generation.
+
+        Yields (session, manifest, committed segments); the body writes new segment
+        files and records them through the session.
+        """
         self.check_writable(action)
-        try:
-            with self._db.writing() as (session, manifest):
-                remove_orphans(self.directory, manifest.generation)
-                if self._sets is None or self._manifest.generation != manifest.generation:
-                    self._sets = self._read_sets(manifest.generation)
-                yield session, self._sets
-                session.flush()
-                for kind, vector_set in self._sets.items():
-                    rows = store.count(session, kind)
-                    if rows != len(vector_set.ids):
-                        raise SeesayError(
-                            f"index {self.directory}: {rows} {kind} rows but {len(vector_set.ids)} vectors"
-                        )
-                save_generation(self._sets.values(), self.directory, manifest.generation + 1)
-                manifest.generation += 1
-                manifest.n_images = len(self._sets["image"].ids)
-                manifest.n_captions = len(self._sets["caption"].ids)
-                manifest.updated_at = store.utcnow()
-        except BaseException:
-            self._sets = None  # memory may hold the uncommitted change: reload the committed state
-            raise
+        self._retired = set()
+        with self._db.writing() as (session, manifest):
+            rows = store.list_segments(session)
+            remove_segments(self.directory, keep={row.id for row in rows})  # a crashed writer's files
+            yield session, manifest, rows
+            manifest.generation += 1
+            manifest.updated_at = store.utcnow()
         self._manifest = manifest
-        remove_generations_below(self.directory, manifest.generation - 1)
+        self._sets = None  # the next read loads the new state; unchanged segments stay loaded
+        remove_segments(self.directory, drop=self._retired)  # readers that still load them retry
+        self._ids = {i: ids for i, ids in self._ids.items() if i not in self._retired}
 
     def add_vectors(self, rows: Sequence[NewItem], vectors: np.ndarray) -> Added:
         """Store rows with their vectors (one per row) in one transaction; returns the ids they got.
 
         Rows whose hash is already indexed are skipped, and so are captions whose image is
-        neither indexed nor among `rows` (deleted meanwhile by another writer).
+        neither indexed nor among `rows` (deleted meanwhile by another writer). The vectors
+        go into one new segment per kind; then segments may be merged (`compaction`).
         """
         self.check_writable("add")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -524,18 +553,23 @@ class Index:
         added = Added(ids=[None] * len(rows))
         if not rows:
             return added
-        with self._writing("add") as (session, sets):
+        with self._writing("add") as (session, manifest, segments):
             images = [i for i, row in enumerate(rows) if row.kind == "image"]
             indexed = store.ids_by_hash(session, "image", [rows[i].hash for i in images])
             fresh = self._fresh(rows, images, indexed, added)
-            _insert(session, rows, fresh, vectors, sets["image"], added, lambda row: None)
+            image_ids = _insert(session, rows, fresh, added, lambda row: None)
+            self._append(session, manifest, segments, "image", vectors[fresh], image_ids)
             captions = [i for i, row in enumerate(rows) if row.kind == "caption"]
-            image_ids = store.ids_by_hash(session, "image", [rows[i].image_hash for i in captions])
+            owners = store.ids_by_hash(session, "image", [rows[i].image_hash for i in captions])
             indexed = store.ids_by_hash(session, "caption", [rows[i].hash for i in captions])
             fresh = self._fresh(rows, captions, indexed, added)
-            added.orphaned = [i for i in fresh if rows[i].image_hash not in image_ids]
-            fresh = [i for i in fresh if rows[i].image_hash in image_ids]
-            _insert(session, rows, fresh, vectors, sets["caption"], added, lambda row: image_ids[row.image_hash])
+            added.orphaned = [i for i in fresh if rows[i].image_hash not in owners]
+            fresh = [i for i in fresh if rows[i].image_hash in owners]
+            caption_ids = _insert(session, rows, fresh, added, lambda row: owners[row.image_hash])
+            self._append(session, manifest, segments, "caption", vectors[fresh], caption_ids)
+            manifest.n_images += len(image_ids)
+            manifest.n_captions += len(caption_ids)
+        self.compact()
         return added
 
     @staticmethod
@@ -551,15 +585,69 @@ class Index:
                 fresh.append(i)
         return fresh
 
+    def _append(
+        self, session: Session, manifest: Manifest, segments: list[SegmentRow], kind: str, vectors: np.ndarray, ids: np.ndarray
+    ) -> None:
+        """Write `vectors` (rows already inserted under `ids`) as a new segment of `kind`.
+
+        A type that needs training is trained by the commit that first brings enough
+        vectors, on all of them, and that commit merges them all into its one segment.
+        """
+        if not len(ids):
+            return
+        name = SET_NAMES[kind]
+        mine = [row for row in segments if row.kind == kind]
+        fresh = build(manifest.dim, manifest.factory)
+        template = None
+        retired: list[SegmentRow] = []
+        if not fresh.is_trained:
+            template = read_template(self.directory, name, mine)
+            if template is None and sum(r.rows - r.dead for r in mine) + len(ids) >= training_need(fresh):
+                old_ids, old_vectors = self._live(session, name, mine)
+                ids, vectors = np.concatenate([old_ids, ids]), np.concatenate([old_vectors, vectors])
+                template = _trained(fresh, vectors, manifest.factory, name)
+                retired = mine
+        part = make_part(manifest.factory, manifest.dim, vectors, ids, template) if template is not None or fresh.is_trained else None
+        self._record(session, manifest, kind, vectors, ids, part, retired)
+
+    def _record(
+        self, session: Session, manifest: Manifest, kind: str, vectors: np.ndarray, ids: np.ndarray, part, retired: list[SegmentRow]
+    ) -> None:
+        """Write a segment's files and record it in place of `retired` (whose files go after the commit)."""
+        store.retire_segments(session, [row.id for row in retired])
+        self._retired.update(row.id for row in retired)
+        if len(ids):
+            segment_id = manifest.next_segment
+            manifest.next_segment += 1
+            write_segment(self.directory, SET_NAMES[kind], segment_id, vectors, ids, part)
+            session.add(SegmentRow(id=segment_id, kind=kind, rows=len(ids), dead=0, first_id=int(ids[0]), part=part is not None))
+
+    def _live(self, session: Session, name: str, rows: list[SegmentRow]) -> tuple[np.ndarray, np.ndarray]:
+        """The (ids, vectors) of `rows` that are not tombstoned, by ascending id."""
+        dead = store.tombstones(session, [row.id for row in rows])
+        ids, vectors = [], []
+        for row in rows:
+            segment_ids, segment_vectors = read_ids(self.directory, name, row.id), read_vectors(self.directory, name, row.id)
+            keep = ~np.isin(segment_ids, dead.get(row.id, []))
+            ids.append(segment_ids[keep])
+            vectors.append(np.asarray(segment_vectors[keep]))
+        if not ids:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self._manifest.dim), dtype=np.float32)
+        ids_all, vectors_all = np.concatenate(ids), np.concatenate(vectors)
+        order = np.argsort(ids_all, kind="stable")
+        return ids_all[order], vectors_all[order]
+
     def delete(self, ids: Sequence[int]) -> int:
         """Delete items by id (an image takes its captions along); returns how many went.
 
-        Unknown ids are an error naming them, and then nothing is deleted.
+        Their rows go at once; their vectors stay in their segments as tombstones, which
+        searches skip, until a merge rewrites those segments. Unknown ids are an error
+        naming them, and then nothing is deleted.
         """
         ids = [int(i) for i in ids]
         if not ids:
             return 0
-        with self._writing("delete") as (session, sets):
+        with self._writing("delete") as (session, manifest, segments):
             rows = store.rows_by_id(session, ids)
             unknown = sorted(set(ids) - {row.id for row in rows})
             if unknown:
@@ -568,16 +656,65 @@ class Index:
             captions = {row.id for row in rows if row.kind == "caption"}
             captions.update(store.caption_ids_of(session, images))
             store.delete_ids(session, images + sorted(captions))
-            sets["image"].remove(images)
-            sets["caption"].remove(captions)
+            gone = np.array(images + sorted(captions), dtype=np.int64)
+            store.add_tombstones(session, {row.id: gone[np.isin(gone, self._segment_ids(row))].tolist() for row in segments})
+            manifest.n_images -= len(images)
+            manifest.n_captions -= len(captions)
+        self.compact()
         return len(images) + len(captions)
+
+    def _segment_ids(self, row: SegmentRow) -> np.ndarray:
+        if row.id not in self._ids:
+            self._ids[row.id] = read_ids(self.directory, SET_NAMES[row.kind], row.id)
+        return self._ids[row.id]
+
+    def compact(self, everything: bool = False) -> int:
+        """Merge segments: by the size-tiered policy (`indexer.compaction`), which every add and
+        delete runs, or all of a kind into one, dropping every deleted row (`everything`).
+
+        Readers are never blocked: they keep the segments they loaded, and the next state
+        they load has the merged one. Returns how many segments were merged away.
+        """
+        self.check_writable("compact")
+        merged = 0
+        while compaction.plan(self._db.snapshot()[1], everything):
+            with self._writing("compact") as (session, manifest, segments):
+                for group in compaction.plan(segments, everything):
+                    self._merge(session, manifest, group)
+            merged += len(self._retired)
+            if everything:
+                break
+        return merged
+
+    def _merge(self, session: Session, manifest: Manifest, group: list[SegmentRow]) -> None:
+        """Write the live rows of `group` (segments of one kind) as one segment in their place."""
+        kind = group[0].kind
+        name = SET_NAMES[kind]
+        ids, vectors = self._live(session, name, group)
+        fresh = build(manifest.dim, manifest.factory)
+        part = None
+        if not is_flat(fresh) and all(row.part for row in group):
+            template = None if fresh.is_trained else read_template(self.directory, name, group)
+            part = make_part(manifest.factory, manifest.dim, vectors, ids, template)
+        self._record(session, manifest, kind, vectors, ids, part, group)
+
+
+def _trained(index, vectors: np.ndarray, factory: str, name: str):
+    """`index` (empty) trained on `vectors`."""
+    try:
+        index.train(vectors)
+    except RuntimeError as exc:
+        raise SeesayError(
+            f"FAISS index {factory!r} could not be trained on {len(vectors)} {name} vectors: {faiss_reason(exc)}"
+        ) from exc
+    return index
 
 
     def set_paths(self, paths: dict[int, str]) -> None:
         """Point image items at new files ({item id: path}), e.g. after the files moved; vectors stay."""
         if not paths:
             return
-        with self._writing("set paths") as (session, _sets):
+        with self._writing("set paths") as (session, _manifest, _segments):
             rows = store.rows_by_id(session, paths)
             wrong = sorted(set(paths) - {row.id for row in rows if row.kind == "image"})
             if wrong:
@@ -589,14 +726,13 @@ def _insert(
     session: Session,
     rows: Sequence[NewItem],
     positions: list[int],
-    vectors: np.ndarray,
-    vector_set: VectorSet,
     added: Added,
     image_item_id: Callable[[NewItem], int | None],
-) -> None:
-    """Insert the rows at `positions`, then their vectors under the ids the database gave them."""
+) -> np.ndarray:
+    """Insert the rows at `positions`; returns the ids the database gave them."""
     if not positions:
-        return
+        return np.zeros(0, dtype=np.int64)
+    now = store.utcnow()
     values = [
         {
             "kind": row.kind,
@@ -606,11 +742,11 @@ def _insert(
             "image_item_id": image_item_id(row),
             "split": row.split,
             "hash": row.hash,
-            "created_at": store.utcnow(),
+            "created_at": now,
         }
         for row in (rows[i] for i in positions)
     ]
     ids = session.scalars(insert(ItemRow).returning(ItemRow.id, sort_by_parameter_order=True), values).all()
     for i, item_id in zip(positions, ids):
         added.ids[i] = item_id
-    vector_set.add(vectors[positions], np.array(ids, dtype=np.int64))
+    return np.array(ids, dtype=np.int64)

@@ -1,4 +1,4 @@
-"""The index's metadata database: items and the one-row manifest, via SQLAlchemy 2.0.
+"""The index's metadata database: items, segments, tombstones and the one-row manifest, via SQLAlchemy 2.0.
 
 Writers serialise on the manifest row: `Store.writing()` opens one transaction whose
 first statement is a no-op UPDATE of that row, which takes SQLite's write lock (or a
@@ -15,6 +15,7 @@ from sqlalchemy import (
     CheckConstraint,
     Engine,
     ForeignKey,
+    Boolean,
     Integer,
     String,
     Text,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     event,
     func,
     or_,
+    insert,
     select,
     update,
 )
@@ -84,10 +86,33 @@ class Manifest(Base):
     metric: Mapped[str] = mapped_column(String(8), default="ip")
     factory: Mapped[str] = mapped_column(String, default="Flat")
     generation: Mapped[int] = mapped_column(default=0)
+    next_segment: Mapped[int] = mapped_column(default=0)  # segment ids are never reused
     n_images: Mapped[int] = mapped_column(default=0)
     n_captions: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class SegmentRow(Base):
+    """One committed, immutable segment: the vectors of one kind that one commit (or merge) wrote."""
+
+    __tablename__ = "segments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    kind: Mapped[str] = mapped_column(String(8), index=True)
+    rows: Mapped[int]  # vectors in its files, deleted ones included
+    dead: Mapped[int] = mapped_column(default=0)  # of those, how many are tombstoned
+    first_id: Mapped[int]  # its smallest item id: segments are searched in this order
+    part: Mapped[bool] = mapped_column(Boolean)  # whether it has a FAISS file beside its vectors
+
+
+class Tombstone(Base):
+    """A deleted item whose vector is still in a segment: searches skip it until a merge drops it."""
+
+    __tablename__ = "tombstones"
+
+    item_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    segment_id: Mapped[int] = mapped_column(Integer, index=True)
 
 
 def _item(row: ItemRow) -> Item:
@@ -219,6 +244,22 @@ class Store:
         with self._sessions() as session:
             return ids_by_hash(session, kind, hashes)
 
+    def snapshot(self, attempts: int = 20) -> tuple[Manifest, list[SegmentRow], dict[int, list[int]]]:
+        """One committed state: (manifest, segments, tombstoned ids by segment).
+
+        Read without a write lock: every commit bumps the generation, so a state read
+        between two equal readings of it is one commit's whole state.
+        """
+        for _ in range(attempts):
+            before = self.manifest()
+            with self._sessions() as session:
+                segments = list_segments(session)
+                dead = tombstones(session)
+            after = self.manifest()
+            if after.generation == before.generation:
+                return after, segments, dead
+        raise SeesayError(f"database {self.display_url} kept changing while reading the index state; try again")
+
     def images_under(self, prefix: str | None) -> list[Item]:
         """Image items whose path starts with `prefix` (every image for None), in id order."""
         query = select(ItemRow).where(ItemRow.kind == "image")
@@ -291,3 +332,39 @@ def dangling_captions(session: Session) -> int:
         .select_from(ItemRow)
         .where(ItemRow.kind == "caption", or_(ItemRow.image_item_id.is_(None), ItemRow.image_item_id.not_in(images)))
     )
+
+
+def list_segments(session: Session) -> list[SegmentRow]:
+    """Every committed segment, detached from `session`, in search order (by first item id)."""
+    rows = list(session.scalars(select(SegmentRow).order_by(SegmentRow.first_id, SegmentRow.id)))
+    for row in rows:
+        session.expunge(row)  # plain values from here on; changes go through statements
+    return rows
+
+
+def tombstones(session: Session, segment_ids: Sequence[int] | None = None) -> dict[int, list[int]]:
+    """Tombstoned item ids by segment id (of `segment_ids` only, if given)."""
+    query = select(Tombstone.segment_id, Tombstone.item_id)
+    found: dict[int, list[int]] = {}
+    chunks = [None] if segment_ids is None else _chunks(sorted(set(segment_ids)))
+    for chunk in chunks:
+        selected = query if chunk is None else query.where(Tombstone.segment_id.in_(chunk))
+        for segment_id, item_id in session.execute(selected):
+            found.setdefault(segment_id, []).append(item_id)
+    return found
+
+
+def add_tombstones(session: Session, by_segment: dict[int, Sequence[int]]) -> None:
+    """Record deleted ids still held by segments, and count them on their segments."""
+    for segment_id, ids in by_segment.items():
+        if not ids:
+            continue
+        session.execute(insert(Tombstone), [{"item_id": int(i), "segment_id": segment_id} for i in ids])
+        session.execute(update(SegmentRow).where(SegmentRow.id == segment_id).values(dead=SegmentRow.dead + len(ids)))
+
+
+def retire_segments(session: Session, segment_ids: Sequence[int]) -> None:
+    """Drop segments and their tombstones from the manifest (their files become garbage at commit)."""
+    for chunk in _chunks(sorted(set(segment_ids))):
+        session.execute(delete(Tombstone).where(Tombstone.segment_id.in_(chunk)))
+        session.execute(delete(SegmentRow).where(SegmentRow.id.in_(chunk)))

@@ -1,18 +1,12 @@
-"""FAISS indexes over one kind of item, with their stored vectors and ids, saved per generation.
+"""A FAISS index over some vectors of one kind, held with those vectors and their ids.
 
-Generation g of a set named NAME is three files in the index directory:
-`NAME.gG.faiss` (a CPU FAISS index whose ids are item ids), `NAME.gG.npy` (the
-float32 vectors) and `NAME.gG.ids.npy` (int64 ids, in the same row order). The
-stored vectors are the source of truth: an index type that cannot remove ids is
-rebuilt from them, and a type that needs training is trained on them once there
-are enough.
+`VectorSet` is the in-memory unit: one segment of an index (see `indexer.segments`),
+or a whole index in the benchmarks. The stored vectors are the source of truth: an
+index type that cannot remove ids is rebuilt from them, and a type that needs
+training is trained on them once there are enough.
 """
 from __future__ import annotations
 
-import os
-import re
-import shutil
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence, TypeVar
@@ -23,20 +17,12 @@ import numpy as np
 from indexer.exact_search import ExactSearch
 from indexer.errors import SeesayError
 
+T = TypeVar("T")
 DEFAULT_SEARCH_PARAMS: dict[str, int] = {"nprobe": 16, "efSearch": 128}
 # Largest k a FAISS GPU index answers; larger searches run on the CPU copy.
 GPU_MAX_K = 2048
 # Index types FAISS can copy to a GPU (others would come back as a second CPU copy).
 _GPU_TYPES = (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
-_TEMPORARY = ".tmp"
-T = TypeVar("T")
-_GENERATION_FILE = re.compile(r"^\w+\.g(?P<generation>\d+)\.(faiss|npy|ids\.npy)(?P<tmp>\.tmp)?$")
-
-
-def generation_paths(directory: Path, name: str, generation: int) -> tuple[Path, Path, Path]:
-    """The (index, vectors, ids) files of one set at one generation."""
-    stem = directory / f"{name}.g{generation}"
-    return Path(f"{stem}.faiss"), Path(f"{stem}.npy"), Path(f"{stem}.ids.npy")
 
 
 def build(dim: int, factory: str) -> faiss.Index:
@@ -44,7 +30,7 @@ def build(dim: int, factory: str) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
-        raise SeesayError(f"bad FAISS factory string {factory!r} for dim {dim}: {_faiss_reason(exc)}") from exc
+        raise SeesayError(f"bad FAISS factory string {factory!r} for dim {dim}: {faiss_reason(exc)}") from exc
     return index if _keeps_ids(index) else faiss.IndexIDMap2(index)
 
 
@@ -55,12 +41,12 @@ def read_or_fail(read: Callable[[Path], T], path: Path) -> T:
     except FileNotFoundError:
         raise
     except RuntimeError as exc:  # FAISS: the C++ exception's text, several lines
-        raise SeesayError(f"{path} is truncated or corrupt ({_faiss_reason(exc)})") from exc
+        raise SeesayError(f"{path} is truncated or corrupt ({faiss_reason(exc)})") from exc
     except (OSError, ValueError, EOFError) as exc:  # numpy: a short or garbled .npy
         raise SeesayError(f"{path} is truncated or corrupt ({exc})") from exc
 
 
-def _faiss_reason(exc: RuntimeError) -> str:
+def faiss_reason(exc: RuntimeError) -> str:
     lines = [line for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
 
@@ -111,8 +97,6 @@ def training_need(index: faiss.Index) -> int:
 class VectorSet:
     """One FAISS index with the vectors and ids it was built from.
 
-    `saved_as` is the generation whose files hold exactly this content, or None
-    once it has changed in memory.
     """
 
     name: str
@@ -121,7 +105,6 @@ class VectorSet:
     vectors: np.ndarray
     ids: np.ndarray
     params: dict[str, int] = field(default_factory=dict)
-    saved_as: int | None = None
     _device: faiss.Index | None = field(default=None, repr=False)
     _sorted: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _exact: ExactSearch | None = field(default=None, repr=False)
@@ -131,27 +114,6 @@ class VectorSet:
         """A set with no items."""
         vectors = np.zeros((0, dim), dtype=np.float32)
         result = cls(name, factory, build(dim, factory), vectors, np.zeros(0, dtype=np.int64))
-        result.set_params(params or {})
-        return result
-
-    @classmethod
-    def load(
-        cls, directory: Path, name: str, generation: int, factory: str, params: Mapping[str, int] | None = None
-    ) -> "VectorSet":
-        """Read one generation's files (vectors memory-mapped); FileNotFoundError if a file is gone."""
-        index_path, vectors_path, ids_path = generation_paths(directory, name, generation)
-        vectors = read_or_fail(lambda path: np.load(path, mmap_mode="r"), vectors_path)
-        ids = read_or_fail(np.load, ids_path)
-        if not index_path.is_file():
-            raise FileNotFoundError(index_path)
-        index = read_or_fail(lambda path: faiss.read_index(str(path)), index_path)
-        held = index.ntotal if index.is_trained else len(ids)
-        if len(vectors) != len(ids) or held != len(ids):
-            raise SeesayError(
-                f"{index_path}: index files disagree ({index.ntotal} in FAISS, "
-                f"{len(vectors)} vectors, {len(ids)} ids)"
-            )
-        result = cls(name, factory, index, vectors, ids, saved_as=generation)
         result.set_params(params or {})
         return result
 
@@ -215,12 +177,11 @@ class VectorSet:
         except RuntimeError as exc:
             raise SeesayError(
                 f"FAISS index {self.factory!r} could not be trained on {len(self.ids)} "
-                f"{self.name} vectors: {_faiss_reason(exc)}"
+                f"{self.name} vectors: {faiss_reason(exc)}"
             ) from exc
         self.index.add_with_ids(self.vectors, self.ids)
 
     def _changed(self) -> None:
-        self.saved_as = None
         self._device = None
         self._sorted = None
         self._exact = None
@@ -272,81 +233,7 @@ class VectorSet:
             raise SeesayError(f"no {self.name} vectors for ids {wanted[~found].tolist()}")
         return np.asarray(self.vectors[order[pos]])
 
-    def write(self, directory: Path, generation: int) -> list[tuple[Path, Path]]:
-        """Write this set as `generation` under temporary names; return (temporary, final) pairs.
 
-        An unchanged set is hard-linked from the generation it was loaded from.
-        """
-        finals = generation_paths(directory, self.name, generation)
-        pairs = [(Path(str(path) + _TEMPORARY), path) for path in finals]
-        for tmp, _ in pairs:
-            tmp.unlink(missing_ok=True)
-        if self.saved_as is not None:
-            for (tmp, _), source in zip(pairs, generation_paths(directory, self.name, self.saved_as)):
-                _link_or_copy(source, tmp)
-            return pairs
-        (index_tmp, _), (vectors_tmp, _), (ids_tmp, _) = pairs
-        faiss.write_index(self.index, str(index_tmp))
-        _fsync(index_tmp)
-        _save_array(vectors_tmp, self.vectors)
-        _save_array(ids_tmp, self.ids)
-        return pairs
-
-
-def _save_array(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-        _fsync(target)
-
-
-def save_generation(sets: Iterable[VectorSet], directory: Path, generation: int) -> None:
-    """Write every set as `generation`: all files under temporary names first, then renamed into place."""
-    sets = list(sets)
-    pairs = [pair for vector_set in sets for pair in vector_set.write(directory, generation)]
-    for tmp, final in pairs:
-        os.replace(tmp, final)
-    for vector_set in sets:
-        vector_set.saved_as = generation
-
-
-def _generation_files(directory: Path) -> Iterable[tuple[int, bool, Path]]:
-    """(generation, is_temporary, path) for every set file in `directory`."""
-    for path in directory.iterdir():
-        match = _GENERATION_FILE.match(path.name)
-        if match:
-            yield int(match["generation"]), bool(match["tmp"]), path
-
-
-def remove_generations_below(directory: Path, generation: int) -> None:
-    """Delete the files of generations older than `generation`, as far as the OS lets us.
-
-    This runs after a commit, so a file that cannot go yet is left for a later writer.
-    """
-    for found, temporary, path in _generation_files(directory):
-        if found < generation and not temporary:
-            with suppress(OSError):
-                path.unlink(missing_ok=True)
-
-
-def remove_orphans(directory: Path, generation: int) -> None:
-    """Delete what a crashed writer left: temporaries and generations newer than `generation`.
-
-    Call only while holding the write lock, so no live writer owns them.
-    """
-    for found, temporary, path in _generation_files(directory):
-        if temporary or found > generation:
-            path.unlink(missing_ok=True)
+def is_flat(index: faiss.Index) -> bool:
+    """Whether `index` is a plain exact index, whose stored vectors are all it holds."""
+    return isinstance(_unwrapped(index), faiss.IndexFlat)

@@ -74,3 +74,24 @@ def solid_image(path: Path, rgb: tuple[int, int, int], size: int = 16) -> Path:
 @pytest.fixture
 def colour_encoder() -> ColourMeanEncoder:
     return ColourMeanEncoder(8)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for this test session (skips, saying why, where none can run)."""
+    from benchmarks.postgres import TemporaryServer, available
+
+    reason = available()
+    if reason:
+        pytest.skip(f"no PostgreSQL: {reason}")
+    server = TemporaryServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request) -> str | None:
+    """Where an index test keeps its metadata: the default SQLite file (None), or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres").new_database()

@@ -1,11 +1,15 @@
-"""Consistency checks of an index directory, read straight from its SQLite file and FAISS files."""
+"""Consistency checks of an index directory, read straight from its database and segment files."""
 from __future__ import annotations
 
-import sqlite3
+import json
+import re
 from pathlib import Path
 
 import faiss
 import numpy as np
+from sqlalchemy import create_engine, text
+
+SEGMENT_FILE = re.compile(r"^(images|captions)\.s(\d+)\.(npy|ids\.npy|faiss)$")
 
 
 def faiss_ids(index: faiss.Index) -> np.ndarray:
@@ -19,34 +23,55 @@ def faiss_ids(index: faiss.Index) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def database_url(directory: Path) -> str:
+    """The metadata database of the index in `directory`, as index.json names it."""
+    url = json.loads((directory / "index.json").read_text()).get("db_url")
+    return url or f"sqlite:///{directory / 'meta.sqlite'}"
+
+
 def assert_consistent(directory: Path) -> dict[str, list[int]]:
-    """FAISS ids == stored ids == SQL ids for both kinds at the committed generation; no orphans."""
-    with sqlite3.connect(directory / "meta.sqlite") as db:
-        generation, n_images, n_captions = db.execute(
-            "SELECT generation, n_images, n_captions FROM manifest"
-        ).fetchone()
-        sql = {
-            kind: [row[0] for row in db.execute("SELECT id FROM items WHERE kind=? ORDER BY id", (kind,))]
-            for kind in ("image", "caption")
-        }
-        dangling = db.execute(
-            "SELECT COUNT(*) FROM items c LEFT JOIN items i ON c.image_item_id = i.id "
-            "WHERE c.kind='caption' AND (i.id IS NULL OR i.kind != 'image')"
-        ).fetchone()[0]
+    """For both kinds: SQL ids == the ids of the committed segments less their tombstones, FAISS
+    parts hold exactly their segment's ids, counts agree, and no file of another segment is left."""
+    engine = create_engine(database_url(directory))
+    try:
+        with engine.connect() as db:
+            n_images, n_captions, next_segment = db.execute(text("SELECT n_images, n_captions, next_segment FROM manifest")).one()
+            sql = {
+                kind: [row[0] for row in db.execute(text("SELECT id FROM items WHERE kind=:k ORDER BY id"), {"k": kind})]
+                for kind in ("image", "caption")
+            }
+            dangling = db.execute(
+                text(
+                    "SELECT COUNT(*) FROM items c LEFT JOIN items i ON c.image_item_id = i.id "
+                    "WHERE c.kind='caption' AND (i.id IS NULL OR i.kind != 'image')"
+                )
+            ).scalar()
+            segments = db.execute(text("SELECT id, kind, rows, dead, first_id, part FROM segments")).all()
+            dead: dict[int, set[int]] = {}
+            for segment_id, item_id in db.execute(text("SELECT segment_id, item_id FROM tombstones")):
+                dead.setdefault(segment_id, set()).add(item_id)
+    finally:
+        engine.dispose()
     assert dangling == 0
     assert (n_images, n_captions) == (len(sql["image"]), len(sql["caption"]))
-    for kind, name in (("image", "images"), ("caption", "captions")):
-        stored = np.load(directory / f"{name}.g{generation}.ids.npy")
-        vectors = np.load(directory / f"{name}.g{generation}.npy")
-        index = faiss.read_index(str(directory / f"{name}.g{generation}.faiss"))
-        assert sorted(stored.tolist()) == sql[kind]
-        assert vectors.shape == (len(stored), index.d)
-        if index.is_trained:
-            assert sorted(faiss_ids(index).tolist()) == sql[kind]
-        else:
-            assert index.ntotal == 0
+    held: dict[str, list[int]] = {"image": [], "caption": []}
+    for segment_id, kind, rows, n_dead, first_id, part in segments:
+        assert segment_id < next_segment
+        stem = directory / f"{'images' if kind == 'image' else 'captions'}.s{segment_id}"
+        ids = np.load(f"{stem}.ids.npy")
+        vectors = np.load(f"{stem}.npy", mmap_mode="r")
+        assert len(ids) == len(vectors) == rows and ids[0] == first_id and (np.diff(ids) > 0).all()
+        assert n_dead == len(dead.get(segment_id, ())) and dead.get(segment_id, set()) <= set(ids.tolist())
+        assert Path(f"{stem}.faiss").exists() == bool(part)
+        if part:
+            index = faiss.read_index(f"{stem}.faiss")
+            assert index.d == vectors.shape[1] and sorted(faiss_ids(index).tolist()) == ids.tolist()
+        held[kind].extend(i for i in ids.tolist() if i not in dead.get(segment_id, ()))
+    for kind in held:
+        assert sorted(held[kind]) == sql[kind], kind
+    committed = {row[0] for row in segments}
     names = [p.name for p in directory.iterdir()]
     assert not [n for n in names if n.endswith(".tmp")]
-    newer = [n for n in names if n.split(".")[0] in ("images", "captions") and int(n.split(".")[1][1:]) > generation]
-    assert not newer
+    strays = [n for n in names if SEGMENT_FILE.match(n) and int(SEGMENT_FILE.match(n)[2]) not in committed]
+    assert not strays, strays
     return sql

@@ -60,14 +60,14 @@ def top_sources(index: Collection, kind: str, text: str, k: int = 1) -> list[str
 
 
 @pytest.fixture
-def built(tmp_path: Path, images: dict[str, Path], colour_encoder: ColourMeanEncoder) -> tuple[Collection, AddReport]:
-    index = Collection.create(tmp_path / "idx", colour_encoder)
+def built(tmp_path: Path, images: dict[str, Path], colour_encoder: ColourMeanEncoder, db_url) -> tuple[Collection, AddReport]:
+    index = Collection.create(tmp_path / "idx", colour_encoder, db_url=db_url)
     report = index.add(colour_records(images))
     yield index, report
     index.close()
 
 
-def test_create_add_search_and_reopen(built, tmp_path: Path) -> None:
+def test_create_add_search_and_reopen(built, tmp_path: Path, db_url) -> None:
     index, report = built
     directory = tmp_path / "idx"
     assert (report.images_added, report.captions_added) == (3, 4)
@@ -93,11 +93,11 @@ def test_create_add_search_and_reopen(built, tmp_path: Path) -> None:
     info = index.index.info()
     assert (info["n_images"], info["n_captions"], info["generation"]) == (3, 4, 1)
     assert info["factory"] == "Flat" and info["metric"] == "ip" and info["dim"] == 8
-    assert info["db_url"].endswith("meta.sqlite")
-    assert set(info["files"]) == {
-        f"{name}.g1.{ext}" for name in ("images", "captions") for ext in ("faiss", "npy", "ids.npy")
-    }
-    assert json.loads((directory / "index.json").read_text())["db_url"] is None
+    assert info["db_url"].endswith("meta.sqlite") if db_url is None else info["db_url"] == db_url
+    # One segment per kind from the one commit; Flat keeps no FAISS file (the vectors are the index).
+    assert set(info["files"]) == {f"{name}.{ext}" for name in ("images.s0", "captions.s1") for ext in ("npy", "ids.npy")}
+    assert info["segments"] == {"image": 1, "caption": 1} and info["tombstones"] == 0
+    assert json.loads((directory / "index.json").read_text())["db_url"] == db_url
     assert read_manifest(directory / "encoder")["kind"] == "test-colour"
     index.close()
 
@@ -107,11 +107,11 @@ def test_create_add_search_and_reopen(built, tmp_path: Path) -> None:
         assert top_sources(reopened, "caption", "red", k=2) == ["red.png", "red.png"]
 
 
-def test_bad_files_are_reported_and_skipped(tmp_path: Path, images, colour_encoder) -> None:
+def test_bad_files_are_reported_and_skipped(tmp_path: Path, images, colour_encoder, db_url) -> None:
     records = [
         Record(name, images[name], [f"{name} caption"]) for name in ("corrupt", "truncated", "missing", "red")
     ]
-    with Collection.create(tmp_path / "idx", colour_encoder) as index:
+    with Collection.create(tmp_path / "idx", colour_encoder, db_url=db_url) as index:
         report = index.add(records, batch_size=2)
         assert (report.images_added, report.captions_added) == (1, 1)
         assert len(report.problems) == 3
@@ -175,9 +175,9 @@ def test_delete_image_takes_its_captions(built, tmp_path: Path) -> None:
         assert max(assert_consistent(directory)["image"]) > highest
 
 
-def test_ivf_trains_once_it_has_enough_vectors(tmp_path: Path, images, colour_encoder) -> None:
+def test_ivf_trains_once_it_has_enough_vectors(tmp_path: Path, images, colour_encoder, db_url) -> None:
     directory = tmp_path / "idx"
-    with Collection.create(directory, colour_encoder, factory="IVF4,Flat") as index:
+    with Collection.create(directory, colour_encoder, factory="IVF4,Flat", db_url=db_url) as index:
         index.add(colour_records(images))
         assert_consistent(directory)
         # 3 images cannot train 4 lists: until a 4th comes, an exact scan answers.
@@ -208,9 +208,9 @@ def test_ivf_trains_once_it_has_enough_vectors(tmp_path: Path, images, colour_en
         assert sorted(i for i in ids[0] if i >= 0) == after["image"]
 
 
-def test_hnsw_delete_rebuilds(tmp_path: Path, images, colour_encoder) -> None:
+def test_hnsw_delete_is_a_tombstone(tmp_path: Path, images, colour_encoder, db_url) -> None:
     directory = tmp_path / "idx"
-    with Collection.create(directory, colour_encoder, factory="HNSW16") as index:
+    with Collection.create(directory, colour_encoder, factory="HNSW16", db_url=db_url) as index:
         index.add(colour_records(images))
         red_id = index.index.search("image", text_query(index, "red"), 1)[1][0, 0]
         index.index.delete([red_id])
@@ -227,33 +227,32 @@ def test_crash_before_commit_keeps_old_state(built, tmp_path: Path, monkeypatch)
     index, _ = built
     directory = tmp_path / "idx"
     before = assert_consistent(directory)
-    real_save = index_module.save_generation
+    real_write = index_module.write_segment
 
-    def save_then_crash(*args, **kwargs) -> None:
-        real_save(*args, **kwargs)
+    def write_then_crash(*args, **kwargs) -> None:
+        real_write(*args, **kwargs)
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(index_module, "save_generation", save_then_crash)
+    monkeypatch.setattr(index_module, "write_segment", write_then_crash)
     new = Record("teal", solid_image(tmp_path / "teal.png", (0, 128, 128)), ["teal"])
     with pytest.raises(KeyboardInterrupt):
         index.add([new])
-    with pytest.raises(KeyboardInterrupt):
-        index.index.delete(before["image"][:1])
-    assert (directory / "images.g2.faiss").exists()  # the orphan the crash left
+    orphan = directory / "images.s2.npy"
+    assert orphan.exists()  # the segment the crash left, which no commit names
     monkeypatch.undo()
 
     with Collection.open(directory, read_only=True) as reader:
         assert reader.index.info()["generation"] == 1
         assert sorted(reader.index.search("image", text_query(reader, "red"), 9)[1][0][:3]) == before["image"]
     with Collection.open(directory):
-        assert not (directory / "images.g2.faiss").exists()
+        assert not orphan.exists()
         assert assert_consistent(directory) == before
     assert sorted(index.index.search("image", text_query(index, "red"), 9)[1][0][:3]) == before["image"]
     assert index.add([new]).images_added == 1
     assert len(assert_consistent(directory)["image"]) == 4
 
 
-def test_interrupted_long_run_keeps_finished_chunks(tmp_path: Path, colour_encoder, monkeypatch) -> None:
+def test_interrupted_long_run_keeps_finished_chunks(tmp_path: Path, colour_encoder, monkeypatch, db_url) -> None:
     records = [
         Record(f"c{i}", solid_image(tmp_path / f"c{i}.png", (20 * i, 10, 255 - 20 * i)), [f"colour {i}"])
         for i in range(7)
@@ -267,7 +266,7 @@ def test_interrupted_long_run_keeps_finished_chunks(tmp_path: Path, colour_encod
         return ColourMeanEncoder.encode_images(colour_encoder, images)
 
     directory = tmp_path / "idx"
-    with Collection.create(directory, colour_encoder) as index:
+    with Collection.create(directory, colour_encoder, db_url=db_url) as index:
         monkeypatch.setattr(colour_encoder, "encode_images", flaky)
         with pytest.raises(RuntimeError, match="GPU fell over"):
             index.add(records, commit_every=2)
@@ -276,9 +275,9 @@ def test_interrupted_long_run_keeps_finished_chunks(tmp_path: Path, colour_encod
         report = index.add(records, commit_every=2, progress=True)
         assert (report.images_skipped_existing, report.images_added, report.captions_added) == (4, 3, 3)
         assert len(assert_consistent(directory)["caption"]) == 7
-        # Old generations go; the previous one stays for readers that just read the manifest.
-        generations = {int(p.name.split(".")[1][1:]) for p in directory.glob("images.g*.faiss")}
-        assert generations == {index.index.info()["generation"] - 1, index.index.info()["generation"]}
+        # One segment per kind per commit (four commits), no other files.
+        assert index.index.info()["segments"] == {"image": 4, "caption": 4}
+        assert len(list(directory.glob("images.s*.ids.npy"))) == 4
 
 
 def test_reader_follows_writer_with_refresh(built, tmp_path: Path, colour_encoder) -> None:

@@ -30,14 +30,14 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_concurrent_writers_and_a_reader(tmp_path: Path, colour_encoder) -> None:
+def test_concurrent_writers_and_a_reader(tmp_path: Path, colour_encoder, db_url) -> None:
     directory, pictures = tmp_path / "idx", tmp_path / "pictures"
     per_writer = 6
     for tag, base in (("a", 0), ("b", 128)):
         for i in range(per_writer):
             solid_image(pictures / f"{tag}-{i:02d}.png", (base + i, 255 - base - 5 * i, 3 * i))
     seed = solid_image(tmp_path / "seed.png", (255, 0, 0))
-    with Collection.create(directory, colour_encoder) as collection:
+    with Collection.create(directory, colour_encoder, db_url=db_url) as collection:
         collection.add([Record("seed", seed, ["red"])])
 
     tests_dir = str(Path(__file__).parent)
