@@ -90,8 +90,14 @@ def postgres():
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request) -> str | None:
-    """Where an index test keeps its metadata: the default SQLite file (None), or a fresh PostgreSQL database."""
+def new_db_url(request):
+    """Makes, per call, where a new index keeps its metadata: the default SQLite file (None) or a fresh PostgreSQL database."""
     if request.param == "sqlite":
-        return None
-    return request.getfixturevalue("postgres").new_database()
+        return lambda: None
+    return request.getfixturevalue("postgres").new_database
+
+
+@pytest.fixture
+def db_url(new_db_url) -> str | None:
+    """Where an index test keeps its metadata: the default SQLite file (None), or a fresh PostgreSQL database."""
+    return new_db_url()

@@ -1,0 +1,180 @@
+"""Segments: many commits search exactly like one index, merges, tombstones, the format-1 migration."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from index_checks import assert_consistent
+from indexer import Index, NewItem
+from indexer.compaction import FANOUT, plan, tier
+from indexer.errors import SeesayError
+from indexer.items import BuiltBy
+from indexer.store import SegmentRow
+
+DIM = 16
+REPO = Path(__file__).resolve().parent.parent
+
+
+def artefact(folder: Path) -> BuiltBy:
+    folder.mkdir(parents=True, exist_ok=True)
+    return BuiltBy("test-random", "test-random#0", 1, DIM)
+
+
+def unit(rng: np.random.Generator, n: int) -> np.ndarray:
+    x = rng.standard_normal((n, DIM)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def image_rows(start: int, n: int) -> list[NewItem]:
+    return [NewItem("image", f"img{i}", f"h{i}") for i in range(start, start + n)]
+
+
+def add_images(index: Index, rng: np.random.Generator, start: int, n: int, captions: bool = False) -> None:
+    rows = image_rows(start, n)
+    if captions:
+        rows += [NewItem("caption", f"img{i}", f"c{i}", text=f"caption {i}", image_hash=f"h{i}") for i in range(start, start + n)]
+    index.add_vectors(rows, unit(rng, len(rows)))
+
+
+def exact_truth(index: Index, kind: str, queries: np.ndarray, k: int) -> np.ndarray:
+    ids, vectors = index.all_vectors(kind)
+    scores = queries @ vectors.T
+    return ids[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat"])
+def test_many_segments_search_like_one_index(tmp_path: Path, db_url, factory: str) -> None:
+    rng = np.random.default_rng(0)
+    directory = tmp_path / "idx"
+    queries = unit(rng, 25)
+    with Index.create(directory, artefact, factory=factory, db_url=db_url) as index:
+        for commit in range(9):
+            add_images(index, rng, 40 * commit, 40, captions=True)
+        assert index.info()["segments"] == {"image": 9, "caption": 9}
+        images = assert_consistent(directory)["image"]
+        gone = [images[i] for i in rng.choice(len(images), 50, replace=False)]
+        assert index.delete(gone) == 100  # each image takes its caption along
+        assert index.info()["tombstones"] == 100
+        if factory != "Flat":
+            index.set_search_params(nprobe=3)
+        segmented = {kind: index.search(kind, queries, 10) for kind in ("image", "caption")}
+        assert not set(gone) & set(segmented["image"][1].ravel().tolist())
+        if factory == "Flat":
+            np.testing.assert_array_equal(segmented["image"][1], exact_truth(index, "image", queries, 10))
+        sql = assert_consistent(directory)
+        assert index.compact(everything=True) == 18
+        assert index.info()["segments"] == {"image": 1, "caption": 1} and index.info()["tombstones"] == 0
+        assert assert_consistent(directory) == sql
+        for kind, (scores, ids) in segmented.items():
+            merged_scores, merged_ids = index.search(kind, queries, 10)
+            np.testing.assert_array_equal(merged_ids, ids)
+            np.testing.assert_allclose(merged_scores, scores, rtol=1e-5)
+        # more rows than live items: padded after the last hit
+        if factory != "Flat":
+            index.set_search_params(nprobe=8)  # every list
+        _, ids = index.search("image", queries[:1], 400)
+        assert sorted(ids[0][ids[0] >= 0].tolist()) == sql["image"] and (ids[0][len(sql["image"]):] == -1).all()
+        np.testing.assert_allclose(index.vectors("image", sql["image"][:3]), index.all_vectors("image")[1][:3])
+        with pytest.raises(SeesayError, match=str(gone[0])):
+            index.vectors("image", [gone[0]])
+
+
+def test_the_policy_merges_a_full_tier_and_rewrites_mostly_deleted_segments(tmp_path: Path, db_url) -> None:
+    rng = np.random.default_rng(1)
+    directory = tmp_path / "idx"
+    with Index.create(directory, artefact, db_url=db_url) as index:
+        for commit in range(FANOUT - 1):
+            add_images(index, rng, 20 * commit, 20)
+        assert index.info()["segments"]["image"] == FANOUT - 1
+        add_images(index, rng, 20 * (FANOUT - 1), 20)  # the tier is full: one segment of 320
+        assert index.info()["segments"]["image"] == 1
+        add_images(index, rng, 1000, 20)
+        ids = assert_consistent(directory)["image"]
+        index.delete(ids[-10:])  # half of the last segment: rewritten at once
+        info = index.info()
+        assert info["segments"]["image"] == 2 and info["tombstones"] == 0
+        index.delete(ids[:5])  # a few of the big one: left as tombstones
+        assert index.info()["tombstones"] == 5
+        assert_consistent(directory)
+
+
+def test_plan_by_tiers() -> None:
+    def seg(i: int, rows: int, dead: int = 0) -> SegmentRow:
+        return SegmentRow(id=i, kind="image", rows=rows, dead=dead, first_id=i * 1000, part=False)
+
+    assert [tier(n) for n in (0, 15, 16, 255, 256, 8192, 131072)] == [0, 0, 1, 1, 2, 3, 4]
+    small = [seg(i, 8192) for i in range(FANOUT)]
+    assert plan(small[:-1]) == []
+    assert [[s.id for s in group] for group in plan(small)] == [[s.id for s in small]]
+    assert [[s.id for s in g] for g in plan([seg(1, 100_000), seg(2, 100, dead=40)])] == [[2]]
+    assert [[s.id for s in g] for g in plan([seg(1, 100_000), seg(2, 100)], everything=True)] == [[1, 2]]
+    assert plan([seg(1, 100)], everything=True) == []
+
+
+def to_format_1(directory: Path) -> None:
+    """Rewrite a format-2 SQLite index as format 1 wrote it: generation files, no segments."""
+    with Index.open(directory) as index:
+        index.compact(everything=True)
+        generation = index.generation
+        for kind, name in (("image", "images"), ("caption", "captions")):
+            ids, vectors = index.all_vectors(kind)
+            flat = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
+            flat.add_with_ids(vectors, ids)
+            faiss.write_index(flat, str(directory / f"{name}.g{generation}.faiss"))
+            np.save(directory / f"{name}.g{generation}.npy", vectors)
+            np.save(directory / f"{name}.g{generation}.ids.npy", ids)
+    for path in directory.glob("*.s*.*npy"):
+        path.unlink()
+    with sqlite3.connect(directory / "meta.sqlite") as db:
+        db.execute("DROP TABLE segments")
+        db.execute("DROP TABLE tombstones")
+        db.execute("ALTER TABLE manifest DROP COLUMN next_segment")
+    meta = json.loads((directory / "index.json").read_text())
+    (directory / "index.json").write_text(json.dumps({**meta, "version": 1}))
+
+
+def test_format_1_is_refused_read_only_and_migrated_by_compact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    directory = tmp_path / "idx"
+    queries = unit(rng, 5)
+    with Index.create(directory, artefact) as index:
+        add_images(index, rng, 0, 30, captions=True)
+        add_images(index, rng, 30, 30, captions=True)
+        before = index.search("caption", queries, 7)
+    to_format_1(directory)
+    with pytest.raises(SeesayError, match=r"format version 1 must be migrated.*seesay compact --index"):
+        Index.open(directory, read_only=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli.app", "compact", "--index", str(directory), "--json"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["segments"] == {"image": 1, "caption": 1}
+    assert json.loads((directory / "index.json").read_text())["version"] == 2
+    assert not list(directory.glob("*.g*.npy"))
+    assert_consistent(directory)
+    with Index.open(directory, read_only=True) as reopened:
+        np.testing.assert_array_equal(reopened.search("caption", queries, 7)[1], before[1])
+        assert reopened.info()["n_images"] == 60
+
+
+def test_a_reader_keeps_its_segments_while_a_merge_replaces_them(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    directory = tmp_path / "idx"
+    queries = unit(rng, 4)
+    with Index.create(directory, artefact) as writer:
+        for commit in range(5):
+            add_images(writer, rng, 10 * commit, 10)
+        with Index.open(directory, read_only=True) as reader:
+            before = reader.search("image", queries, 5)
+            writer.compact(everything=True)
+            assert len(list(directory.glob("images.s*.ids.npy"))) == 1
+            np.testing.assert_array_equal(reader.search("image", queries, 5)[1], before[1])  # its loaded snapshot
+            assert reader.refresh()
+            np.testing.assert_array_equal(reader.search("image", queries, 5)[1], before[1])
