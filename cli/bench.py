@@ -194,3 +194,35 @@ def query_cmd(
             recall = f"{run['recall_at_k']:.3f}" if stage == "end to end" else ""
             table.add_row(name, stage, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['mean_ms']:.2f}", recall)
     _finish(result, query.NAME, out_dir, as_json, query.plot, table)
+
+
+@bench_app.command("storage")
+def storage_cmd(
+    quick: bool = QuickOpt,
+    as_json: bool = JsonOpt,
+    out_dir: Path = OutOpt,
+    n: Optional[int] = typer.Option(None, "--n", help="Vectors to add (default 1M, --quick 40k)."),
+    commit: int = typer.Option(8192, "--commit", help="Vectors per commit."),
+    dim: int = typer.Option(512, "--dim", help="Dimension of the random vectors."),
+    queries: int = typer.Option(1000, "--queries", help="Queries compared, segmented against merged."),
+    pg_rows: Optional[int] = typer.Option(None, "--pg-rows", help="Rows added into PostgreSQL (default 100k, --quick 20k; 0 skips)."),
+    work_dir: Optional[Path] = typer.Option(None, "--dir", help="Folder for the temporary index (default the system's temporary folder)."),
+) -> None:
+    """Storage: bytes written and add rate as the index grows, segmented = merged search, PostgreSQL rows/s."""
+    from benchmarks import storage
+
+    result = storage.run(n=n, quick=quick, commit=commit, dim=dim, queries=queries, pg_rows=pg_rows,
+                         directory=work_dir, log=_logger(as_json))
+    add, search, pg = result["add"], result["search"], result["postgresql"]
+    table = Table(title=f"storage: {result['n']:,} vectors of dim {dim}, {commit:,} per commit")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    table.add_row("bytes written / vectors' bytes", f"{add['written_over_vectors']:.2f}", "≤ 3")
+    table.add_row(f"add rate, last {result['rate_window']:,} / first", f"{add['last_over_first']:.2f}", "≥ 0.7")
+    table.add_row("add rate first / last (items/s)", f"{add['first_rate_items_s']:,.0f} / {add['last_rate_items_s']:,.0f}", "")
+    table.add_row("segments after the adds", str(add["segments"]), "")
+    table.add_row(f"identical top-{search['k']} rows, segmented vs merged", f"{search['identical_rows']} / {search['queries']}", "all")
+    table.add_row("search s, segmented / merged", f"{search['segmented_s']:.2f} / {search['merged_s']:.2f}", "")
+    table.add_row("PostgreSQL add (rows/s)", f"{pg['rows_per_s']:,.0f}" if "rows_per_s" in pg else f"skipped: {pg['skipped']}", "≥ 20,000")
+    _finish(result, storage.NAME, out_dir, as_json, storage.plot, table)

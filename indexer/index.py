@@ -28,7 +28,6 @@ from typing import Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
-from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from indexer import compaction, store
@@ -50,7 +49,7 @@ from indexer.segments import (
     segment_paths,
     write_segment,
 )
-from indexer.store import ItemRow, Manifest, SegmentRow, Store
+from indexer.store import Manifest, SegmentRow, Store
 from indexer.vectors import VectorSet, build, faiss_reason, is_flat, read_or_fail, training_need
 
 FORMAT = "seesay-index"
@@ -634,6 +633,8 @@ class Index:
         if not ids:
             return np.zeros(0, dtype=np.int64), np.zeros((0, self._manifest.dim), dtype=np.float32)
         ids_all, vectors_all = np.concatenate(ids), np.concatenate(vectors)
+        if (np.diff(ids_all) > 0).all():  # the usual case: no copy
+            return ids_all, vectors_all
         order = np.argsort(ids_all, kind="stable")
         return ids_all[order], vectors_all[order]
 
@@ -729,12 +730,14 @@ def _insert(
     added: Added,
     image_item_id: Callable[[NewItem], int | None],
 ) -> np.ndarray:
-    """Insert the rows at `positions`; returns the ids the database gave them."""
+    """Insert the rows at `positions` under ids reserved from the database; returns those ids."""
     if not positions:
         return np.zeros(0, dtype=np.int64)
+    ids = store.reserve_ids(session, len(positions))
     now = store.utcnow()
     values = [
         {
+            "id": item_id,
             "kind": row.kind,
             "source_id": row.source_id,
             "path": row.path,
@@ -744,9 +747,9 @@ def _insert(
             "hash": row.hash,
             "created_at": now,
         }
-        for row in (rows[i] for i in positions)
+        for item_id, row in zip(ids, (rows[i] for i in positions))
     ]
-    ids = session.scalars(insert(ItemRow).returning(ItemRow.id, sort_by_parameter_order=True), values).all()
+    store.insert_items(session, values)
     for i, item_id in zip(positions, ids):
         added.ids[i] = item_id
     return np.array(ids, dtype=np.int64)

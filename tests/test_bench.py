@@ -119,3 +119,15 @@ def test_bench_query_rejects_unknown_data(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "--data" in result.output and "clustered or uniform" in result.output
     assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_bench_storage_tiny(tmp_path: Path) -> None:
+    r = _run(["storage", "--n", "6000", "--commit", "1000", "--dim", "32", "--queries", "50", "--pg-rows", "2000",
+              "--dir", str(tmp_path)], tmp_path)
+    add, search = r["add"], r["search"]
+    assert r["n"] == 6000 and len(add["per_commit_seconds"]) == 6 and add["segments"] == 6
+    assert add["vector_bytes"] == 6000 * 32 * 4 and add["bytes_written"] >= add["vector_bytes"]
+    assert add["written_over_vectors"] == add["bytes_written"] / add["vector_bytes"] and add["last_over_first"] > 0
+    assert search["identical"] and search["identical_rows"] == 50
+    assert "rows_per_s" in r["postgresql"] or "skipped" in r["postgresql"]
+    assert not list(tmp_path.glob("seesay-storage-*"))  # the temporary index is gone

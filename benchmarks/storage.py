@@ -1,0 +1,185 @@
+"""`seesay bench storage`: what an add costs as an index grows, and whether segments search like one index.
+
+1. Add N precomputed random unit vectors (512-d) as image rows through `Index.add_vectors`,
+   8,192 per commit (each commit its own transaction, as `seesay index` makes them), into
+   a fresh SQLite index. Bytes written are the process's write() bytes (/proc/self/io
+   `wchar`: segment files, the SQLite database and its WAL, merges), counted only around
+   the add calls; the vectors are made before each call, outside the timing. Reported:
+   bytes written / the vectors' bytes (target ≤ 3 at 1M), and the add rate of the last
+   100k items over that of the first 100k (target ≥ 0.7; with --quick, the first and last
+   tenth).
+2. 1,000 random queries, exact top-10, on the index as the adds left it (several
+   segments) and again after `compact(everything=True)` (one segment): identical ids?
+3. PostgreSQL: the same adds, of 100k rows, into a temporary server (fsync on): rows/s.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks.report import figure, machine, save_plot
+from indexer import Index, NewItem
+from indexer.items import BuiltBy
+
+NAME = "storage"
+SIZES = {"full": 1_000_000, "quick": 40_000}
+
+
+def written_bytes() -> int:
+    """Bytes this process has passed to write() so far (Linux /proc/self/io), or 0 elsewhere."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _artefact(dim: int) -> Callable[[Path], BuiltBy]:
+    def save(folder: Path) -> BuiltBy:
+        folder.mkdir(parents=True, exist_ok=True)
+        return BuiltBy("bench-random", "bench-random#0", 1, dim)
+
+    return save
+
+
+def unit_chunk(seed: int, n: int, dim: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def add_all(index: Index, n: int, commit: int, dim: int, log: Callable[[str], None]) -> list[dict[str, float]]:
+    """Add n image rows with random vectors, `commit` per call; per call: items, seconds, bytes written."""
+    calls = []
+    for start in range(0, n, commit):
+        count = min(commit, n - start)
+        rows = [NewItem("image", f"item{i}", f"{i:016x}") for i in range(start, start + count)]
+        vectors = unit_chunk(start, count, dim)
+        before, began = written_bytes(), time.perf_counter()
+        index.add_vectors(rows, vectors)
+        calls.append({"items": count, "seconds": time.perf_counter() - began, "bytes": written_bytes() - before})
+        if len(calls) % 10 == 0:
+            log(f"added {start + count:,} of {n:,}")
+    return calls
+
+
+def rate(calls: list[dict[str, float]], first: bool, items: int) -> float:
+    """Items per second over the first (or last) `items` items' calls."""
+    chosen, total = [], 0
+    for call in calls if first else reversed(calls):
+        if total >= items:
+            break
+        chosen.append(call)
+        total += call["items"]
+    return total / sum(c["seconds"] for c in chosen)
+
+
+def run(
+    n: int | None = None,
+    quick: bool = False,
+    commit: int = 8192,
+    dim: int = 512,
+    queries: int = 1000,
+    k: int = 10,
+    pg_rows: int | None = None,
+    directory: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    n = n or SIZES["quick" if quick else "full"]
+    pg_rows = pg_rows if pg_rows is not None else (20_000 if quick else 100_000)
+    window = 100_000 if n >= 1_000_000 else max(commit, n // 10)
+    work = Path(tempfile.mkdtemp(prefix="seesay-storage-", dir=directory))
+    result: dict[str, Any] = {"benchmark": NAME, "quick": quick, "machine": machine(), "n": n, "commit": commit, "dim": dim, "rate_window": window}
+    try:
+        with Index.create(work / "index", _artefact(dim)) as index:
+            log(f"adding {n:,} vectors of dim {dim}, {commit:,} per commit, into {work / 'index'}")
+            calls = add_all(index, n, commit, dim, log)
+            vector_bytes = n * dim * 4
+            written = sum(c["bytes"] for c in calls)
+            on_disk = sum(p.stat().st_size for p in (work / "index").iterdir() if p.is_file())
+            result["add"] = {
+                "vector_bytes": vector_bytes,
+                "bytes_written": written,
+                "written_over_vectors": written / vector_bytes,
+                "bytes_on_disk": on_disk,
+                "seconds": sum(c["seconds"] for c in calls),
+                "first_rate_items_s": rate(calls, True, window),
+                "last_rate_items_s": rate(calls, False, window),
+                "segments": index.info()["segments"]["image"],
+                "per_commit_seconds": [round(c["seconds"], 4) for c in calls],
+                "per_commit_bytes": [c["bytes"] for c in calls],
+            }
+            result["add"]["last_over_first"] = result["add"]["last_rate_items_s"] / result["add"]["first_rate_items_s"]
+            q = unit_chunk(-1 % 2**32, queries, dim)
+            log(f"searching {queries:,} queries over {result['add']['segments']} segments")
+            began = time.perf_counter()
+            _, segmented = index.search("image", q, k)
+            segmented_s = time.perf_counter() - began
+            index.close()
+        with Index.open(work / "index") as index:
+            log("merging into one segment")
+            began = time.perf_counter()
+            index.compact(everything=True)
+            compact_s = time.perf_counter() - began
+            began = time.perf_counter()
+            _, merged = index.search("image", q, k)
+            merged_s = time.perf_counter() - began
+        same = (segmented == merged).all(axis=1)
+        result["search"] = {
+            "queries": queries,
+            "k": k,
+            "identical_rows": int(same.sum()),
+            "identical": bool(same.all()),
+            "segmented_s": segmented_s,
+            "merged_s": merged_s,
+            "compact_s": compact_s,
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["postgresql"] = postgres_rates(pg_rows, commit, dim, log)
+    return result
+
+
+def postgres_rates(rows: int, commit: int, dim: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """Rows/s adding `rows` image rows (and vectors) in `commit`-row calls into a temporary PostgreSQL server."""
+    from benchmarks.postgres import TemporaryServer, available
+
+    reason = available()
+    if reason or rows <= 0:
+        return {"skipped": reason or "no rows asked for"}
+    work = Path(tempfile.mkdtemp(prefix="seesay-storage-pg-"))
+    try:
+        with TemporaryServer(durable=True) as server:
+            with Index.create(work / "index", _artefact(dim), db_url=server.new_database()) as index:
+                log(f"adding {rows:,} rows into PostgreSQL")
+                calls = add_all(index, rows, commit, dim, log)
+        seconds = sum(c["seconds"] for c in calls)
+        return {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def plot(result: dict[str, Any], out_dir) -> None:
+    fig, (rates, written) = figure(ncols=2, width=11)
+    add = result["add"]
+    sizes = np.array([result["commit"]] * len(add["per_commit_seconds"]), dtype=float)
+    sizes[-1] = result["n"] - result["commit"] * (len(sizes) - 1)
+    done = np.cumsum(sizes)
+    rates.plot(done, sizes / np.array(add["per_commit_seconds"]), lw=1)
+    rates.set_xlabel("items indexed")
+    rates.set_ylabel("items/s of each commit")
+    rates.set_title(f"add rate, last/first {result['rate_window']:,}: {add['last_over_first']:.2f}", fontsize=9)
+    written.plot(done, np.cumsum(add["per_commit_bytes"]) / 2**30, label="bytes written")
+    written.plot(done, done * result["dim"] * 4 / 2**30, ls="--", label="the vectors")
+    written.plot(done, 3 * done * result["dim"] * 4 / 2**30, ls=":", label="3× the vectors")
+    written.set_xlabel("items indexed")
+    written.set_ylabel("GiB")
+    written.set_title(f"written / vectors: {add['written_over_vectors']:.2f}", fontsize=9)
+    written.legend(fontsize=7)
+    save_plot(fig, out_dir, NAME)
