@@ -22,6 +22,7 @@ from cli.common import (
     report_problems,
 )
 from indexer import Index
+from indexer.sizing import choose_factory, parse_memory
 from retrieval.collection import Collection
 from retrieval.encoders import load_encoder
 from retrieval.errors import SeesayError
@@ -39,14 +40,23 @@ def index(
     allow_outside_images: bool = AllowOutsideOpt,
     split: Optional[str] = SplitOpt,
     split_file: Optional[Path] = SplitFileOpt,
-    factory: Optional[str] = typer.Option(None, help="FAISS factory string for a new index (default Flat): Flat, IVF1024,PQ32, HNSW32, ..."),
+    factory: Optional[str] = typer.Option(
+        None, help="FAISS factory string for a new index (default Flat): Flat, IVF1024,PQ32, HNSW32, ..., or auto (from the data's size and --memory)."
+    ),
+    memory: str = typer.Option("4G", "--memory", help="Memory budget of the vectors' index for --factory auto (e.g. 4G, 512M)."),
     db_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL for the metadata (default: SQLite file in the index)."),
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Embed a captioned image set into an index (created if new, extended if not)."""
     dataset = read_data(data, images, split, split_file, quiet=as_json, allow_outside_images=allow_outside_images)
-    collection = Collection.open_or_create(index_dir, load_encoder(encoder), factory=factory, db_url=db_url)
+    loaded = load_encoder(encoder)
+    if factory == "auto":
+        n = max(len(dataset.records), sum(len(record.captions) for record in dataset.records))
+        factory = choose_factory(n, loaded.dim, parse_memory(memory))
+        if not as_json:
+            out.print(f"factory for {n:,} vectors within {memory}: {factory}")
+    collection = Collection.open_or_create(index_dir, loaded, factory=factory, db_url=db_url)
     report = collection.add(dataset.records, batch_size=batch_size, progress=not as_json)
     record_source(index_dir, Source.given(data, images, split, split_file, allow_outside_images))
     problems = dataset.problems + report.problems

@@ -642,7 +642,7 @@ class Index:
         """Delete items by id (an image takes its captions along); returns how many went.
 
         Their rows go at once; their vectors stay in their segments as tombstones, which
-        searches skip, until a merge rewrites those segments. Unknown ids are an error
+        searches skip, until a merge rewrites those segments (the next add's, or `compact`). Unknown ids are an error
         naming them, and then nothing is deleted.
         """
         ids = [int(i) for i in ids]
@@ -661,7 +661,6 @@ class Index:
             store.add_tombstones(session, {row.id: gone[np.isin(gone, self._segment_ids(row))].tolist() for row in segments})
             manifest.n_images -= len(images)
             manifest.n_captions -= len(captions)
-        self.compact()
         return len(images) + len(captions)
 
     def _segment_ids(self, row: SegmentRow) -> np.ndarray:
@@ -670,8 +669,8 @@ class Index:
         return self._ids[row.id]
 
     def compact(self, everything: bool = False) -> int:
-        """Merge segments: by the size-tiered policy (`indexer.compaction`), which every add and
-        delete runs, or all of a kind into one, dropping every deleted row (`everything`).
+        """Merge segments: by the size-tiered policy (`indexer.compaction`), which every add
+        runs after its commit, or all of a kind into one, dropping every deleted row (`everything`).
 
         Readers are never blocked: they keep the segments they loaded, and the next state
         they load has the merged one. Returns how many segments were merged away.

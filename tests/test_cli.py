@@ -171,3 +171,13 @@ def test_shape_set_captions_each_describe_one_image(tmp_path):
     assert len(rows) == 4 * 3 * 3 * 2 and len(set(captions)) == len(captions)
     with pytest.raises(ValueError, match="copies"):
         make_shape_set(tmp_path / "more", copies=4)
+
+
+def test_index_with_factory_auto_and_compact(shapes, model, tmp_path):
+    index = tmp_path / "auto"
+    run("index", "--encoder", model, "--data", shapes, "--index", index, "--factory", "auto", "--memory", "64M", "--json")
+    assert json.loads(run("info", "--index", index, "--json"))["factory"] == "Flat"  # 48 vectors: exact
+    merged = json.loads(run("compact", "--index", index, "--json"))
+    assert merged["segments"] == {"image": 1, "caption": 1}
+    bad = seesay("index", "--encoder", model, "--data", shapes, "--index", tmp_path / "other", "--factory", "auto", "--memory", "lots")
+    assert bad.returncode == 1 and "cannot read memory budget 'lots'" in bad.stderr and not (tmp_path / "other").exists()
