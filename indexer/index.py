@@ -698,18 +698,6 @@ class Index:
             part = make_part(manifest.factory, manifest.dim, vectors, ids, template)
         self._record(session, manifest, kind, vectors, ids, part, group)
 
-
-def _trained(index, vectors: np.ndarray, factory: str, name: str):
-    """`index` (empty) trained on `vectors`."""
-    try:
-        index.train(vectors)
-    except RuntimeError as exc:
-        raise SeesayError(
-            f"FAISS index {factory!r} could not be trained on {len(vectors)} {name} vectors: {faiss_reason(exc)}"
-        ) from exc
-    return index
-
-
     def set_paths(self, paths: dict[int, str]) -> None:
         """Point image items at new files ({item id: path}), e.g. after the files moved; vectors stay."""
         if not paths:
@@ -720,6 +708,17 @@ def _trained(index, vectors: np.ndarray, factory: str, name: str):
             if wrong:
                 raise ItemNotFoundError(f"no image items with ids {wrong} in index {self.directory}; no path changed", wrong)
             store.set_paths(session, paths)
+
+
+def _trained(index, vectors: np.ndarray, factory: str, name: str):
+    """`index` (empty) trained on `vectors`."""
+    try:
+        index.train(vectors)
+    except RuntimeError as exc:
+        raise SeesayError(
+            f"FAISS index {factory!r} could not be trained on {len(vectors)} {name} vectors: {faiss_reason(exc)}"
+        ) from exc
+    return index
 
 
 def _insert(
