@@ -11,7 +11,7 @@ from retrieval.encoders.bow import KIND_TO_THETA, BowConfig, fit_bow
 
 
 def train(
-    encoder: str = typer.Option(..., "--encoder", help="bow-pmi | bow-ratio | towers[:TEXT_MODEL_DIR] | openclip:ARCH@PATH | openclip:ARCH/TAG | openclip DIR"),
+    encoder: str = typer.Option(..., "--encoder", help="bow-pmi | bow-ratio | towers[:mpnet|:TEXT_MODEL_DIR] | openclip:ARCH@PATH | openclip:ARCH/TAG | openclip DIR"),
     data: Path = DataOpt,
     images: Optional[Path] = ImagesOpt,
     allow_outside_images: bool = AllowOutsideOpt,
@@ -34,6 +34,10 @@ def train(
     image_top: int = typer.Option(4, help="towers, openclip: unfreeze the top N image blocks (towers: at most 4 reuse cached features; openclip: -1 all)."),
     text_top: int = typer.Option(1, help="towers, openclip: unfreeze the top N text layers (0: heads only; openclip: -1 all)."),
     flip: bool = typer.Option(True, help="towers: also train on mirrored images (doubles the one-off feature caching)."),
+    flip_maps: bool = typer.Option(False, help="towers: mirror the cached feature maps instead of encoding mirrored images (no extra caching)."),
+    image_backbones: str = typer.Option("lite0", help="towers: EfficientNet-Lite backbones, comma-separated (lite0, lite1, lite2); their features are concatenated."),
+    max_captions: Optional[int] = typer.Option(None, help="towers: train on at most this many captions per image (the first ones)."),
+    hubness_tau: Optional[float] = typer.Option(None, help="towers: attach querybank hubness correction with this temperature (e.g. 0.1)."),
     patience: int = typer.Option(4, help="towers: stop after this many epochs without a validation gain."),
     resume: bool = typer.Option(False, help="towers: continue from --out's last checkpoint."),
     lock_image: bool = typer.Option(False, help="openclip: freeze the whole image tower, train the text side only (LiT)."),
@@ -64,7 +68,9 @@ def train(
         path = train_encoder(
             encoder, dataset, val, out, epochs=epochs, batch_size=batch_size, loss=loss, resume=resume, seed=seed,
             **({} if lr is None else {"lr": lr}),
-            head=head, embed_dim=embed_dim, image_top=image_top, text_top=text_top, flip=flip, patience=patience, log=log,
+            head=head, embed_dim=embed_dim, image_top=image_top, text_top=text_top, patience=patience, log=log,
+            flip="maps" if flip and flip_maps else flip, image_backbones=image_backbones, max_captions=max_captions,
+            hubness_tau=hubness_tau,
         )
         if as_json:
             print_json({"encoder": encoder, "out": str(path)})

@@ -188,7 +188,7 @@ class QueryEngine:
         for i, text in enumerate(texts):
             if not text or not text.strip():
                 raise BadQueryError(f"query {i + 1} is empty: give some words to search for")
-        return self.search_vectors(self.encoder.encode_texts(list(texts)), target, k, **options)
+        return self.search_vectors(self._queries(self.encoder.encode_texts(list(texts)), "caption", target), target, k, **options)
 
     def search_images(
         self, images: Sequence[ImageInput], target: Target = "caption", k: int = 10, **options
@@ -201,7 +201,7 @@ class QueryEngine:
         vectors = self.encoder.encode_images(list(images))
         if target == "image" and "exclude" not in options:
             options["exclude"] = self.indexed_copies([file_hash(i) if isinstance(i, (str, Path)) else None for i in images])
-        return self.search_vectors(vectors, target, k, **options)
+        return self.search_vectors(self._queries(vectors, "image", target), target, k, **options)
 
     def indexed_copies(self, hashes: Sequence[Optional[str]]) -> list[set[int]]:
         """For each content hash (None: unknown), the indexed image with that content, if any."""
@@ -219,5 +219,13 @@ class QueryEngine:
         missing = [i for i in item_ids if i not in items]
         if missing:
             raise ItemNotFoundError(f"no indexed item with id {missing[0]}", missing)
+        kinds = {items[i].kind for i in item_ids}
+        if len(kinds) > 1:
+            return [self.search_items([i], target, k, **options)[0] for i in item_ids]
         vectors = np.stack([self.index.vectors(items[i].kind, [i])[0] for i in item_ids])
+        vectors = self._queries(vectors, kinds.pop(), target)
         return self.search_vectors(vectors, target, k, exclude=[{i} for i in item_ids], **options)
+
+    def _queries(self, vectors: np.ndarray, source: str, target: Target) -> np.ndarray:
+        """Encoded rows of `source` items → query rows for `target` (the encoder marks cross-modal queries)."""
+        return self.encoder.as_queries(vectors, cross_modal=source != target)

@@ -64,6 +64,15 @@ class Encoder(ABC):
     ) -> np.ndarray:
         """Encode captions into an (n, dim) float32 array."""
 
+    def as_queries(self, vectors: np.ndarray, cross_modal: bool) -> np.ndarray:
+        """Encoded rows (as stored in an index) → the rows to search with.
+
+        `cross_modal`: text → image or image → caption. Identity for most encoders; a
+        hubness-corrected encoder stores a bias as the last coordinate and marks queries so
+        that only cross-modal scores subtract it (`retrieval.encoders.querybank`).
+        """
+        return vectors
+
     @abstractmethod
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings that `from_saved` needs besides the weight files."""

@@ -25,6 +25,7 @@ _PROVIDERS: dict[str, str] = {
     "bow-ratio": "retrieval.encoders.bow",
     "towers": "retrieval.encoders.towers",
     "default": "retrieval.encoders.towers",
+    "fast": "retrieval.encoders.towers",
     "zeroshot": "retrieval.encoders.zeroshot",
     "openclip": "retrieval.encoders.openclip",
 }

