@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tau", type=float, default=qb.DEFAULT_TAU)
     p.add_argument("--save-seed", type=int, default=None)
     p.add_argument("--out", type=Path, default=root / "benchmarks" / "results" / "hubness.json")
+    p.add_argument("--vectors", type=Path, default=None, help="also save the dev and bank vectors here (.npz)")
     args = p.parse_args(argv)
     csv = args.data / "captions.csv"
     train = load_dataset(csv, split_file=args.data / "splits" / "train.txt")
@@ -48,11 +49,15 @@ def main(argv: list[str] | None = None) -> None:
     texts = encode_captions(enc, [c for r in dev for c in r.captions])
     owner = np.repeat(np.arange(len(dev)), [len(r.captions) for r in dev])
     plain = recall_at_k(images, texts, owner)
+    saved = {"dev_images": images, "dev_texts": texts, "dev_owner": owner}
     rows = [{"bank_seed": None, "i2t_R@1": plain["i2t"]["R@1"], "t2i_R@1": plain["t2i"]["R@1"], "rsum": plain["rsum"]}]
     print(f"dev encoded in {time.time() - t0:.0f} s; without hubness: i2t R@1 {plain['i2t']['R@1']:.1f}, "
           f"t2i R@1 {plain['t2i']['R@1']:.1f}, RSUM {plain['rsum']:.1f}", flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         bank_images, bank_texts = encode_pool(enc, train.records, qb.IMAGE_BANK, qb.TEXT_BANK, seed)
+        saved.update({f"bank{seed}_images": bank_images.numpy(), f"bank{seed}_texts": bank_texts.numpy()})
+        if args.vectors:
+            np.savez(args.vectors, **saved)
         enc.set_querybank(qb.QueryBank(bank_images, bank_texts, args.tau))
         r = cross_modal_recall(enc, enc.querybank.with_bias(images, "image"), enc.querybank.with_bias(texts, "caption"), owner)
         rows.append({"bank_seed": seed, "i2t_R@1": r["i2t"]["R@1"], "t2i_R@1": r["t2i"]["R@1"], "rsum": r["rsum"],
