@@ -79,7 +79,7 @@ def build(root: Path, out: Path, n: int, seed: int = 0) -> int:
         for path, caption in pairs:
             name = "-".join(path.relative_to(root).parts)
             shutil.copyfile(path, out / "images" / name)
-            writer.writerow([f"images/{name}", caption])
+            writer.writerow([name, caption])  # CSV images resolve against images/ beside it
     return len(pairs)
 
 

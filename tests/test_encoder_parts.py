@@ -60,6 +60,7 @@ def test_mpnet_layers_run_in_two_halves_equal_the_whole_model():
     torch.manual_seed(0)
     cfg = MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
     model = MPNetModel(cfg).eval()
+    torch.nn.init.normal_(model.encoder.relative_attention_bias.weight, std=1.0)  # a bias that visibly matters
     ids = torch.tensor([[0, 5, 7, 9, 2, 1, 1], [0, 8, 3, 4, 6, 11, 2]])
     mask = (ids != 1).long()
     with torch.no_grad():
