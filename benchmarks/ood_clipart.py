@@ -8,7 +8,7 @@ Only object categories are used (animals, food, people, tools, transportation, â
 computer icons, shapes, signs or gradients). A file is named `TITLE_AUTHOR_NN.png`, the
 author cut short; author words are recognised as words that follow the titles of several
 files and begin none, so the caption is the title plus its folder, e.g. "flying wasp, bugs". Titles with no
-word left, card faces and duplicate captions are dropped; `--n` files are drawn with a fixed
+word left, card faces, duplicate captions and duplicate pictures are dropped; `--n` files are drawn with a fixed
 seed and copied (never committed: the set is built where it is used). Not tuxpaint-stamps,
 which is reserved for held-out measurement.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import random
 import re
 import shutil
@@ -67,8 +68,9 @@ def build(root: Path, out: Path, n: int, seed: int = 0) -> int:
     for path, parts in zip(files, stems):
         name = title(parts, authors)
         caption = f"{name}, {path.parent.name.replace('_', ' ')}" if name else ""
-        if caption and caption not in seen:
-            seen.add(caption)
+        digest = hashlib.sha1(path.read_bytes()).hexdigest()  # the same picture filed in two folders
+        if caption and caption not in seen and digest not in seen:
+            seen.update((caption, digest))
             pairs.append((path, caption))
     random.Random(seed).shuffle(pairs)
     pairs = sorted(pairs[:n], key=lambda pc: str(pc[0]))
