@@ -101,13 +101,14 @@ def encode_cmd(
                         **({"data": data} if data is not None else {}))
     table = Table(title="encoding throughput (items/s)")
     for column in ("encoder", "device", "engine img/s", "loader img/s", "bare img/s", "decode-only img/s",
-                   "pipeline eff.", "loader eff.", "captions/s"):
+                   "pipeline eff.", "loader eff.", "captions/s", "user CPU ms/img", "sys/user"):
         table.add_column(column, justify="left" if column == "encoder" else "right")
     fmt = lambda v, f="{:.1f}": "—" if v is None else f.format(v)  # noqa: E731
     for name, r in result["encoders"].items():
         table.add_row(name, r["device"], fmt(r["engine_images_per_s"]), fmt(r["loader_images_per_s"]),
                       fmt(r["bare_images_per_s"]), fmt(r.get("decode_only_images_per_s")),
-                      fmt(r["pipeline_efficiency"], "{:.2f}"), fmt(r["loader_efficiency"], "{:.2f}"), fmt(r["captions_per_s"]))
+                      fmt(r["pipeline_efficiency"], "{:.2f}"), fmt(r["loader_efficiency"], "{:.2f}"), fmt(r["captions_per_s"]),
+                      fmt(r["engine_user_cpu_ms_per_image"]), fmt(r["engine_sys_per_user"], "{:.2f}"))
     _finish(result, encode.NAME, out_dir, as_json, encode.plot, table)
 
 

@@ -34,11 +34,14 @@ def eval_command(
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Recall@1/5/10 both ways, median and mean rank, RSUM (recall in percent)."""
+    """Recall@1/5/10 both ways, median and mean rank, RSUM (recall in percent); with and without hubness correction when the encoder has it."""
     dataset = read_data(data, images, split, split_file, quiet=as_json, allow_outside_images=allow_outside_images)
     result = evaluate(load_encoder(encoder), dataset.records, batch_size, progress=not as_json)
     if as_json:
         print_json(result)
         return
     report_problems(result["problems"], "skipped images")
-    out.print(recall_table({encoder: result}, f"{data.name}: {result['n_images']} images, {result['n_captions']} captions"))
+    rows = {encoder: result}
+    if "without_hubness" in result:  # the same vectors scored without the bias coordinate
+        rows = {f"{encoder} (hubness-corrected)": result, f"{encoder} (without)": result["without_hubness"]}
+    out.print(recall_table(rows, f"{data.name}: {result['n_images']} images, {result['n_captions']} captions"))

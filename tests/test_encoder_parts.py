@@ -117,3 +117,27 @@ def test_backbone_names_and_resizing():
     x = torch.randn(2, 3, 260, 260)
     assert effnet.resize_to(x, 260) is x and effnet.resize_to(x, 224).shape == (2, 3, 224, 224)
     assert effnet.preprocess_id("lite0", 224) != effnet.preprocess_id("lite0", 260)
+
+
+@pytest.mark.parametrize("tops", [0, 1])
+def test_zero_shot_coordinates_are_the_zeroshot_encoders_vectors(tmp_path, tops):
+    """With zeroshot_weight w, a row is [√(1−w)·towers, √w·zeroshot]: its tail is exactly the zeroshot encoder's."""
+    from PIL import Image
+
+    from retrieval.encoders.registry import load_encoder
+    from retrieval.encoders.towers import TowersEncoder
+
+    paths = []
+    for i, colour in enumerate(["red", "navy", "orange"]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (120, 90), colour).save(paths[-1])
+    texts = ["a red ball", "a dog runs through the snow"]
+    enc = TowersEncoder({"embed_dim": 32, "image_top": tops, "text_top": tops, "zeroshot_weight": 0.25})
+    zs = load_encoder("zeroshot")
+    images, captions = enc.encode_images(paths), enc.encode_texts(texts)
+    assert images.shape == (3, 32 + 384) and captions.shape == (2, 32 + 384) and enc.dim == 416
+    np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(images[:, 32:] / 0.5, zs.encode_images(paths), atol=2e-4)
+    np.testing.assert_allclose(captions[:, 32:] / 0.5, zs.encode_texts(texts), atol=2e-4)
+    with pytest.raises(EncoderError, match="zeroshot_weight"):
+        TowersEncoder({"embed_dim": 32, "zeroshot_weight": 1.5})

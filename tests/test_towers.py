@@ -94,18 +94,27 @@ def test_unknown_text_model_is_a_clear_error(tmp_path):
         TowersEncoder({"text_model": str(tmp_path / "nope")})
 
 
-def test_shipped_default_loads_and_encodes(tmp_path):
+def test_shipped_default_and_fast_load_and_encode(tmp_path):
+    """`default` = the shipped heads + its query bank (bias as a last coordinate); `fast` = the same without it."""
     from retrieval.encoders.towers import DEFAULT_MODEL_DIR
 
-    enc = load_encoder("default")
+    enc, fast = load_encoder("default"), load_encoder("fast")
     manifest = json.loads((DEFAULT_MODEL_DIR / "encoder.json").read_text())
-    assert enc.spec == "default" and enc.dim == manifest["dim"]
-    imgs = enc.encode_images(_images(tmp_path, 2))
-    txt = enc.encode_texts(["a dog runs on the grass"])
-    _unit_rows(imgs, 2, enc.dim)
-    _unit_rows(txt, 1, enc.dim)
-    # Small: only the trained parts ship.
-    assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) < 25_000_000
+    assert enc.spec == "default" and enc.dim == manifest["dim"] and fast.spec == "fast"
+    paths = _images(tmp_path, 2)
+    imgs, plain = enc.encode_images(paths), fast.encode_images(paths)
+    txt, plain_txt = enc.encode_texts(["a dog runs on the grass"]), fast.encode_texts(["a dog runs on the grass"])
+    _unit_rows(plain, 2, fast.dim)
+    _unit_rows(plain_txt, 1, fast.dim)
+    if enc.querybank is not None:
+        assert enc.dim == fast.dim + 1
+        np.testing.assert_allclose(imgs[:, :-1], plain, atol=1e-5)
+        np.testing.assert_allclose(txt[:, :-1], plain_txt, atol=1e-5)
+        assert np.abs(imgs[:, -1]).max() < 1.0  # the bias, shifted to stay near 0
+        cross = enc.as_queries(txt, cross_modal=True) @ imgs.T
+        np.testing.assert_allclose(cross, plain_txt @ plain.T - imgs[:, -1][None, :], atol=1e-5)
+    # Small: only the trained parts ship (heads, and the bank's 12,000 fp16 vectors).
+    assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) < 50_000_000
 
 
 def test_image_preprocessing_scales_pixels_as_efficientnet_lite_expects():

@@ -199,3 +199,21 @@ def test_only_towers_can_be_trained(tmp_path):
 
     with pytest.raises(TrainingError, match="towers"):
         train_encoder("bow-pmi", Dataset([]), None, tmp_path, epochs=1)
+
+
+def test_two_backbones_mirrored_maps_and_a_query_bank(shapes, tmp_path):
+    """Lite0 + Lite2 features concatenated, mirrored cached maps, 2 captions per image, a bank attached after training."""
+    from retrieval.evaluation import evaluate
+    from retrieval.training.trainer import train_encoder
+
+    ds, cache = shapes
+    out = train_encoder("towers", ds, ds, tmp_path / "m", epochs=2, batch_size=10, embed_dim=32, image_backbones="lite0,lite2",
+                        flip="maps", max_captions=2, hubness_tau=0.1, cache_dir=cache, log=lambda m: None)
+    enc = load_encoder(out)
+    assert enc.cfg["image_backbones"] == ["lite0", "lite2"] and enc.cfg["image_in"] == 2560
+    assert enc.dim == 33 and enc.querybank.images.shape == (24, 32) and enc.querybank.texts.shape == (48, 32)
+    train = json.loads((out / "encoder.json").read_text())["config"]["train"]
+    assert "hub_val_i2t_R@1" in train and train["flip"] == "maps"
+    result = evaluate(enc, ds.records)
+    assert result["without_hubness"]["i2t"]["R@1"] == pytest.approx(train["val_i2t_R@1"], abs=5)
+    assert result["i2t"]["R@1"] == pytest.approx(train["hub_val_i2t_R@1"], abs=5)  # cached fp16 features vs pixels

@@ -49,6 +49,7 @@ class TorchImageEncoder(Encoder):
         `x` is float, as `image_transform` makes it, or uint8, as the decode workers send it
         (then scaled and normalised here, on the device).
         """
+        runtime.keep_freed_memory()
         x = self.model_input(x)
         with runtime.autocast(self.device):
             v = self.image_forward(x)

@@ -47,6 +47,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "text_in": 384,
     "init_logit_scale": float(np.log(1 / 0.07)),
     "hubness_tau": None,  # set when the model carries a query bank (querybank.pt)
+    "zeroshot_weight": 0.0,  # w > 0: append the zeroshot encoder's vectors, scores (1 − w)·towers + w·zeroshot
 }
 
 
@@ -159,6 +160,7 @@ class TowersEncoder(TorchImageEncoder):
         self.cfg["image_in"] = effnet.FEATURE_DIM * len(backbones)
         self.image_models = [(effnet.native_size(n), effnet.load_backbone(n, str(self.device))) for n in backbones]
         self.image_transform = effnet.preprocess(effnet.decode_size(backbones))
+        self.class_vecs = self._zeroshot_prompts()
         if heads is None:
             layers = sentence.bert_parts(self.st)[1] if self.cfg["text_top"] else None
             heads = TowerHeads(self.cfg, [m for _, m in self.image_models], layers, sentence.relative_bias(self.st))
@@ -167,14 +169,41 @@ class TowersEncoder(TorchImageEncoder):
         self.cfg["hubness_tau"] = None  # until set_querybank
         self._spec = spec or KIND
 
+    def _zeroshot_prompts(self) -> torch.Tensor | None:
+        """MiniLM's class-prompt vectors when zero-shot coordinates are mixed in (they need Lite0 and MiniLM)."""
+        w = float(self.cfg["zeroshot_weight"] or 0.0)
+        if not w:
+            return None
+        if not 0 < w < 1 or "lite0" not in self.cfg["image_backbones"] or self.cfg["text_model"] != sentence.DEFAULT_TEXT_MODEL:
+            raise EncoderError("zeroshot_weight must lie in (0, 1) and needs the lite0 backbone and the minilm text model")
+        from retrieval.encoders.zeroshot import class_prompt_vectors
+
+        return class_prompt_vectors().to(self.device)
+
+    def set_zeroshot_weight(self, weight: float) -> None:
+        """Mix zero-shot coordinates in with weight w (0: off); drops the query bank, which no longer fits."""
+        self.cfg["zeroshot_weight"] = float(weight)
+        self.class_vecs = self._zeroshot_prompts()
+        self.set_querybank(None)
+
+    @property
+    def plain_dim(self) -> int:
+        """Dimension before the hubness coordinate: the shared space, plus MiniLM's 384 with zero-shot mixing."""
+        return int(self.cfg["embed_dim"]) + (int(self.class_vecs.shape[1]) if self.class_vecs is not None else 0)
+
     @property
     def dim(self) -> int:
-        return int(self.cfg["embed_dim"]) + (1 if self.querybank is not None else 0)
+        return self.plain_dim + (1 if self.querybank is not None else 0)
+
+    def _mix(self, towers: torch.Tensor, zeroshot: torch.Tensor) -> torch.Tensor:
+        """[√(1−w)·towers, √w·zeroshot] of unit rows: unit rows whose inner products mix the two scores."""
+        w = float(self.cfg["zeroshot_weight"])
+        return torch.cat([towers.float() * (1 - w) ** 0.5, F.normalize(zeroshot.float(), dim=-1) * w ** 0.5], dim=1)
 
     def set_querybank(self, bank: qb.QueryBank | None) -> None:
         """Attach (or, with None, drop) hubness correction: vectors gain the bias coordinate."""
-        if bank is not None and bank.dim != self.cfg["embed_dim"]:
-            raise EncoderError(f"query bank of dimension {bank.dim} does not fit a {self.cfg['embed_dim']}-d model")
+        if bank is not None and bank.dim != self.plain_dim:
+            raise EncoderError(f"query bank of dimension {bank.dim} does not fit a {self.plain_dim}-d model")
         self.querybank = bank
         self.cfg["hubness_tau"] = None if bank is None else bank.tau
 
@@ -193,23 +222,40 @@ class TowersEncoder(TorchImageEncoder):
         """Preprocessed (B, 3, S, S) batch → (B, dim) unit vectors (each backbone at its own size)."""
         top = self.cfg["image_top"]
         maps = [effnet.features_below(model, effnet.resize_to(x, size), top) for size, model in self.image_models]
-        return self.heads.image(maps if top else [m.mean(dim=(2, 3)) for m in maps])
+        v = self.heads.image(maps if top else [m.mean(dim=(2, 3)) for m in maps])
+        if self.class_vecs is None:
+            return v
+        lite0 = self.cfg["image_backbones"].index("lite0")
+        logits = effnet.logits_from(self.image_models[lite0][1], maps[lite0], top)
+        return self._mix(v, torch.softmax(logits.float(), dim=-1) @ self.class_vecs)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        runtime.keep_freed_memory()
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         texts = [str(t) for t in texts]
         for s in range(0, len(texts), batch_size):
             chunk = texts[s : s + batch_size]
             with runtime.autocast(self.device):
-                if self.cfg["text_top"]:
-                    h, mask = sentence.hidden_below(self.st, chunk, self.cfg["text_top"])
-                    v = self.heads.text(h, mask)
-                else:
-                    v = self.heads.text(sentence.sentence_embeddings(self.st, chunk, batch_size).to(self.device))
+                v = self._text_vectors(chunk, batch_size)
             v = v.float().cpu().numpy()
             out[s : s + len(chunk)] = v if self.querybank is None else self.querybank.with_bias(v, "caption")
         return out
+
+    def _text_vectors(self, texts: list[str], batch_size: int) -> torch.Tensor:
+        """Unit rows of one chunk of captions (mixed with MiniLM's own embeddings when zero-shot is on)."""
+        n_top = self.cfg["text_top"]
+        if n_top:
+            h, mask = sentence.hidden_below(self.st, texts, n_top)
+            v = self.heads.text(h, mask)
+            if self.class_vecs is None:
+                return v
+            frozen = sentence.bert_parts(self.st)[1][-n_top:]
+            plain = sentence.mean_pool(sentence.run_layers(frozen, h, mask, sentence.relative_bias(self.st)), mask)
+            return self._mix(v, plain)
+        emb = sentence.sentence_embeddings(self.st, texts, batch_size).to(self.device)
+        v = self.heads.text(emb)
+        return v if self.class_vecs is None else self._mix(v, emb)
 
     def config(self) -> dict[str, Any]:
         return dict(self.cfg)
@@ -271,32 +317,33 @@ class DefaultEncoder(TowersEncoder):
     kind = "default"
 
 
-def _shipped(name: str, hubness: bool) -> Encoder:
+def _shipped(name: str, full: bool) -> Encoder:
     from retrieval.encoders.base import read_manifest, verify_weights
 
     if not (DEFAULT_MODEL_DIR / WEIGHTS).is_file():
         raise EncoderError(f"the shipped model is missing from {DEFAULT_MODEL_DIR}; reinstall seesay")
     manifest = read_manifest(DEFAULT_MODEL_DIR)
     verify_weights(DEFAULT_MODEL_DIR, manifest)
-    enc = TowersEncoder.from_saved(DEFAULT_MODEL_DIR, manifest.get("config", {}))
-    if not hubness:
-        enc.set_querybank(None)
+    cfg = manifest.get("config", {})
+    if not full:
+        cfg = {**cfg, "hubness_tau": None, "zeroshot_weight": 0.0}
+    enc = TowersEncoder.from_saved(DEFAULT_MODEL_DIR, cfg)
     enc._spec = name
     return enc
 
 
 def _default_factory(args: str) -> Encoder:
-    """`default`: the shipped model with hubness correction (1,025-d: the last coordinate is the bias)."""
+    """`default`: the shipped model with what its manifest adds: zero-shot coordinates, hubness correction."""
     if args:
         raise EncoderError("the default encoder takes no arguments; use `default`")
-    return _shipped("default", hubness=True)
+    return _shipped("default", full=True)
 
 
 def _fast_factory(args: str) -> Encoder:
-    """`fast`: the same shipped model without hubness correction (1,024-d unit vectors)."""
+    """`fast`: the same shipped heads alone (1,024-d unit vectors), as shipped before hubness correction."""
     if args:
         raise EncoderError("the fast encoder takes no arguments; use `fast`")
-    return _shipped("fast", hubness=False)
+    return _shipped("fast", full=False)
 
 
 register("default", DefaultEncoder, _default_factory)

@@ -146,6 +146,17 @@ def features_below(model: torch.nn.Module, batch: torch.Tensor, n_top: int) -> t
     return x
 
 
+@torch.no_grad()
+def logits_from(model: torch.nn.Module, fmap: torch.Tensor, n_top: int) -> torch.Tensor:
+    """The ImageNet logits of the pretrained network, from its map below the top `n_top` blocks."""
+    x = fmap
+    if n_top:
+        for block in model._blocks[num_blocks(model) - n_top :]:
+            x = block(x)
+        x = model._swish(model._bn1(model._conv_head(x)))
+    return model._fc(x.mean(dim=(2, 3)))
+
+
 class TopBlocks(torch.nn.Module):
     """The top `n_top` MBConv blocks plus the head convolution of an EfficientNet, as one module.
 

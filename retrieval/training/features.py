@@ -62,6 +62,7 @@ def image_features(
         data = torch.load(path, weights_only=True)
         return data["feats"], {int(k): v for k, v in data["bad"].items()}
     device = device or torch.device("cpu")
+    runtime.keep_freed_memory()
     model = effnet.load_backbone(backbone, str(device))
     size = effnet.native_size(backbone)
     feats = None

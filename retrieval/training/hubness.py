@@ -59,6 +59,7 @@ def save_bank(encoder: TowersEncoder, directory: Path) -> None:
     encoder.querybank.save(Path(directory))
     manifest = read_manifest(directory)
     manifest["config"]["hubness_tau"] = encoder.querybank.tau
+    manifest["config"]["zeroshot_weight"] = encoder.cfg["zeroshot_weight"]
     manifest["dim"] = encoder.dim
     manifest["digest"] = weights_digest(Path(directory))
     tmp = Path(directory) / (MANIFEST + ".tmp")
@@ -77,10 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=qb.IMAGE_BANK)
     p.add_argument("--texts", type=int, default=qb.TEXT_BANK)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zeroshot-weight", type=float, default=None, help="also mix zero-shot coordinates in with this weight")
     args = p.parse_args(argv)
     encoder = load_encoder(args.model)
     if not isinstance(encoder, TowersEncoder):
         raise SystemExit(f"{args.model} is not a towers model")
+    if args.zeroshot_weight is not None:
+        encoder.set_zeroshot_weight(args.zeroshot_weight)
     train = load_dataset(args.data, split_file=args.split_file)
     save_bank(attach(encoder, train.records, args.tau, args.seed, args.images, args.texts), args.model)
     print(f"query bank ({args.images} images, {args.texts} captions, tau {args.tau}) saved in {args.model}")

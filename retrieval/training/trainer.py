@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from retrieval import runtime
 from retrieval.datasets import Dataset
 from retrieval.encoders.base import read_manifest
 from retrieval.encoders.towers import DEFAULT_CONFIG, KIND, TowerHeads, TowersEncoder, load_heads_state, parse_spec
@@ -273,6 +274,7 @@ def train_encoder(
     torch.manual_seed(seed)
     random.seed(seed)
     say = log if rank == 0 else (lambda _msg: None)
+    runtime.keep_freed_memory()
 
     cfg = {**DEFAULT_CONFIG, **parse_spec(spec), "head": head, "embed_dim": embed_dim,
            "image_top": image_top, "text_top": text_top, "dropout": dropout,
