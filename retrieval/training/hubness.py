@@ -52,19 +52,24 @@ def attach(encoder: TowersEncoder, records: Sequence[Record], tau: float = qb.DE
 
 def save_bank(encoder: TowersEncoder, directory: Path) -> None:
     """Write `encoder`'s query bank into its saved model `directory`, leaving the heads' file as it is."""
+    import hashlib
     import json
 
     from retrieval.encoders.base import MANIFEST, read_manifest, weights_digest
 
-    encoder.querybank.save(Path(directory))
+    directory = Path(directory)
+    encoder.querybank.save(directory)
     manifest = read_manifest(directory)
     manifest["config"]["hubness_tau"] = encoder.querybank.tau
     manifest["config"]["zeroshot_weight"] = encoder.cfg["zeroshot_weight"]
     manifest["dim"] = encoder.dim
-    manifest["digest"] = weights_digest(Path(directory))
-    tmp = Path(directory) / (MANIFEST + ".tmp")
+    data = (directory / qb.WEIGHTS).read_bytes()
+    if isinstance(manifest.get("files"), dict):
+        manifest["files"][qb.WEIGHTS] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest["digest"] = weights_digest(directory)
+    tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(Path(directory) / MANIFEST)
+    tmp.replace(directory / MANIFEST)
 
 
 def main(argv: list[str] | None = None) -> None:
