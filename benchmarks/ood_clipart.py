@@ -2,7 +2,7 @@
 
     apt-get download openclipart-png && dpkg-deb -x openclipart-png_*.deb /tmp/openclipart
     python -m benchmarks.ood_clipart --root /tmp/openclipart/usr/share/openclipart/png --out /tmp/ood-clipart
-    seesay eval --encoder default --data /tmp/ood-clipart/captions.csv
+    python -m benchmarks.ood_clipart --out /tmp/ood-clipart --eval default,zeroshot   # or seesay eval --data …
 
 Only object categories are used (animals, food, people, tools, transportation, …; not the
 computer icons, shapes, signs or gradients). A file is named `TITLE_AUTHOR_NN.png`, the
@@ -85,14 +85,31 @@ def build(root: Path, out: Path, n: int, seed: int = 0) -> int:
     return len(pairs)
 
 
+def evaluate_encoders(csv_path: Path, specs: list[str]) -> dict[str, dict]:
+    """`seesay eval` of each encoder on the built set (with and without hubness where the encoder has it)."""
+    from retrieval.datasets import load_dataset
+    from retrieval.encoders import load_encoder
+    from retrieval.evaluation import evaluate
+
+    records = load_dataset(csv_path).records
+    return {spec: evaluate(load_encoder(spec), records, 32) for spec in specs}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", type=Path, required=True, help="usr/share/openclipart/png of the extracted package")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--root", type=Path, help="usr/share/openclipart/png of the extracted package (to build the set)")
+    p.add_argument("--out", type=Path, required=True, help="the set's folder (captions.csv + images/)")
     p.add_argument("--n", type=int, default=800)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", default="", help="comma-separated encoders to evaluate on the set, e.g. default,zeroshot")
     args = p.parse_args(argv)
-    print(f"{build(args.root, args.out, args.n, args.seed)} captioned images in {args.out / 'captions.csv'}")
+    if args.root:
+        print(f"{build(args.root, args.out, args.n, args.seed)} captioned images in {args.out / 'captions.csv'}")
+    for spec, r in evaluate_encoders(args.out / "captions.csv", [s for s in args.eval.split(",") if s]).items():
+        rows = [(spec, r)] + ([(f"{spec} without hubness", r["without_hubness"])] if "without_hubness" in r else [])
+        for name, x in rows:
+            print(f"{name}: {r['n_images']} images, i2t R@1 {x['i2t']['R@1']:.1f}, t2i R@1 {x['t2i']['R@1']:.1f}, "
+                  f"RSUM {x['rsum']:.1f}")
 
 
 if __name__ == "__main__":
