@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     for split in ("train", "dev"):
         for name in names:
             feats.image_features(paths[split], args.image_depth, backbone=name, decoded=decoded)
-    for split, ds in splits.items():
+    for ds in splits.values():
         captions = [c for r in ds.records if r.captions for c in r.captions]
         feats.text_features(captions, args.text_model, args.text_depth)
     if not args.no_flip:

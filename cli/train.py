@@ -11,7 +11,7 @@ from retrieval.encoders.bow import KIND_TO_THETA, BowConfig, fit_bow
 
 
 def train(
-    encoder: str = typer.Option(..., "--encoder", help="bow-pmi | bow-ratio | towers[:mpnet|:TEXT_MODEL_DIR] | openclip:ARCH@PATH | openclip:ARCH/TAG | openclip DIR"),
+    encoder: str = typer.Option(..., "--encoder", help="bow-pmi | bow-ratio | towers[:mpnet|:DIR] | openclip:ARCH@PATH | openclip:ARCH/TAG | openclip DIR"),
     data: Path = DataOpt,
     images: Optional[Path] = ImagesOpt,
     allow_outside_images: bool = AllowOutsideOpt,
@@ -35,7 +35,7 @@ def train(
     text_top: int = typer.Option(1, help="towers, openclip: unfreeze the top N text layers (0: heads only; openclip: -1 all)."),
     flip: bool = typer.Option(True, help="towers: also train on mirrored images (doubles the one-off feature caching)."),
     flip_maps: bool = typer.Option(False, help="towers: mirror the cached feature maps instead of encoding mirrored images (no extra caching)."),
-    image_backbones: str = typer.Option("lite0", help="towers: EfficientNet-Lite backbones, comma-separated (lite0, lite1, lite2); their features are concatenated."),
+    image_backbones: str = typer.Option("lite0", help="towers: EfficientNet-Lite backbones, comma-separated (lite0, lite1, lite2), features concatenated."),
     max_captions: Optional[int] = typer.Option(None, help="towers: train on at most this many captions per image (the first ones)."),
     hubness_tau: Optional[float] = typer.Option(None, help="towers: attach querybank hubness correction with this temperature (e.g. 0.1)."),
     patience: int = typer.Option(4, help="towers: stop after this many epochs without a validation gain."),
