@@ -223,8 +223,22 @@ class QueryEngine:
         if len(kinds) > 1:
             return [self.search_items([i], target, k, **options)[0] for i in item_ids]
         vectors = np.stack([self.index.vectors(items[i].kind, [i])[0] for i in item_ids])
-        vectors = self._queries(vectors, kinds.pop(), target)
+        vectors = self._stored_queries(vectors, kinds.pop(), target)
         return self.search_vectors(vectors, target, k, exclude=[{i} for i in item_ids], **options)
+
+    def _stored_queries(self, vectors: np.ndarray, source: str, target: Target) -> np.ndarray:
+        """`_queries` for stored rows, without loading the model: its saved manifest says whether rows carry a bias."""
+        if isinstance(self._encoder, Encoder):
+            return self._queries(vectors, source, target)
+        from retrieval.encoders import querybank
+        from retrieval.encoders.base import read_manifest
+        from retrieval.errors import EncoderError
+
+        try:
+            hubness = read_manifest(self.index.artefact_dir).get("config", {}).get("hubness_tau")
+        except EncoderError:  # no saved encoder: plain vectors, as every index built before hubness correction
+            hubness = None
+        return querybank.as_queries(vectors, source != target) if hubness else vectors
 
     def _queries(self, vectors: np.ndarray, source: str, target: Target) -> np.ndarray:
         """Encoded rows of `source` items → query rows for `target` (the encoder marks cross-modal queries)."""
