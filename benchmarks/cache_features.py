@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from retrieval.datasets import load_dataset
-from retrieval.towers import efficientnet as effnet
+from retrieval.backbones import efficientnet as effnet
 from retrieval.training import features as feats
 
 

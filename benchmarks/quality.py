@@ -35,7 +35,7 @@ NEURAL = ("zeroshot", "default")
 def bow_encoder(kind: str, train: Sequence[Record], config_overrides: dict[str, Any], cache: Path, log: Callable[[str], None]) -> Encoder:
     """A bag-of-words encoder fitted on `train` by `fit_bow`, reused from `cache` when fitted before."""
     from retrieval.encoders.bow import BowConfig, fit_bow
-    from retrieval.towers.efficientnet import PREPROCESS_ID
+    from retrieval.backbones.efficientnet import PREPROCESS_ID
 
     config = BowConfig(theta="pmi" if kind == "bow-pmi" else "ratio", **config_overrides)
     key = hashlib.sha256(

@@ -72,7 +72,7 @@ class ObjectWords:
             raise ValueError(f"object words: top-k must be 1..{self.CACHED_LABELS}, got {top_k}")
         self.top_k = top_k
         self.batch_size = batch_size
-        from retrieval.towers.efficientnet import PREPROCESS_ID
+        from retrieval.backbones.efficientnet import PREPROCESS_ID
 
         self.cache_dir = cache_root() / "objects" / PREPROCESS_ID if cache else None
 
@@ -86,7 +86,7 @@ class ObjectWords:
         """Per image, a (2, CACHED_LABELS) array: label ids and their probabilities, best first."""
         import torch
 
-        from retrieval.towers.efficientnet import load_efficientnet_lite0, pooled_and_logits, preprocess
+        from retrieval.backbones.efficientnet import load_efficientnet_lite0, pooled_and_logits, preprocess
 
         paths = [self._cache_path(im) for im in images]
         found = [np.load(p) if p is not None and p.is_file() else None for p in paths]

@@ -85,7 +85,7 @@ def test_untrained_bow_spec_says_to_train_first():
 def test_object_words_are_cached_by_pixels(tmp_path, monkeypatch, shapes):
     from PIL import Image
 
-    from retrieval.towers import efficientnet
+    from retrieval.backbones import efficientnet
     from retrieval.visual_words import ObjectWords
 
     monkeypatch.setenv("SEESAY_CACHE", str(tmp_path))

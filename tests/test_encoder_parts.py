@@ -21,7 +21,7 @@ def _model_zip() -> bytes:
 
 
 def test_mpnet_pieces_assemble_verify_and_extract(tmp_path):
-    from retrieval.towers import mpnet
+    from retrieval.backbones import mpnet
 
     data = _model_zip()
     pieces = []
@@ -41,7 +41,7 @@ def test_mpnet_pieces_assemble_verify_and_extract(tmp_path):
 def test_mpnet_without_its_packages_is_a_clear_error(monkeypatch):
     import importlib.metadata
 
-    from retrieval.towers import mpnet
+    from retrieval.backbones import mpnet
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
@@ -55,7 +55,7 @@ def test_mpnet_layers_run_in_two_halves_equal_the_whole_model():
     """Cached states below the top layer + the top layer with the copied position bias = MPNetModel."""
     from transformers import MPNetConfig, MPNetModel
 
-    from retrieval.towers import sentence
+    from retrieval.backbones import sentence
 
     torch.manual_seed(0)
     cfg = MPNetConfig(vocab_size=50, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64)
@@ -109,7 +109,7 @@ def test_one_backbone_checkpoints_load_under_the_list_of_backbones():
 
 
 def test_backbone_names_and_resizing():
-    from retrieval.towers import efficientnet as effnet
+    from retrieval.backbones import efficientnet as effnet
 
     with pytest.raises(EncoderError, match="lite9"):
         effnet.check_backbones(["lite0", "lite9"])

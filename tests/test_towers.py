@@ -121,7 +121,7 @@ def test_image_preprocessing_scales_pixels_as_efficientnet_lite_expects():
     """Lite weights were trained on (pixel - 127) / 128: white → ~1, black → ~-1, mid-grey → ~0."""
     import torch
 
-    from retrieval.towers.efficientnet import channels_last, load_efficientnet_lite0, pooled_and_logits, preprocess
+    from retrieval.backbones.efficientnet import channels_last, load_efficientnet_lite0, pooled_and_logits, preprocess
 
     tf = preprocess()
     for colour, expected in (((255, 255, 255), 128 / 128), ((0, 0, 0), -127 / 128), ((127, 127, 127), 0.0)):
@@ -149,7 +149,7 @@ def test_uint8_worker_output_finished_on_the_device_equals_the_full_transform(wh
 
         transform = open_clip.image_transform(224, is_train=False)
     else:
-        from retrieval.towers.efficientnet import preprocess
+        from retrieval.backbones.efficientnet import preprocess
 
         transform = preprocess()
     rng = np.random.default_rng(0)

@@ -20,8 +20,8 @@ from retrieval.encoders.base import Encoder, l2_normalize
 from retrieval.encoders.registry import register
 from retrieval.encoders.torch_image import TorchImageEncoder
 from retrieval.errors import EncoderError
-from retrieval.towers import efficientnet as effnet
-from retrieval.towers import sentence
+from retrieval.backbones import efficientnet as effnet
+from retrieval.backbones import sentence
 
 KIND = "zeroshot"
 PROMPT = "a photo of a {}."

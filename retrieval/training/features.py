@@ -20,8 +20,8 @@ import torch
 
 from retrieval import runtime
 from retrieval.image_batches import bad_images, image_batches
-from retrieval.towers import efficientnet as effnet
-from retrieval.towers import sentence
+from retrieval.backbones import efficientnet as effnet
+from retrieval.backbones import sentence
 
 
 def default_cache_dir() -> Path:

@@ -30,7 +30,7 @@ from retrieval.datasets import Dataset
 from retrieval.encoders.base import read_manifest
 from retrieval.encoders.towers import DEFAULT_CONFIG, KIND, TowerHeads, TowersEncoder, load_heads_state, parse_spec
 from retrieval.errors import EncoderError, SeesayError
-from retrieval.towers import efficientnet as effnet
+from retrieval.backbones import efficientnet as effnet
 from retrieval.training import features as feats
 from retrieval.training.curves import CURVE, LOG  # noqa: F401 - LOG is read by benchmarks.gpu_check
 from retrieval.training.curves import plot_curves as _plot

