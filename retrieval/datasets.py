@@ -17,7 +17,7 @@ from retrieval.errors import BadDataError
 class Record:
     """One image with its captions, as read from a dataset."""
 
-    image_id: str
+    image_name: str  # the image's name in the dataset (its relative path); the index keeps it as the item's source_id
     image_path: Path
     captions: list[str]
     split: str | None = None
@@ -150,10 +150,10 @@ class _Grouper:
             return None
         return path
 
-    def image(self, image_id: str, image_path: Path, split: str | None = None) -> Record:
-        if image_id not in self.records:
-            self.records[image_id] = Record(image_id, image_path, [], split)
-        return self.records[image_id]
+    def image(self, name: str, image_path: Path, split: str | None = None) -> Record:
+        if name not in self.records:
+            self.records[name] = Record(name, image_path, [], split)
+        return self.records[name]
 
     def caption(self, text: object, where: str) -> str | None:
         """Return the cleaned caption, or None after noting why it was skipped."""
@@ -264,13 +264,13 @@ def _read_csv(path: Path, grouper: _Grouper) -> tuple[list[Record], list[str]]:
             if len(row) != len(header):
                 grouper.problems.append(f"{where}: wrong number of fields: {len(row)}, expected {len(header)}")
                 continue
-            image_id = grouper.image_name(row[image_col], where)
-            image_path = None if image_id is None else grouper.located(where, image_id)
+            name = grouper.image_name(row[image_col], where)
+            image_path = None if name is None else grouper.located(where, name)
             if image_path is None:
                 continue
-            caption = grouper.caption(row[caption_col], f"{where} ({image_id})")
+            caption = grouper.caption(row[caption_col], f"{where} ({name})")
             if caption is not None:
-                grouper.image(image_id, image_path).captions.append(caption)
+                grouper.image(name, image_path).captions.append(caption)
     return grouper.result()
 
 
@@ -301,22 +301,22 @@ def _read_jsonl(path: Path, grouper: _Grouper) -> tuple[list[Record], list[str]]
         except json.JSONDecodeError as exc:
             grouper.problems.append(f"{where}: not valid JSON ({exc.msg})")
             continue
-        image_id = row.get("image") if isinstance(row, dict) else None
-        if not isinstance(image_id, str) or not image_id.strip():
+        name = row.get("image") if isinstance(row, dict) else None
+        if not isinstance(name, str) or not name.strip():
             grouper.problems.append(f"{where}: no \"image\" name")
             continue
-        image_id = grouper.image_name(image_id, where)
-        image_path = None if image_id is None else grouper.located(where, image_id)
+        name = grouper.image_name(name, where)
+        image_path = None if name is None else grouper.located(where, name)
         if image_path is None:
             continue
         texts = row.get("captions", row.get("caption"))
         if texts is None or texts == []:
-            grouper.problems.append(f"{where} ({image_id}): no \"caption\" or \"captions\"")
+            grouper.problems.append(f"{where} ({name}): no \"caption\" or \"captions\"")
             continue
         texts = texts if isinstance(texts, list) else [texts]
-        captions = [c for c in (grouper.caption(t, f"{where} ({image_id})") for t in texts) if c is not None]
+        captions = [c for c in (grouper.caption(t, f"{where} ({name})") for t in texts) if c is not None]
         if captions:
-            grouper.image(image_id, image_path).captions.extend(captions)
+            grouper.image(name, image_path).captions.extend(captions)
     return grouper.result()
 
 
@@ -364,7 +364,7 @@ def _read_coco(data: object, path: Path, grouper: _Grouper) -> tuple[list[Record
         if record is None:
             grouper.problems.append(f"{where}: image_id is missing or not in images[]")
             continue
-        caption = grouper.caption(ann.get("caption"), f"{where} ({record.image_id})")
+        caption = grouper.caption(ann.get("caption"), f"{where} ({record.image_name})")
         if caption is not None:
             record.captions.append(caption)
     return grouper.result()
@@ -413,7 +413,7 @@ def _apply_split_file(
     if not split_file.is_file():
         raise BadDataError(f"split file not found: {split_file}")
     label = label or split_file.stem
-    by_id = {r.image_id: r for r in records}
+    by_name = {r.image_name: r for r in records}
     chosen: dict[str, Record] = {}
     problems = []
     for number, line in _lines(split_file):
@@ -423,8 +423,8 @@ def _apply_split_file(
         name = line.strip()
         if not name or name in chosen:
             continue
-        if name in by_id:
-            chosen[name] = replace(by_id[name], split=label)
+        if name in by_name:
+            chosen[name] = replace(by_name[name], split=label)
         else:
             problems.append(f"{split_file}: line {number}: {name} is not in the dataset")
     return list(chosen.values()), problems

@@ -69,7 +69,7 @@ class Hit:
             "source_id": item.source_id,
             "path": self.image_path,
             "text": item.text,
-            "image_id": item.image_item_id,
+            "image_id": item.image_item_id,  # the JSON name since the first release: the item id of a caption's image
             "split": item.split,
             "captions": self.captions,
         }

@@ -80,12 +80,12 @@ class Encoded:
     def rows(self) -> list[NewItem]:
         """The rows to store, images first, in the order of `vectors()`."""
         images = [
-            NewItem("image", new.record.image_id, new.hash, path=stored_path(new.record.image_path), split=new.record.split)
+            NewItem("image", new.record.image_name, new.hash, path=stored_path(new.record.image_path), split=new.record.split)
             for new in self.images
         ]
         captions = [
             NewItem(
-                "caption", new.record.image_id, new.hash, text=new.text, split=new.record.split, image_hash=new.image_hash
+                "caption", new.record.image_name, new.hash, text=new.text, split=new.record.split, image_hash=new.image_hash
             )
             for new in self.captions
         ]
@@ -214,7 +214,7 @@ def encode_chunk(
     captions: list[NewCaption] = []
     for record, image_hash in hashed:
         if image_hash in failed:
-            report.problems.append(f"{record.image_id}: bad image {record.image_path}: {failed[image_hash].reason}")
+            report.problems.append(f"{record.image_name}: bad image {record.image_path}: {failed[image_hash].reason}")
             continue
         if firsts.get(image_hash) is not record:
             report.images_skipped_existing += 1
@@ -222,7 +222,7 @@ def encode_chunk(
             if text.strip():
                 captions.append(NewCaption(record, text, caption_hash(image_hash, text), image_hash))
             else:
-                report.problems.append(f"{record.image_id}: caption {number} is empty")
+                report.problems.append(f"{record.image_name}: caption {number} is empty")
     captions = _unindexed_captions(captions, known, report)
     meter.captions_due(len(captions))
     caption_vectors = encode_captions(encoder, [caption.text for caption in captions], batch_size, meter.captions_done)
@@ -236,7 +236,7 @@ def _hashed(records: Sequence[Record], workers: int, report: AddReport) -> list[
     good: list[tuple[Record, str]] = []
     for record, found in zip(records, hashes):
         if isinstance(found, BadImageError):
-            report.problems.append(f"{record.image_id}: {found}")
+            report.problems.append(f"{record.image_name}: {found}")
         else:
             good.append((record, found))
     return good

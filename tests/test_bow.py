@@ -49,10 +49,10 @@ def test_colour_words_find_the_red_images(shapes, theta):
     assert problems == []
     images = encoder.encode_images([r.image_path for r in shapes.records])
     query = encoder.encode_texts(["a red square"])[0]
-    top = [shapes.records[i].image_id for i in np.argsort(-(images @ query))[:9]]
+    top = [shapes.records[i].image_name for i in np.argsort(-(images @ query))[:9]]
     assert all(name.startswith("red_") for name in top[:3]), top
     captions = encoder.encode_texts(["a blue circle", "a yellow triangle", "a green square"])
-    blue = images[[i for i, r in enumerate(shapes.records) if r.image_id.startswith("blue_")][0]]
+    blue = images[[i for i, r in enumerate(shapes.records) if r.image_name.startswith("blue_")][0]]
     assert int(np.argmax(captions @ blue)) == 0
 
 

@@ -20,7 +20,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def by_id(records: list[Record]) -> dict[str, Record]:
-    return {r.image_id: r for r in records}
+    return {r.image_name: r for r in records}
 
 
 # --- CSV -------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ def test_csv_groups_captions_keeps_first_appearance_order_and_quoted_commas(tmp_
         'b.jpg,"He said ""hi"" , twice"\n',
     )
     data = load_dataset(csv_path)
-    assert [r.image_id for r in data.records] == ["b.jpg", "a.jpg"]
+    assert [r.image_name for r in data.records] == ["b.jpg", "a.jpg"]
     assert data.records[0].captions == ["A dog, brown, runs .", 'He said "hi" , twice']
     assert data.records[1].captions == ["A cat sits ."]
     assert data.records[0].image_path == tmp_path / "b.jpg"
@@ -113,9 +113,9 @@ def test_karpathy_reads_paths_captions_and_split_field(tmp_path: Path) -> None:
 
 def test_karpathy_split_selection_train_includes_restval(tmp_path: Path) -> None:
     path = karpathy_file(tmp_path)
-    assert [(r.image_id, r.split) for r in load_dataset(path, split="train").records] == [("t.jpg", "train"), ("r.jpg", "restval")]
-    assert [r.image_id for r in load_dataset(path, split="test").records] == ["x.jpg"]
-    assert [r.image_id for r in load_dataset(path, split="restval").records] == ["r.jpg"]
+    assert [(r.image_name, r.split) for r in load_dataset(path, split="train").records] == [("t.jpg", "train"), ("r.jpg", "restval")]
+    assert [r.image_name for r in load_dataset(path, split="test").records] == ["x.jpg"]
+    assert [r.image_name for r in load_dataset(path, split="restval").records] == ["r.jpg"]
     with pytest.raises(BadDataError, match="no images in split 'tset'; splits present: restval, test, train, val"):
         load_dataset(path, split="tset")
 
@@ -169,7 +169,7 @@ def test_folder_with_sidecar_captions(tmp_path: Path) -> None:
     write(root / "notes.md", "not an image")
     write(root / "b" / "a" / "bird.txt", "A bird.")
     data = load_dataset(root)
-    assert [r.image_id for r in data.records] == ["Zebra.Jpeg", "b/a/bird.webp", "b/dog.JPG", "blank.bmp", "cat.png", "lonely.gif"]
+    assert [r.image_name for r in data.records] == ["Zebra.Jpeg", "b/a/bird.webp", "b/dog.JPG", "blank.bmp", "cat.png", "lonely.gif"]
     records = by_id(data.records)
     assert records["cat.png"] == Record("cat.png", root / "cat.png", ["A cat on a mat."])
     assert records["b/dog.JPG"].captions == ["A dog."]
@@ -224,7 +224,7 @@ def test_split_file_selects_in_its_order_and_labels_by_stem(tmp_path: Path) -> N
     csv_path = write(tmp_path / "caps.csv", "image,caption\na.jpg,x\nb.jpg,y\nc.jpg,z\n")
     split_file = write(tmp_path / "splits" / "dev.txt", "c.jpg\n\nmissing.jpg\na.jpg\nc.jpg\n")
     data = load_dataset(csv_path, split_file=split_file)
-    assert [(r.image_id, r.split) for r in data.records] == [("c.jpg", "dev"), ("a.jpg", "dev")]
+    assert [(r.image_name, r.split) for r in data.records] == [("c.jpg", "dev"), ("a.jpg", "dev")]
     assert data.problems == [f"{split_file}: line 3: missing.jpg is not in the dataset"]
     named = load_dataset(csv_path, split="val", split_file=split_file)
     assert {r.split for r in named.records} == {"val"}
@@ -272,7 +272,7 @@ def test_flickr8k_dev_split() -> None:
     assert len(data.records) == 1000
     assert all(len(r.captions) == 5 and r.split == "dev" for r in data.records)
     first_name = (FLICKR8K / "splits" / "dev.txt").read_text().split()[0]
-    assert data.records[0].image_id == first_name
+    assert data.records[0].image_name == first_name
     assert data.records[0].image_path == FLICKR8K / "images" / first_name
     assert data.records[0].image_path.is_file()
 
@@ -284,7 +284,7 @@ def test_csv_a_huge_field_skips_only_its_row(tmp_path: Path) -> None:
     huge = "x" * 140_000  # over the csv module's 131,072-character field limit
     csv_path = write(tmp_path / "caps.csv", f"image,caption\na.jpg,first\nb.jpg,{huge}\nc.jpg,last\nd.jpg,{'y' * 20_000}\n")
     data = load_dataset(csv_path)
-    assert [r.image_id for r in data.records] == ["a.jpg", "c.jpg"]
+    assert [r.image_name for r in data.records] == ["a.jpg", "c.jpg"]
     assert len(data.problems) == 2
     assert data.problems[0].startswith(f"{csv_path}: line 3: unreadable CSV row (field larger than field limit")
     assert data.problems[1] == f"{csv_path}: line 5 (d.jpg): caption of 20000 characters is over the limit of 10000"
@@ -294,7 +294,7 @@ def test_csv_an_invalid_utf8_byte_skips_only_its_row_and_names_its_line(tmp_path
     csv_path = tmp_path / "caps.csv"
     csv_path.write_bytes(b"image,caption\na.jpg,good\nb.jpg,caf\xe9 au lait\n\xff.jpg,name\nc.jpg,also good\n")
     data = load_dataset(csv_path)
-    assert [r.image_id for r in data.records] == ["a.jpg", "c.jpg"]
+    assert [r.image_name for r in data.records] == ["a.jpg", "c.jpg"]
     assert data.problems == [
         f"{csv_path}: line 3 (b.jpg): caption is not valid UTF-8 text",
         f"{csv_path}: line 4: image name is not valid UTF-8",
@@ -315,7 +315,7 @@ def test_jsonl_an_invalid_utf8_line_skips_only_itself(tmp_path: Path) -> None:
     path = tmp_path / "caps.jsonl"
     path.write_bytes(b'{"image": "a.jpg", "caption": "one"}\n{"image": "b.jpg", "caption": "\xff"}\n{"image": "c.jpg", "caption": "three"}\n')
     data = load_dataset(path)
-    assert [r.image_id for r in data.records] == ["a.jpg", "c.jpg"]
+    assert [r.image_name for r in data.records] == ["a.jpg", "c.jpg"]
     assert data.problems == [f"{path}: line 2: not UTF-8 text"]
 
 
@@ -325,11 +325,11 @@ def test_image_paths_outside_the_images_folder_need_an_opt_in(tmp_path: Path, na
     images.mkdir()
     csv_path = write(tmp_path / "caps.csv", f"image,caption\nok.png,fine\n{name},sneaky\n")
     data = load_dataset(csv_path, images_root=images)
-    assert [r.image_id for r in data.records] == ["ok.png"]
+    assert [r.image_name for r in data.records] == ["ok.png"]
     assert len(data.problems) == 1 and "outside the images folder" in data.problems[0]
     assert "--allow-outside-images" in data.problems[0]
     allowed = load_dataset(csv_path, images_root=images, allow_outside_images=True)
-    assert [r.image_id for r in allowed.records] == ["ok.png", name]
+    assert [r.image_name for r in allowed.records] == ["ok.png", name]
 
 
 def test_paths_inside_stay_allowed(tmp_path: Path) -> None:
@@ -341,10 +341,10 @@ def test_paths_inside_stay_allowed(tmp_path: Path) -> None:
                                {"filename": "b.jpg", "filepath": "val", "sentences": [{"raw": "y"}]}]}),
     )
     data = load_dataset(karpathy)
-    assert [r.image_id for r in data.records] == ["b.jpg"] and "outside" in data.problems[0]
+    assert [r.image_name for r in data.records] == ["b.jpg"] and "outside" in data.problems[0]
     coco = write(
         tmp_path / "c.json",
         json.dumps({"images": [{"id": 1, "file_name": "/abs.jpg"}, {"id": 2, "file_name": "in.jpg"}],
                     "annotations": [{"image_id": 2, "caption": "z"}]}),
     )
-    assert [r.image_id for r in load_dataset(coco).records] == ["in.jpg"]
+    assert [r.image_name for r in load_dataset(coco).records] == ["in.jpg"]

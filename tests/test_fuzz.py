@@ -40,7 +40,7 @@ def _checked(path: Path, **kwargs) -> None:
         return
     root = path.parent.resolve()
     for record in dataset.records:
-        assert record.image_id and "\x00" not in record.image_id
+        assert record.image_name and "\x00" not in record.image_name
         assert Path(record.image_path).resolve().is_relative_to(root) or record.image_path.is_relative_to(root)
         for caption in record.captions:
             assert caption and caption == caption.strip() and len(caption) <= MAX_CAPTION_CHARS

@@ -24,7 +24,7 @@ def served(tmp_path_factory):
     records = []
     for seed, split in enumerate(("north", "south")):
         found = load_dataset(make_shape_set(root / split, copies=2, seed=seed)).records
-        records += [replace(r, image_id=f"{split}/{r.image_id}", split=split) for r in found]
+        records += [replace(r, image_name=f"{split}/{r.image_name}", split=split) for r in found]
     encoder, _ = fit_bow(records, BowConfig(colours=16, objects=0))
     with Collection.open_or_create(root / "index", encoder) as collection:
         collection.add(records, workers=1)

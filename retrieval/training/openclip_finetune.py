@@ -95,9 +95,9 @@ class _Split:
     def __init__(self, ds: Dataset, enc: OpenClipEncoder, towers: Towers, views: int, model_key: str,
                  cache: Path, log: Callable[[str], None], name: str) -> None:
         records = [r for r in ds.records if r.captions]
-        self.problems = [f"{r.image_id}: no captions" for r in ds.records if not r.captions]
+        self.problems = [f"{r.image_name}: no captions" for r in ds.records if not r.captions]
         images, bad = self._images(enc, towers.image, [r.image_path for r in records], views, model_key, cache, log)
-        self.problems += [f"{records[i].image_id}: skipped, {reason}" for i, reason in sorted(bad.items())]
+        self.problems += [f"{records[i].image_name}: skipped, {reason}" for i, reason in sorted(bad.items())]
         keep = [i for i in range(len(records)) if i not in bad]
         if not keep:
             raise TrainingError(f"{name}: no readable images ({len(bad)} bad)")

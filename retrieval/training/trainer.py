@@ -55,7 +55,7 @@ class _Split:
     def __init__(self, ds: Dataset, cfg: dict, flip: bool | str, cache_dir: Path | None, log: Callable, name: str,
                  device: torch.device, max_captions: int | None = None) -> None:
         records = [dataclasses.replace(r, captions=r.captions[:max_captions]) for r in ds.records if r.captions]
-        self.problems = [f"{r.image_id}: no captions" for r in ds.records if not r.captions]
+        self.problems = [f"{r.image_name}: no captions" for r in ds.records if not r.captions]
         paths = [r.image_path for r in records]
         backbones = cfg["image_backbones"]
         maps, bad = [], {}
@@ -64,7 +64,7 @@ class _Split:
                                               cache_dir, log, device)
             maps.append(fmap)
             bad.update(backbone_bad)
-        self.problems += [f"{records[i].image_id}: skipped, {reason}" for i, reason in sorted(bad.items())]
+        self.problems += [f"{records[i].image_name}: skipped, {reason}" for i, reason in sorted(bad.items())]
         keep = [i for i in range(len(records)) if i not in bad]
         if not keep:
             raise TrainingError(f"{name}: no readable images ({len(bad)} bad)")
