@@ -111,7 +111,7 @@ def run(
                 "seconds": sum(c["seconds"] for c in calls),
                 "first_rate_items_s": rate(calls, True, window),
                 "last_rate_items_s": rate(calls, False, window),
-                "segments": index.info()["segments"]["image"],
+                "segments": index.info().segments["image"],
                 "per_commit_seconds": [round(c["seconds"], 4) for c in calls],
                 "per_commit_bytes": [c["bytes"] for c in calls],
             }

@@ -64,7 +64,7 @@ def index(
     if shortfall:
         waiting = ", ".join(f"{need} more {kind}s" for kind, need in shortfall.items())
         err.print(
-            f"[yellow]note: FAISS {collection.index.info()['factory']} cannot be trained until it has {waiting}; "
+            f"[yellow]note: FAISS {collection.index.info().factory} cannot be trained until it has {waiting}; "
             "until then those searches scan every vector (exact)[/yellow]",
             soft_wrap=True,
         )
@@ -78,7 +78,7 @@ def index(
 def info(index_dir: Path = IndexOpt, as_json: bool = JsonOpt) -> None:
     """Describe an index: encoder, dimension, counts, files; exit 1 when its files disagree."""
     with Collection.open(index_dir, read_only=True) as collection:
-        details = collection.index.info()
+        details = collection.index.info().to_dict()
         problems = collection.verify(deep=False)
     if as_json:
         print_json({**details, "problems": problems})
@@ -143,9 +143,9 @@ def compact(index_dir: Path = IndexOpt, as_json: bool = JsonOpt) -> None:
     with Index.open(index_dir) as opened:
         merged = opened.compact(everything=True)
         details = opened.info()
-    summary = {"merged": merged, "segments": details["segments"], "index": str(index_dir)}
+    summary = {"merged": merged, "segments": details.segments, "index": str(index_dir)}
     if as_json:
         print_json(summary)
     else:
-        segments = ", ".join(f"{n} {kind}" for kind, n in details["segments"].items())
+        segments = ", ".join(f"{n} {kind}" for kind, n in details.segments.items())
         out.print(f"merged {merged} segments of {index_dir}; now {segments} segment(s)")

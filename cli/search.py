@@ -106,9 +106,9 @@ def search(
 def _require_items(index: Index, target: str, what: str) -> None:
     """A clear error when the index holds nothing of the kind asked for, instead of an empty table."""
     info = index.info()
-    if info[f"n_{target}s"] == 0:
+    if info.count(target) == 0:
         other = "caption" if target == "image" else "image"
-        hint = f"; it holds {info[f'n_{other}s']} {other}s: add --target {other}" if info[f"n_{other}s"] else ""
+        hint = f"; it holds {info.count(other)} {other}s: add --target {other}" if info.count(other) else ""
         raise SeesayError(f"index {index.directory} holds no {target}s to answer {what}{hint}")
 
 
@@ -139,5 +139,5 @@ def write_html(path: Path, title: str, hits: list[Hit], index: Index, query_imag
     """Write the contact sheet: each hit shows its image (a caption, its image's)."""
     from retrieval.contact_sheet import render_contact_sheet, write_contact_sheet
 
-    subtitle = f"index {index.directory} · encoder {index.info()['encoder']['spec']}"
+    subtitle = f"index {index.directory} · encoder {index.info().encoder.spec}"
     write_contact_sheet(path, render_contact_sheet(title, hits, query_image=query_image, subtitle=subtitle))

@@ -5,6 +5,9 @@ encoder's saved folder is kept as an opaque artefact for the layer above (`retri
 """
 from indexer.errors import IndexExistsError, IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.index import Index
-from indexer.items import Added, BuiltBy, Item, NewItem
+from indexer.items import Added, BuiltBy, EncoderInfo, IndexInfo, Item, NewItem
 
-__all__ = ["Added", "BuiltBy", "Index", "IndexExistsError", "IndexMismatchError", "Item", "ItemNotFoundError", "NewItem", "SeesayError"]
+__all__ = [
+    "Added", "BuiltBy", "EncoderInfo", "Index", "IndexExistsError", "IndexInfo", "IndexMismatchError", "Item",
+    "ItemNotFoundError", "NewItem", "SeesayError",
+]

@@ -34,7 +34,7 @@ from indexer import compaction, store
 from indexer import db_url as db_url_rules
 from indexer.errors import IndexExistsError, IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.files import write_atomic
-from indexer.items import Added, BuiltBy, Item, NewItem
+from indexer.items import Added, BuiltBy, EncoderInfo, IndexInfo, Item, NewItem
 from indexer.migrate import migrate_v1
 from indexer.segments import (
     SEGMENT_FILE,
@@ -410,7 +410,7 @@ class Index:
         """Every stored (ids, vectors) of `kind` in the loaded state, in search order."""
         return self._set(kind).all()
 
-    def info(self) -> dict:
+    def info(self) -> IndexInfo:
         """Manifest, counts, segments, current files and database of this index."""
         manifest, rows, dead = self._db.snapshot()
         files = {
@@ -419,29 +419,25 @@ class Index:
             for path in segment_paths(self.directory, SET_NAMES[row.kind], row.id)
             if path.exists()
         }
-        return {
-            "directory": str(self.directory),
-            "format_version": FORMAT_VERSION,
-            "db_url": self._db.display_url,
-            "encoder": {
-                "kind": manifest.encoder_kind,
-                "spec": manifest.encoder_spec,
-                "version": manifest.encoder_version,
-            },
-            "dim": manifest.dim,
-            "metric": manifest.metric,
-            "factory": manifest.factory,
-            "generation": manifest.generation,
-            "n_images": manifest.n_images,
-            "n_captions": manifest.n_captions,
-            "segments": {kind: sum(1 for r in rows if r.kind == kind) for kind in SET_NAMES},
-            "tombstones": sum(len(ids) for ids in dead.values()),
-            "created_at": manifest.created_at.isoformat(),
-            "updated_at": manifest.updated_at.isoformat(),
-            "files": files,
-            "search_params": dict(self._params),
-            "read_only": self.read_only,
-        }
+        return IndexInfo(
+            directory=str(self.directory),
+            format_version=FORMAT_VERSION,
+            db_url=self._db.display_url,
+            encoder=EncoderInfo(kind=manifest.encoder_kind, spec=manifest.encoder_spec, version=manifest.encoder_version),
+            dim=manifest.dim,
+            metric=manifest.metric,
+            factory=manifest.factory,
+            generation=manifest.generation,
+            n_images=manifest.n_images,
+            n_captions=manifest.n_captions,
+            segments={kind: sum(1 for r in rows if r.kind == kind) for kind in SET_NAMES},
+            tombstones=sum(len(ids) for ids in dead.values()),
+            created_at=manifest.created_at.isoformat(),
+            updated_at=manifest.updated_at.isoformat(),
+            files=files,
+            search_params=dict(self._params),
+            read_only=self.read_only,
+        )
 
     def verify(self, deep: bool = False) -> list[str]:
         """Problems of the committed state, one line each naming the file; [] for a sound index.

@@ -1,7 +1,7 @@
 """What the storage engine takes in and gives back: items, rows to add, and what an add did."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -60,3 +60,46 @@ class BuiltBy:
     identity: str  # "spec#weights-digest"
     version: int
     dim: int
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """The encoder an index records (`IndexInfo.encoder`): kind, "spec#weights-digest" and version."""
+
+    kind: str
+    spec: str
+    version: int
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What `Index.info` reports: manifest, counts, segments, current files and database.
+
+    `to_dict` is the JSON form `seesay info --json` prints, key for key in field order.
+    """
+
+    directory: str
+    format_version: int
+    db_url: str
+    encoder: EncoderInfo
+    dim: int
+    metric: str
+    factory: str
+    generation: int
+    n_images: int
+    n_captions: int
+    segments: dict[str, int]  # committed segments per kind
+    tombstones: int  # deleted rows whose vectors a merge has not dropped yet
+    created_at: str  # ISO 8601
+    updated_at: str
+    files: dict[str, int]  # current segment file name -> bytes
+    search_params: dict[str, int]
+    read_only: bool
+
+    def count(self, kind: Kind) -> int:
+        """Items of `kind` ("image" or "caption") in the index."""
+        return self.n_images if kind == "image" else self.n_captions
+
+    def to_dict(self) -> dict:
+        """JSON-ready form, nested encoder included."""
+        return asdict(self)

@@ -71,16 +71,16 @@ class Collection:
                 pass  # another process made it meanwhile: append to it like any existing index
         index = Index.open(directory, db_url=db_url)
         built = index.built_by
-        made = index.info()
+        factory_made = index.info().factory
         problem = None
         if built.dim != encoder.dim or not same_encoder(built.identity, encoder):
             problem = (
                 f"index {directory} was built with encoder {built.identity!r} (dim {built.dim}), "
                 f"not {encoder.identity!r} (dim {encoder.dim})"
             )
-        elif factory is not None and factory != made["factory"]:
+        elif factory is not None and factory != factory_made:
             problem = (
-                f"index {directory} was made with FAISS factory {made['factory']!r}; a factory ({factory!r}) "
+                f"index {directory} was made with FAISS factory {factory_made!r}; a factory ({factory!r}) "
                 "only applies when an index is created: leave it out to add to this one, or index into a new folder"
             )
         if problem:

@@ -91,12 +91,12 @@ def test_create_add_search_and_reopen(built, tmp_path: Path, db_url) -> None:
     np.testing.assert_allclose(index.index.vectors("image", [red.id])[0, :3], [1, 0, 0], atol=1e-6)
 
     info = index.index.info()
-    assert (info["n_images"], info["n_captions"], info["generation"]) == (3, 4, 1)
-    assert info["factory"] == "Flat" and info["metric"] == "ip" and info["dim"] == 8
-    assert info["db_url"].endswith("meta.sqlite") if db_url is None else info["db_url"] == db_url
+    assert (info.n_images, info.n_captions, info.generation) == (3, 4, 1)
+    assert info.factory == "Flat" and info.metric == "ip" and info.dim == 8
+    assert info.db_url.endswith("meta.sqlite") if db_url is None else info.db_url == db_url
     # One segment per kind from the one commit; Flat keeps no FAISS file (the vectors are the index).
-    assert set(info["files"]) == {f"{name}.{ext}" for name in ("images.s0", "captions.s1") for ext in ("npy", "ids.npy")}
-    assert info["segments"] == {"image": 1, "caption": 1} and info["tombstones"] == 0
+    assert set(info.files) == {f"{name}.{ext}" for name in ("images.s0", "captions.s1") for ext in ("npy", "ids.npy")}
+    assert info.segments == {"image": 1, "caption": 1} and info.tombstones == 0
     assert json.loads((directory / "index.json").read_text())["db_url"] == db_url
     assert read_manifest(directory / "encoder")["kind"] == "test-colour"
     index.close()
@@ -127,7 +127,7 @@ def test_readding_skips_by_content_hash(built, tmp_path: Path, images) -> None:
     again = index.add(colour_records(images))
     assert (again.images_added, again.captions_added) == (0, 0)
     assert (again.images_skipped_existing, again.captions_skipped_existing) == (3, 4)
-    generation = index.index.info()["generation"]
+    generation = index.index.info().generation
 
     copy = tmp_path / "elsewhere" / "red-copy.png"
     copy.parent.mkdir()
@@ -135,7 +135,7 @@ def test_readding_skips_by_content_hash(built, tmp_path: Path, images) -> None:
     more = index.add([Record("red-copy.png", copy, ["RED  again", "a  RED square"])])
     assert (more.images_added, more.images_skipped_existing) == (0, 1)
     assert (more.captions_added, more.captions_skipped_existing) == (1, 1)  # case/space-normalised duplicate
-    assert index.index.info()["generation"] == generation + 1
+    assert index.index.info().generation == generation + 1
     red = index.index.items(index.index.search("image", text_query(index, "red"), 1)[1][0])[0]
     assert red.source_id == "red.png"
     assert [c.text for c in index.index.captions_of(red.id)] == ["a red square", "red", "RED  again"]
@@ -169,7 +169,7 @@ def test_delete_image_takes_its_captions(built, tmp_path: Path) -> None:
     with Collection.open(directory) as reopened:
         _, ids = reopened.index.search("image", text_query(reopened, "red"), 5)
         assert sorted(i for i in ids[0] if i >= 0) == sql["image"]
-        assert reopened.index.info()["n_captions"] == 1
+        assert reopened.index.info().n_captions == 1
         # A deleted id is never reused.
         reopened.add([Record("red2", solid_image(tmp_path / "red2.png", (250, 5, 5)), [])])
         assert max(assert_consistent(directory)["image"]) > highest
@@ -196,7 +196,7 @@ def test_ivf_trains_once_it_has_enough_vectors(tmp_path: Path, images, colour_en
         assert top_sources(index, "image", "red") == ["red.png"]
 
         index.index.set_search_params(nprobe=4)
-        assert index.index.info()["search_params"] == {"nprobe": 4}
+        assert index.index.info().search_params == {"nprobe": 4}
         with pytest.raises(SeesayError, match="efSearch"):
             index.index.set_search_params(efSearch=64)
 
@@ -219,7 +219,7 @@ def test_hnsw_delete_is_a_tombstone(tmp_path: Path, images, colour_encoder, db_u
         _, ids = index.index.search("image", text_query(index, "red"), 5)
         assert sorted(i for i in ids[0] if i >= 0) == sql["image"]
     with Collection.open(directory, read_only=True) as reopened:
-        assert reopened.index.info()["n_images"] == 2
+        assert reopened.index.info().n_images == 2
         assert top_sources(reopened, "image", "green") == ["green.jpg"]
 
 
@@ -242,7 +242,7 @@ def test_crash_before_commit_keeps_old_state(built, tmp_path: Path, monkeypatch)
     monkeypatch.undo()
 
     with Collection.open(directory, read_only=True) as reader:
-        assert reader.index.info()["generation"] == 1
+        assert reader.index.info().generation == 1
         assert sorted(reader.index.search("image", text_query(reader, "red"), 9)[1][0][:3]) == before["image"]
     with Collection.open(directory):
         assert not orphan.exists()
@@ -276,7 +276,7 @@ def test_interrupted_long_run_keeps_finished_chunks(tmp_path: Path, colour_encod
         assert (report.images_skipped_existing, report.images_added, report.captions_added) == (4, 3, 3)
         assert len(assert_consistent(directory)["caption"]) == 7
         # One segment per kind per commit (four commits), no other files.
-        assert index.index.info()["segments"] == {"image": 4, "caption": 4}
+        assert index.index.info().segments == {"image": 4, "caption": 4}
         assert len(list(directory.glob("images.s*.ids.npy"))) == 4
 
 
@@ -309,7 +309,7 @@ def test_mismatches_are_refused(built, tmp_path: Path, images) -> None:
     with pytest.raises(IndexMismatchError, match="dim 8"):
         index.index.search("image", np.ones((1, 6), dtype=np.float32), 1)
     with Collection.open_or_create(directory, ColourMeanEncoder(8)) as same:
-        assert same.index.info()["n_images"] == 3
+        assert same.index.info().n_images == 3
 
     class Misshapen(ColourMeanEncoder):
         def encode_images(self, images, batch_size=64, progress=False):
@@ -345,7 +345,7 @@ def test_custom_database_url(tmp_path: Path, images, colour_encoder) -> None:
     assert json.loads((directory / "index.json").read_text())["db_url"] == url
     assert not (directory / "meta.sqlite").exists()
     with Collection.open(directory, read_only=True) as reopened:
-        assert reopened.index.info()["db_url"] == url
+        assert reopened.index.info().db_url == url
         assert top_sources(reopened, "image", "green") == ["green.jpg"]
     with sqlite3.connect(tmp_path / "elsewhere.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

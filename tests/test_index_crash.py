@@ -77,8 +77,8 @@ def reopens_consistent(directory: Path) -> dict[str, list[int]]:
     with Index.open(directory, read_only=True) as reader:
         info = reader.info()
         _, ids = reader.search("image", np.ones((1, DIM), dtype=np.float32), ITEMS)
-        assert (ids[0] >= 0).sum() == info["n_images"]
-        assert len(reader.items([i for i in ids[0] if i >= 0])) == info["n_images"]
+        assert (ids[0] >= 0).sum() == info.n_images
+        assert len(reader.items([i for i in ids[0] if i >= 0])) == info.n_images
     Index.open(directory).close()
     return assert_consistent(directory)
 
@@ -122,7 +122,7 @@ def kill_during_merges(tmp_path: Path, new_db_url, kills: int) -> None:
         with Index.open(directory) as index:
             np.testing.assert_array_equal(index.search("caption", queries, 10)[1], expected)
             index.compact(everything=True)
-            assert index.info()["segments"] == {"image": 1, "caption": 1}
+            assert index.info().segments == {"image": 1, "caption": 1}
         assert assert_consistent(directory) == before
 
 

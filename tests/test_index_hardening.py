@@ -60,7 +60,7 @@ def test_a_creation_that_fails_at_the_end_leaves_nothing(tmp_path, colour_encode
     no_index_left(directory)
     monkeypatch.undo()
     with Collection.create(directory, colour_encoder) as collection:
-        assert collection.index.info()["n_images"] == 0
+        assert collection.index.info().n_images == 0
 
 
 def test_a_refused_creation_leaves_no_folder(tmp_path, colour_encoder):
@@ -297,7 +297,7 @@ def small_index(tmp_path) -> Path:
 def _current(directory: Path, suffix: str) -> Path:
     """The committed image segment's file ending in `suffix` (one segment: one add)."""
     with Index.open(directory, read_only=True) as index:
-        [name] = [name for name in index.info()["files"] if name.startswith("images.s") and name.endswith(suffix) and not name.endswith(".ids" + suffix)]
+        [name] = [name for name in index.info().files if name.startswith("images.s") and name.endswith(suffix) and not name.endswith(".ids" + suffix)]
     return directory / name
 
 

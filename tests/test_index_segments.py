@@ -57,11 +57,11 @@ def test_many_segments_search_like_one_index(tmp_path: Path, db_url, factory: st
     with Index.create(directory, artefact, factory=factory, db_url=db_url) as index:
         for commit in range(9):
             add_images(index, rng, 40 * commit, 40, captions=True)
-        assert index.info()["segments"] == {"image": 9, "caption": 9}
+        assert index.info().segments == {"image": 9, "caption": 9}
         images = assert_consistent(directory)["image"]
         gone = [images[i] for i in rng.choice(len(images), 50, replace=False)]
         assert index.delete(gone) == 100  # each image takes its caption along
-        assert index.info()["tombstones"] == 100
+        assert index.info().tombstones == 100
         if factory != "Flat":
             index.set_search_params(nprobe=3)
         segmented = {kind: index.search(kind, queries, 10) for kind in ("image", "caption")}
@@ -70,7 +70,7 @@ def test_many_segments_search_like_one_index(tmp_path: Path, db_url, factory: st
             np.testing.assert_array_equal(segmented["image"][1], exact_truth(index, "image", queries, 10))
         sql = assert_consistent(directory)
         assert index.compact(everything=True) == 18
-        assert index.info()["segments"] == {"image": 1, "caption": 1} and index.info()["tombstones"] == 0
+        assert index.info().segments == {"image": 1, "caption": 1} and index.info().tombstones == 0
         assert assert_consistent(directory) == sql
         for kind, (scores, ids) in segmented.items():
             merged_scores, merged_ids = index.search(kind, queries, 10)
@@ -92,17 +92,17 @@ def test_the_policy_merges_a_full_tier_and_rewrites_mostly_deleted_segments(tmp_
     with Index.create(directory, artefact, db_url=db_url) as index:
         for commit in range(FANOUT - 1):
             add_images(index, rng, 20 * commit, 20)
-        assert index.info()["segments"]["image"] == FANOUT - 1
+        assert index.info().segments["image"] == FANOUT - 1
         add_images(index, rng, 20 * (FANOUT - 1), 20)  # the tier is full: one segment of 320
-        assert index.info()["segments"]["image"] == 1
+        assert index.info().segments["image"] == 1
         add_images(index, rng, 1000, 20)
         ids = assert_consistent(directory)["image"]
         index.delete(ids[-10:])  # half of the last segment: tombstones until the next add's merges
-        assert index.info()["tombstones"] == 10
+        assert index.info().tombstones == 10
         index.delete(ids[:5])  # a few of the big one
         add_images(index, rng, 2000, 20)  # its policy rewrites the half-deleted segment, not the big one
         info = index.info()
-        assert info["segments"]["image"] == 3 and info["tombstones"] == 5
+        assert info.segments["image"] == 3 and info.tombstones == 5
         assert_consistent(directory)
 
 
@@ -162,7 +162,7 @@ def test_format_1_is_refused_read_only_and_migrated_by_compact(tmp_path: Path) -
     assert_consistent(directory)
     with Index.open(directory, read_only=True) as reopened:
         np.testing.assert_array_equal(reopened.search("caption", queries, 7)[1], before[1])
-        assert reopened.info()["n_images"] == 60
+        assert reopened.info().n_images == 60
 
 
 def test_a_reader_keeps_its_segments_while_a_merge_replaces_them(tmp_path: Path) -> None:

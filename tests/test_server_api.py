@@ -154,7 +154,7 @@ def test_item_lookup_with_captions_and_vector(client, index_dir):
     with_vector = client.get(f"/api/items/{item_id}", params={"vector": "true"}).json()
     with Index.open(index_dir, read_only=True) as index:
         stored = index.vectors("image", [item_id])[0]
-        dim = index.info()["dim"]
+        dim = index.info().dim
     assert len(with_vector["vector"]) == dim
     np.testing.assert_allclose(with_vector["vector"], stored, atol=1e-6)
 

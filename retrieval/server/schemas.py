@@ -11,7 +11,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, Field
 
-from indexer import Item
+from indexer import IndexInfo, Item
 from retrieval.engine import Hit
 
 TargetParam = Literal["image", "caption"]
@@ -146,17 +146,17 @@ def public_spec(spec: str) -> str:
     return name + sep + digest
 
 
-def info_out(meta: dict, max_upload_bytes: int, max_k: int, thumbnail_sizes: list[int]) -> InfoOut:
-    encoder = meta["encoder"]
+def info_out(meta: IndexInfo, max_upload_bytes: int, max_k: int, thumbnail_sizes: list[int]) -> InfoOut:
+    encoder = meta.encoder
     return InfoOut(
-        encoder=EncoderOut(kind=encoder["kind"], spec=public_spec(encoder["spec"]), version=encoder["version"]),
-        dim=meta["dim"],
-        metric=meta.get("metric"),
-        factory=meta["factory"],
-        generation=meta["generation"],
-        n_images=meta["n_images"],
-        n_captions=meta["n_captions"],
-        updated_at=meta.get("updated_at"),
+        encoder=EncoderOut(kind=encoder.kind, spec=public_spec(encoder.spec), version=encoder.version),
+        dim=meta.dim,
+        metric=meta.metric,
+        factory=meta.factory,
+        generation=meta.generation,
+        n_images=meta.n_images,
+        n_captions=meta.n_captions,
+        updated_at=meta.updated_at,
         max_upload_bytes=max_upload_bytes,
         max_k=max_k,
         thumbnail_sizes=thumbnail_sizes,
