@@ -35,11 +35,14 @@ from indexer import db_url as db_url_rules
 from indexer.errors import IndexExistsError, IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.files import write_atomic
 from indexer.items import Added, BuiltBy, EncoderInfo, IndexInfo, Item, NewItem
+from indexer.merging import Merger, alive, merge_lock, remove_dead_staging, staging
 from indexer.migrate import migrate_v1
 from indexer.segments import (
     SEGMENT_FILE,
     Loaded,
     SegmentSet,
+    Source,
+    fsync_directory,
     load_segment,
     make_part,
     read_ids,
@@ -47,6 +50,7 @@ from indexer.segments import (
     read_vectors,
     remove_segments,
     segment_paths,
+    write_merged,
     write_segment,
 )
 from indexer.store import Manifest, SegmentRow, Store
@@ -117,18 +121,8 @@ def _remove_dead_staging(directory: Path) -> None:
     prefix = _staging_prefix(directory)
     for path in directory.parent.glob(prefix + "*"):
         pid = path.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _move_into_place(staging: Path, directory: Path) -> None:
@@ -169,6 +163,7 @@ class Index:
         self._ids: dict[int, np.ndarray] = {}  # item ids of segments, by id, for deletes
         self._params: dict[str, int] = {}
         self._retired: set[int] = set()  # segments the open write transaction retires
+        self._merger = None if read_only else Merger(lambda: self._merge_next(wait=False), str(directory))
 
     # ----- opening -----
 
@@ -255,13 +250,17 @@ class Index:
             _write_index_json(directory, recorded)
         index = cls(directory, db, read_only, db_url=recorded)
         if not read_only:
+            remove_dead_staging(directory)
             with index._db.writing() as (session, _):
                 remove_segments(directory, keep={row.id for row in store.list_segments(session)})
         return index
 
     def close(self) -> None:
-        """Release database connections."""
-        self._db.close()
+        """Let a running background merge finish, then release database connections."""
+        try:
+            self.wait_for_merges()
+        finally:
+            self._db.close()
 
     def __enter__(self) -> "Index":
         return self
@@ -521,6 +520,7 @@ class Index:
         with self._db.writing() as (session, manifest):
             rows = store.list_segments(session)
             remove_segments(self.directory, keep={row.id for row in rows})  # a crashed writer's files
+            self._ids = {i: ids for i, ids in self._ids.items() if i in {row.id for row in rows}}
             yield session, manifest, rows
             manifest.generation += 1
             manifest.updated_at = store.utcnow()
@@ -534,7 +534,8 @@ class Index:
 
         Rows whose hash is already indexed are skipped, and so are captions whose image is
         neither indexed nor among `rows` (deleted meanwhile by another writer). The vectors
-        go into one new segment per kind; then segments may be merged (`compaction`).
+        go into one new segment per kind; then a background thread merges segments as the
+        policy says (`compaction`), off the write lock: the next add does not wait for it.
         """
         self.check_writable("add")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -564,7 +565,7 @@ class Index:
             self._append(session, manifest, segments, "caption", vectors[fresh], caption_ids)
             manifest.n_images += len(image_ids)
             manifest.n_captions += len(caption_ids)
-        self.compact()
+        self._merger.kick()
         return added
 
     @staticmethod
@@ -664,35 +665,98 @@ class Index:
             self._ids[row.id] = read_ids(self.directory, SET_NAMES[row.kind], row.id)
         return self._ids[row.id]
 
-    def compact(self, everything: bool = False) -> int:
-        """Merge segments: by the size-tiered policy (`indexer.compaction`), which every add
-        runs after its commit, or all of a kind into one, dropping every deleted row (`everything`).
+    def wait_for_merges(self) -> None:
+        """Block until the background merges this object started are done (a failed one is raised here)."""
+        if self._merger is not None:
+            self._merger.wait()
 
-        Readers are never blocked: they keep the segments they loaded, and the next state
-        they load has the merged one. Returns how many segments were merged away.
+    def compact(self, everything: bool = False) -> int:
+        """Merge segments now: by the size-tiered policy (`indexer.compaction`, which every add
+        also starts in the background), or all of a kind into one, dropping every deleted row (`everything`).
+
+        Readers are never blocked and writers only for the moment a merged segment is swapped
+        in: they keep the segments they loaded, and the next state they load has the merged
+        one. Returns how many segments were merged away.
         """
         self.check_writable("compact")
+        self.wait_for_merges()
         merged = 0
-        while compaction.plan(self._db.snapshot()[1], everything):
-            with self._writing("compact") as (session, manifest, segments):
-                for group in compaction.plan(segments, everything):
-                    self._merge(session, manifest, group)
-            merged += len(self._retired)
-            if everything:
-                break
+        if everything:
+            with merge_lock(self.directory, wait=True):
+                _, segments, dead = self._db.snapshot()
+                for group in compaction.plan(segments, everything=True):
+                    merged += self._merge(group, dead)
+            return merged
+        while (done := self._merge_next(wait=True)) is not None:
+            merged += done
         return merged
 
-    def _merge(self, session: Session, manifest: Manifest, group: list[SegmentRow]) -> None:
-        """Write the live rows of `group` (segments of one kind) as one segment in their place."""
+    def _merge_next(self, wait: bool) -> int | None:
+        """Run the policy's first merge: segments merged away (0 if the group changed meanwhile),
+        or None when there is none to run (or, without `wait`, another process is merging)."""
+        with merge_lock(self.directory, wait) as held:
+            if not held:
+                return None
+            remove_dead_staging(self.directory)
+            _, segments, dead = self._db.snapshot()
+            groups = compaction.plan(segments)
+            return self._merge(groups[0], dead) if groups else None
+
+    def _merge(self, group: list[SegmentRow], dead: dict[int, list[int]]) -> int:
+        """Write the live rows of `group` (segments of one kind; `dead`: their tombstones when
+        planned) as one segment in a staging folder, without a lock, then swap it in (`_swap`).
+        Returns how many segments were merged away: 0 if another writer retired one meanwhile."""
         kind = group[0].kind
         name = SET_NAMES[kind]
-        ids, vectors = self._live(session, name, group)
-        fresh = build(manifest.dim, manifest.factory)
-        part = None
-        if not is_flat(fresh) and all(row.part for row in group):
-            template = None if fresh.is_trained else read_template(self.directory, name, group)
-            part = make_part(manifest.factory, manifest.dim, vectors, ids, template)
-        self._record(session, manifest, kind, vectors, ids, part, group)
+        fresh = build(self._manifest.dim, self._manifest.factory)
+        try:
+            sources = []
+            for row in group:
+                ids = read_ids(self.directory, name, row.id)
+                sources.append(Source(ids, read_vectors(self.directory, name, row.id), ~np.isin(ids, dead.get(row.id, []))))
+            template = None
+            if not is_flat(fresh) and all(row.part for row in group):
+                template = fresh if fresh.is_trained else read_template(self.directory, name, group)
+        except FileNotFoundError:  # a writer retired one of them after the plan
+            return 0
+        live = [s.ids[s.live] for s in sources]
+        if any(len(a) and len(b) and a[-1] >= b[0] for a, b in zip(live, live[1:])):  # ranges interleave: sort in memory
+            ids = np.concatenate(live)
+            order = np.argsort(ids, kind="stable")
+            vectors = np.concatenate([np.asarray(s.vectors)[s.live] for s in sources])[order]
+            sources = [Source(ids[order], vectors, np.ones(len(ids), dtype=bool))]
+        rows = sum(int(s.live.sum()) for s in sources)
+        with staging(self.directory) as folder:
+            if rows:
+                write_merged(folder, name, 0, sources, template)
+            return self._swap(group, dead, folder, name, rows, template is not None)
+
+    def _swap(self, group: list[SegmentRow], dead: dict[int, list[int]], folder: Path, name: str, rows: int, part: bool) -> int:
+        """In one short locked transaction: if `group` is still committed, retire it and record the
+        merged segment from `folder` (0 of `name`), carrying over tombstones added since the plan."""
+        with self._db.writing() as (session, manifest):
+            if not {row.id for row in group} <= {row.id for row in store.list_segments(session)}:
+                return 0
+            known = {i for row in group for i in dead.get(row.id, [])}
+            later = sorted({i for ids in store.tombstones(session, [row.id for row in group]).values() for i in ids} - known)
+            store.retire_segments(session, [row.id for row in group])
+            if rows:
+                segment_id = manifest.next_segment
+                manifest.next_segment += 1
+                for staged, target in zip(segment_paths(folder, name, 0), segment_paths(self.directory, name, segment_id)):
+                    if staged.exists():
+                        os.replace(staged, target)  # uncommitted until the transaction is: garbage if it fails
+                fsync_directory(self.directory)
+                first_id = int(read_ids(self.directory, name, segment_id)[0])
+                session.add(SegmentRow(id=segment_id, kind=group[0].kind, rows=rows, dead=0, first_id=first_id, part=part))
+                session.flush()
+                store.add_tombstones(session, {segment_id: later})
+            manifest.generation += 1
+            manifest.updated_at = store.utcnow()
+        remove_segments(self.directory, drop={row.id for row in group})
+        self._manifest = manifest
+        self._sets = None  # the next read loads the merged state (readers elsewhere retry a removed file)
+        return len(group)
 
     def set_paths(self, paths: dict[int, str]) -> None:
         """Point image items at new files ({item id: path}), e.g. after the files moved; vectors stay."""

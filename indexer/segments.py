@@ -27,6 +27,8 @@ from indexer.errors import SeesayError
 from indexer.store import SegmentRow
 from indexer.vectors import VectorSet, build, is_flat, read_or_fail, training_need, tunable
 
+# Rows a merge copies at a time (8 MiB of 512-d float32 vectors).
+_BLOCK = 4096
 SEGMENT_FILE = re.compile(r"^(images|captions)\.s(?P<segment>\d+)\.(npy|ids\.npy|faiss)$")
 
 
@@ -64,7 +66,47 @@ def write_segment(directory: Path, name: str, segment_id: int, vectors: np.ndarr
         with open(part_path, "rb") as handle:
             os.fsync(handle.fileno())
         written += part_path.stat().st_size
-    _fsync_directory(directory)
+    fsync_directory(directory)
+    return written
+
+
+@dataclass
+class Source:
+    """A committed segment as a merge reads it: its ids, its vectors (memory-mapped), which rows live."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    live: np.ndarray
+
+
+def write_merged(directory: Path, name: str, segment_id: int, sources: Sequence[Source], template: faiss.Index | None) -> int:
+    """Write the live rows of `sources` (whose ids ascend from one source to the next) as one segment,
+    streamed in blocks so memory stays bounded; with `template`, a FAISS part filled from the same
+    blocks. Returns the bytes written. The files are synced; nothing records them."""
+    vectors_path, ids_path, part_path = segment_paths(directory, name, segment_id)
+    ids = np.concatenate([s.ids[s.live] for s in sources])
+    dim = sources[0].vectors.shape[1]
+    part = faiss.clone_index(template) if template is not None else None
+    with open(vectors_path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False, "shape": (len(ids), dim)})
+        for source in sources:
+            for start in range(0, len(source.ids), _BLOCK):
+                live = source.live[start : start + _BLOCK]
+                block = source.vectors[start : start + _BLOCK]
+                block = np.ascontiguousarray(block if live.all() else block[live], dtype=np.float32)
+                handle.write(memoryview(block).cast("B"))
+                if part is not None and len(block):
+                    part.add_with_ids(block, np.ascontiguousarray(source.ids[start : start + _BLOCK][live]))
+        handle.flush()
+        os.fsync(handle.fileno())
+        written = handle.tell()
+    written += _save_array(ids_path, ids)
+    if part is not None:
+        faiss.write_index(part, str(part_path))
+        with open(part_path, "rb") as handle:
+            os.fsync(handle.fileno())
+        written += part_path.stat().st_size
+    fsync_directory(directory)
     return written
 
 
@@ -76,7 +118,8 @@ def _save_array(path: Path, array: np.ndarray) -> int:
         return handle.tell()
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make the renames and creations in `directory` durable."""
     with suppress(OSError):  # not every platform lets a directory be opened
         fd = os.open(directory, os.O_RDONLY)
         try:

@@ -9,6 +9,8 @@ import faiss
 import numpy as np
 from sqlalchemy import create_engine, text
 
+from indexer.merging import merge_lock
+
 SEGMENT_FILE = re.compile(r"^(images|captions)\.s(\d+)\.(npy|ids\.npy|faiss)$")
 
 
@@ -31,7 +33,14 @@ def database_url(directory: Path) -> str:
 
 def assert_consistent(directory: Path) -> dict[str, list[int]]:
     """For both kinds: SQL ids == the ids of the committed segments less their tombstones, FAISS
-    parts hold exactly their segment's ids, counts agree, and no file of another segment is left."""
+    parts hold exactly their segment's ids, counts agree, and no file of another segment (nor a
+    merge's staging folder) is left. It holds the index's merge lock: a background merge that
+    an add started finishes first, and none starts meanwhile."""
+    with merge_lock(directory, wait=True):
+        return _assert_consistent(directory)
+
+
+def _assert_consistent(directory: Path) -> dict[str, list[int]]:
     engine = create_engine(database_url(directory))
     try:
         with engine.connect() as db:
@@ -72,6 +81,7 @@ def assert_consistent(directory: Path) -> dict[str, list[int]]:
     committed = {row[0] for row in segments}
     names = [p.name for p in directory.iterdir()]
     assert not [n for n in names if n.endswith(".tmp")]
+    assert not [n for n in names if n.startswith(".merging-")], "a merge's staging folder is left"
     strays = [n for n in names if SEGMENT_FILE.match(n) and int(SEGMENT_FILE.match(n)[2]) not in committed]
     assert not strays, strays
     return sql

@@ -93,7 +93,8 @@ def test_the_policy_merges_a_full_tier_and_rewrites_mostly_deleted_segments(tmp_
         for commit in range(FANOUT - 1):
             add_images(index, rng, 20 * commit, 20)
         assert index.info().segments["image"] == FANOUT - 1
-        add_images(index, rng, 20 * (FANOUT - 1), 20)  # the tier is full: one segment of 320
+        add_images(index, rng, 20 * (FANOUT - 1), 20)  # the tier is full: one segment of 320, merged in the background
+        index.wait_for_merges()
         assert index.info().segments["image"] == 1
         add_images(index, rng, 1000, 20)
         ids = assert_consistent(directory)["image"]
@@ -101,6 +102,7 @@ def test_the_policy_merges_a_full_tier_and_rewrites_mostly_deleted_segments(tmp_
         assert index.info().tombstones == 10
         index.delete(ids[:5])  # a few of the big one
         add_images(index, rng, 2000, 20)  # its policy rewrites the half-deleted segment, not the big one
+        index.wait_for_merges()
         info = index.info()
         assert info.segments["image"] == 3 and info.tombstones == 5
         assert_consistent(directory)
@@ -179,3 +181,54 @@ def test_a_reader_keeps_its_segments_while_a_merge_replaces_them(tmp_path: Path)
             np.testing.assert_array_equal(reader.search("image", queries, 5)[1], before[1])  # its loaded snapshot
             assert reader.refresh()
             np.testing.assert_array_equal(reader.search("image", queries, 5)[1], before[1])
+
+
+def test_a_background_merge_blocks_neither_the_next_commit_nor_deletes(tmp_path: Path, db_url, monkeypatch) -> None:
+    """While the policy's merge writes its segment (held here mid-write), adds and deletes commit;
+    the merged segment then replaces its group and keeps the deletes made meanwhile as tombstones."""
+    import indexer.index as index_module
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+    real_write = index_module.write_merged
+
+    def held_write(*args, **kwargs):
+        started.set()
+        assert release.wait(60)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(index_module, "write_merged", held_write)
+    rng = np.random.default_rng(4)
+    directory = tmp_path / "idx"
+    queries = unit(rng, 6)
+    with Index.create(directory, artefact, db_url=db_url) as index:
+        for commit in range(FANOUT):
+            add_images(index, rng, 20 * commit, 20)
+        assert started.wait(60)  # the 16th commit started a merge of the 16 segments
+        first = sorted(index.all_vectors("image")[0].tolist())  # (assert_consistent would wait for the merge)
+        add_images(index, rng, 1000, 20)  # commits while the merge is held
+        assert index.delete(first[:3] + first[-2:]) == 5
+        assert index.info().segments["image"] == FANOUT + 1
+        assert list(directory.glob(".merging-*"))
+        release.set()
+        index.wait_for_merges()
+        info = index.info()
+        assert info.segments["image"] == 2 and info.tombstones == 5
+        sql = assert_consistent(directory)
+        assert len(sql["image"]) == 20 * FANOUT + 20 - 5
+        np.testing.assert_array_equal(index.search("image", queries, 10)[1], exact_truth(index, "image", queries, 10))
+        assert not set(first[:3] + first[-2:]) & set(index.search("image", queries, 400)[1].ravel().tolist())
+
+
+def test_a_merge_whose_group_was_retired_meanwhile_changes_nothing(tmp_path: Path, db_url) -> None:
+    rng = np.random.default_rng(5)
+    directory = tmp_path / "idx"
+    with Index.create(directory, artefact, db_url=db_url) as index, Index.open(directory, db_url=db_url) as other:
+        for commit in range(3):
+            add_images(index, rng, 20 * commit, 20)
+        generation = index.info().generation
+        _, segments, dead = index._db.snapshot()
+        assert other.compact(everything=True) == 3  # another writer merges them first
+        assert index._merge([s for s in segments if s.kind == "image"], dead) == 0
+        assert index.info().segments["image"] == 1 and index.info().generation == generation + 1
+        assert len(assert_consistent(directory)["image"]) == 60
