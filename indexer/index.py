@@ -529,13 +529,28 @@ class Index:
         remove_segments(self.directory, drop=self._retired)  # readers that still load them retry
         self._ids = {i: ids for i, ids in self._ids.items() if i not in self._retired}
 
-    def add_vectors(self, rows: Sequence[NewItem], vectors: np.ndarray) -> Added:
+    def reserve_ids(self, n: int) -> list[int]:
+        """`n` fresh item ids, taken from the database's counter now: no other add will get them.
+
+        For writers that number their rows before they have the vectors (a distributed
+        job, whose retried batches must recompute the same ids); they pass them to
+        `add_vectors(..., ids=...)` later. Ids reserved and never used stay unused.
+        """
+        self.check_writable("reserve ids")
+        if n < 0:
+            raise SeesayError(f"cannot reserve {n} ids")
+        with self._db.writing() as (session, _manifest):
+            return store.take_ids(session, n)
+
+    def add_vectors(self, rows: Sequence[NewItem], vectors: np.ndarray, ids: Sequence[int] | None = None) -> Added:
         """Store rows with their vectors (one per row) in one transaction; returns the ids they got.
 
         Rows whose hash is already indexed are skipped, and so are captions whose image is
         neither indexed nor among `rows` (deleted meanwhile by another writer). The vectors
         go into one new segment per kind; then a background thread merges segments as the
         policy says (`compaction`), off the write lock: the next add does not wait for it.
+        `ids`, one per row, are ids this index gave out by `reserve_ids` (else the add
+        reserves its own); they must ascend within each kind.
         """
         self.check_writable("add")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -544,6 +559,9 @@ class Index:
                 f"{len(rows)} rows came with vectors of shape {vectors.shape}; "
                 f"index {self.directory} holds dim {self._manifest.dim}"
             )
+        given = None if ids is None else np.asarray(ids, dtype=np.int64)
+        if given is not None:
+            _check_given_ids(rows, given, self.directory)
         if not np.isfinite(vectors).all():
             raise SeesayError(f"vectors for index {self.directory} contain NaN or infinity; nothing added")
         added = Added(ids=[None] * len(rows))
@@ -553,7 +571,7 @@ class Index:
             images = [i for i, row in enumerate(rows) if row.kind == "image"]
             indexed = store.ids_by_hash(session, "image", [rows[i].hash for i in images])
             fresh = self._fresh(rows, images, indexed, added)
-            image_ids = _insert(session, rows, fresh, added, lambda row: None)
+            image_ids = _insert(session, rows, fresh, added, lambda row: None, given)
             self._append(session, manifest, segments, "image", vectors[fresh], image_ids)
             captions = [i for i, row in enumerate(rows) if row.kind == "caption"]
             owners = store.ids_by_hash(session, "image", [rows[i].image_hash for i in captions])
@@ -561,7 +579,7 @@ class Index:
             fresh = self._fresh(rows, captions, indexed, added)
             added.orphaned = [i for i in fresh if rows[i].image_hash not in owners]
             fresh = [i for i in fresh if rows[i].image_hash in owners]
-            caption_ids = _insert(session, rows, fresh, added, lambda row: owners[row.image_hash])
+            caption_ids = _insert(session, rows, fresh, added, lambda row: owners[row.image_hash], given)
             self._append(session, manifest, segments, "caption", vectors[fresh], caption_ids)
             manifest.n_images += len(image_ids)
             manifest.n_captions += len(caption_ids)
@@ -601,6 +619,9 @@ class Index:
             if template is None and sum(r.rows - r.dead for r in mine) + len(ids) >= training_need(fresh):
                 old_ids, old_vectors = self._live(session, name, mine)
                 ids, vectors = np.concatenate([old_ids, ids]), np.concatenate([old_vectors, vectors])
+                if (np.diff(ids) < 0).any():  # ids reserved before others' adds come below theirs
+                    order = np.argsort(ids, kind="stable")
+                    ids, vectors = ids[order], vectors[order]
                 template = _trained(fresh, vectors, manifest.factory, name)
                 retired = mine
         part = make_part(manifest.factory, manifest.dim, vectors, ids, template) if template is not None or fresh.is_trained else None
@@ -787,11 +808,12 @@ def _insert(
     positions: list[int],
     added: Added,
     image_item_id: Callable[[NewItem], int | None],
+    given: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Insert the rows at `positions` under ids reserved from the database; returns those ids."""
+    """Insert the rows at `positions` under their `given` ids, else ids reserved from the database; returns the ids."""
     if not positions:
         return np.zeros(0, dtype=np.int64)
-    ids = store.reserve_ids(session, len(positions))
+    ids = store.reserve_ids(session, len(positions)) if given is None else given[positions].tolist()
     now = store.utcnow()
     values = [
         {
@@ -811,3 +833,13 @@ def _insert(
     for i, item_id in zip(positions, ids):
         added.ids[i] = item_id
     return np.array(ids, dtype=np.int64)
+
+
+def _check_given_ids(rows: Sequence[NewItem], ids: np.ndarray, directory: Path) -> None:
+    """SeesayError unless there is one id per row, positive, ascending within each kind (FAISS segments keep ids sorted)."""
+    if ids.shape != (len(rows),):
+        raise SeesayError(f"{len(rows)} rows came with {ids.size} ids for index {directory}; nothing added")
+    for kind in SET_NAMES:
+        mine = ids[[i for i, row in enumerate(rows) if row.kind == kind]]
+        if len(mine) and (mine[0] < 1 or (np.diff(mine) <= 0).any()):
+            raise SeesayError(f"{kind} ids for index {directory} must be positive and ascending; nothing added")

@@ -403,6 +403,24 @@ def reserve_ids(session: Session, n: int) -> list[int]:
     return list(range(last + 1, last + 1 + n))
 
 
+def take_ids(session: Session, n: int) -> list[int]:
+    """`n` fresh ids, with the database's counter moved past them so that no later insert gets them.
+
+    PostgreSQL's sequence moves in `reserve_ids` itself; SQLite's AUTOINCREMENT counter
+    (`sqlite_sequence`) is set here. Other databases have no counter to move.
+    """
+    ids = reserve_ids(session, n)
+    dialect = session.bind.dialect.name
+    if not ids or dialect == "postgresql":
+        return ids
+    if dialect != "sqlite":
+        raise SeesayError(f"reserving item ids needs SQLite or PostgreSQL, not {dialect}")
+    moved = session.execute(text("UPDATE sqlite_sequence SET seq = :last WHERE name = 'items'"), {"last": ids[-1]})
+    if not moved.rowcount:
+        session.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES ('items', :last)"), {"last": ids[-1]})
+    return ids
+
+
 def insert_items(session: Session, values: list[dict]) -> None:
     """Insert item rows (ids included) in bulk: COPY on PostgreSQL, one executemany elsewhere."""
     if not values:
