@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from indexer import BuiltBy, Index, IndexExistsError
+import numpy as np
+
+from indexer import BuiltBy, Index, IndexExistsError, NewItem
 from retrieval.datasets import Record
 from retrieval.encoders.base import Encoder, read_manifest, verify_weights
 from retrieval.encoders.registry import load_encoder
@@ -169,8 +171,14 @@ class Collection:
 
 def _store(index: Index, encoded: Encoded, report: AddReport) -> None:
     """Add one encoded chunk; what another writer indexed meanwhile counts as already indexed."""
-    rows = encoded.rows()
-    added = index.add_vectors(rows, encoded.vectors())
+    store_rows(index, encoded.rows(), encoded.vectors(), report)
+
+
+def store_rows(
+    index: Index, rows: Sequence[NewItem], vectors: np.ndarray, report: AddReport, ids: Sequence[int] | None = None
+) -> None:
+    """Add rows with their vectors (and ids reserved for them, if any), counting what was added and skipped in `report`."""
+    added = index.add_vectors(rows, vectors, ids=ids)
     report.images_added += added.count(rows, "image")
     report.captions_added += added.count(rows, "caption")
     for i in added.existing:

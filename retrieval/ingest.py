@@ -202,19 +202,38 @@ def encode_chunk(
     workers: int = 4,
 ) -> Encoded:
     """Hash, deduplicate, decode and encode one chunk; bad items go to `report.problems`."""
-    hashed = _hashed(records, workers, report)
+    hashed = hashed_records(records, workers, report)
+    firsts = new_images(hashed, known)
+    meter.images_done(len(records) - len(firsts))
+    images, image_vectors, failed = _encode_images(firsts, encoder, dim, meter, batch_size, workers)
+    captions = new_captions(hashed, firsts, {image_hash: err.reason for image_hash, err in failed.items()}, known, report)
+    meter.captions_due(len(captions))
+    caption_vectors = encode_captions(encoder, [caption.text for caption in captions], batch_size, meter.captions_done)
+    return Encoded(images, image_vectors, captions, _checked(caption_vectors, len(captions), encoder, dim))
+
+
+def new_images(hashed: Sequence[tuple[Record, str]], known: KnownHashes) -> dict[str, Record]:
+    """{image hash: its first record} for the hashes `known` does not hold yet, in record order."""
     indexed = known("image", [image_hash for _, image_hash in hashed])
     firsts: dict[str, Record] = {}
     for record, image_hash in hashed:
         if image_hash not in indexed:
             firsts.setdefault(image_hash, record)
-    meter.images_done(len(records) - len(firsts))
-    images, image_vectors, failed = _encode_images(firsts, encoder, dim, meter, batch_size, workers)
+    return firsts
 
+
+def new_captions(
+    hashed: Sequence[tuple[Record, str]],
+    firsts: dict[str, Record],
+    failed: dict[str, str],
+    known: KnownHashes,
+    report: AddReport,
+) -> list[NewCaption]:
+    """The captions to add, in record order: none of bad images (`failed`: hash → reason), none empty, none indexed."""
     captions: list[NewCaption] = []
     for record, image_hash in hashed:
         if image_hash in failed:
-            report.problems.append(f"{record.image_name}: bad image {record.image_path}: {failed[image_hash].reason}")
+            report.problems.append(bad_image_problem(record.image_name, record.image_path, failed[image_hash]))
             continue
         if firsts.get(image_hash) is not record:
             report.images_skipped_existing += 1
@@ -223,13 +242,15 @@ def encode_chunk(
                 captions.append(NewCaption(record, text, caption_hash(image_hash, text), image_hash))
             else:
                 report.problems.append(f"{record.image_name}: caption {number} is empty")
-    captions = _unindexed_captions(captions, known, report)
-    meter.captions_due(len(captions))
-    caption_vectors = encode_captions(encoder, [caption.text for caption in captions], batch_size, meter.captions_done)
-    return Encoded(images, image_vectors, captions, _checked(caption_vectors, len(captions), encoder, dim))
+    return _unindexed_captions(captions, known, report)
 
 
-def _hashed(records: Sequence[Record], workers: int, report: AddReport) -> list[tuple[Record, str]]:
+def bad_image_problem(image_name: str, path: str | Path, reason: str) -> str:
+    """The problem line of an image that could not be decoded."""
+    return f"{image_name}: bad image {path}: {reason}"
+
+
+def hashed_records(records: Sequence[Record], workers: int, report: AddReport) -> list[tuple[Record, str]]:
     """(record, image file hash) for every record whose file can be read; the rest are problems."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         hashes = list(pool.map(_hash_or_error, [record.image_path for record in records]))
