@@ -46,9 +46,22 @@ def index(
     memory: str = typer.Option("4G", "--memory", help="Memory budget of the vectors' index for --factory auto (e.g. 4G, 512M)."),
     db_url: Optional[str] = typer.Option(None, help="SQLAlchemy URL for the metadata (default: SQLite file in the index)."),
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
+    engine: str = typer.Option("local", "--engine", help="local: embed in this process; ray: on a Ray cluster (pip install 'seesay[ray]')."),
+    address: Optional[str] = typer.Option(
+        None, "--address", help="--engine ray: the cluster to join (auto, or HOST:PORT of its head); default: a Ray started on this machine."
+    ),
+    job_dir: Optional[str] = typer.Option(
+        None, "--job-dir",
+        help="--engine ray: folder or URI (s3://...) for the job's plan and shards, reachable by every node (default: DIR/.jobs).",
+    ),
+    actors: int = typer.Option(2, "--actors", min=1, help="--engine ray: most encoder actors (one per GPU or worker)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Embed a captioned image set into an index (created if new, extended if not)."""
+    if engine not in ("local", "ray"):
+        raise typer.BadParameter(f"expected local or ray, got {engine!r}", param_hint="--engine")
+    if engine == "local" and (address or job_dir):
+        raise typer.BadParameter("--address and --job-dir apply to --engine ray", param_hint="--engine")
     dataset = read_data(data, images, split, split_file, quiet=as_json, allow_outside_images=allow_outside_images)
     loaded = load_encoder(encoder)
     if factory == "auto":
@@ -57,7 +70,15 @@ def index(
         if not as_json:
             out.print(f"factory for {n:,} vectors within {memory}: {factory}")
     collection = Collection.open_or_create(index_dir, loaded, factory=factory, db_url=db_url)
-    report = collection.add(dataset.records, batch_size=batch_size, progress=not as_json)
+    if engine == "ray":
+        from retrieval.distributed.job import index_with_ray
+
+        report = index_with_ray(
+            collection, dataset.records, address=address, jobs_dir=job_dir, actors=actors, batch_size=batch_size,
+            progress=not as_json,
+        )
+    else:
+        report = collection.add(dataset.records, batch_size=batch_size, progress=not as_json)
     record_source(index_dir, Source.given(data, images, split, split_file, allow_outside_images))
     problems = dataset.problems + report.problems
     shortfall = collection.index.training_shortfall()

@@ -1,0 +1,1 @@
+"""Distributed embedding and index building on Ray Data (`seesay index --engine ray`)."""
