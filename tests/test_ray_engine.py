@@ -174,7 +174,7 @@ def test_a_rerun_after_the_driver_died_embeds_only_the_missing_rows(cluster, mod
     finally:
         process.kill()
     with Collection.open(index, read_only=True) as collection:
-        assert collection.index.info()["n_images"] == 0
+        assert collection.index.info().n_images == 0
     report = finished(seesay(*args))
     assert report["reused"] > 0 and report["embedded"] + report["reused"] == 96 + 1 + 193
     assert (report["images_added"], report["captions_added"]) == (96, 192)

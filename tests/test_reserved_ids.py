@@ -55,7 +55,7 @@ def test_given_ids_survive_reopening_and_bad_ones_are_refused(tmp_path, db_url):
             index.add_vectors(_rows(["x", "y"]), _vectors(2), ids=reserved[::-1])
         with pytest.raises(SeesayError, match="2 rows came with 1 ids"):
             index.add_vectors(_rows(["x", "y"]), _vectors(2), ids=reserved[:1])
-        assert index.info()["n_images"] == 0
+        assert index.info().n_images == 0
         again = index.add_vectors(_rows(["x"]), _vectors(1), ids=reserved[:1])
         assert again.ids == reserved[:1]
         duplicate = index.add_vectors(_rows(["x"]), _vectors(1), ids=reserved[1:])  # same hash: skipped, id unused

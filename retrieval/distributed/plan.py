@@ -47,7 +47,7 @@ def fingerprint(records: Sequence[Record], encoder_identity: str, index: Index) 
     """sha256 of what decides a plan: the records (paths, captions, splits), the encoder and the index."""
     digest = hashlib.sha256(json.dumps([encoder_identity, str(index.directory.resolve())]).encode())
     for record in records:
-        digest.update(json.dumps([record.image_id, str(record.image_path), record.captions, record.split]).encode())
+        digest.update(json.dumps([record.image_name, str(record.image_path), record.captions, record.split]).encode())
     return digest.hexdigest()
 
 
@@ -122,10 +122,10 @@ def _plan_chunk(
     captions = new_captions(hashed, firsts, {}, known, report)
     paths = {image_hash: stored_path(record.image_path) for image_hash, record in firsts.items()}
     for image_hash, record in firsts.items():
-        _append(columns, "image", record.image_id, image_hash, paths[image_hash], None, record.split, None)
+        _append(columns, "image", record.image_name, image_hash, paths[image_hash], None, record.split, None)
     for caption in captions:
         path = paths.get(caption.image_hash) or stored_path(caption.record.image_path)
-        _append(columns, "caption", caption.record.image_id, caption.hash, path, caption.text, caption.record.split, caption.image_hash)
+        _append(columns, "caption", caption.record.image_name, caption.hash, path, caption.text, caption.record.split, caption.image_hash)
     planned["image"].update(firsts)
     planned["caption"].update(caption.hash for caption in captions)
 
