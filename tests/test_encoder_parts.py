@@ -141,3 +141,28 @@ def test_zero_shot_coordinates_are_the_zeroshot_encoders_vectors(tmp_path, tops)
     np.testing.assert_allclose(captions[:, 32:] / 0.5, zs.encode_texts(texts), atol=2e-4)
     with pytest.raises(EncoderError, match="zeroshot_weight"):
         TowersEncoder({"embed_dim": 32, "zeroshot_weight": 1.5})
+
+
+def test_zero_shot_coordinates_average_every_backbones_classifier(tmp_path):
+    """With several backbones, an image's zero-shot part is the mean of their class probabilities times the prompts."""
+    from PIL import Image
+
+    from retrieval.backbones import efficientnet as effnet
+    from retrieval.encoders.towers import TowersEncoder
+    from retrieval.encoders.zeroshot import class_prompt_vectors
+    from retrieval.images import load_rgb
+
+    paths = []
+    for i, colour in enumerate(["green", "purple"]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (100, 140), colour).save(paths[-1])
+    names = ["lite0", "lite2"]
+    enc = TowersEncoder({"embed_dim": 16, "image_top": 0, "text_top": 0, "image_backbones": names, "zeroshot_weight": 0.5})
+    tail = enc.encode_images(paths)[:, 16:] / 0.5**0.5
+    x = torch.stack([effnet.preprocess(effnet.decode_size(names))(load_rgb(p)) for p in paths])
+    probs = [torch.softmax(effnet.pooled_and_logits(effnet.load_backbone(n), effnet.resize_to(x, effnet.native_size(n)))[1], -1)
+             for n in names]
+    expected = torch.nn.functional.normalize(torch.stack(probs).mean(0) @ class_prompt_vectors(), dim=-1)
+    np.testing.assert_allclose(tail, expected.numpy(), atol=2e-4)
+    single = torch.nn.functional.normalize(probs[0] @ class_prompt_vectors(), dim=-1)
+    assert not np.allclose(tail, single.numpy(), atol=1e-3)  # both classifiers count, not Lite0's alone

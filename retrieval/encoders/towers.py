@@ -47,7 +47,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "text_in": 384,
     "init_logit_scale": float(np.log(1 / 0.07)),
     "hubness_tau": None,  # set when the model carries a query bank (querybank.pt)
-    "zeroshot_weight": 0.0,  # w > 0: append the zeroshot encoder's vectors, scores (1 − w)·towers + w·zeroshot
+    "zeroshot_weight": 0.0,  # w > 0: append zero-shot coordinates (see _zeroshot_prompts), scores (1 − w)·towers + w·zero-shot
 }
 
 
@@ -170,15 +170,20 @@ class TowersEncoder(TorchImageEncoder):
         self._spec = spec or KIND
 
     def _zeroshot_prompts(self) -> torch.Tensor | None:
-        """MiniLM's class-prompt vectors when zero-shot coordinates are mixed in (they need Lite0 and MiniLM)."""
+        """The text model's class-prompt vectors when zero-shot coordinates are mixed in.
+
+        Zero-shot coordinates describe an image by its backbones' ImageNet class probabilities
+        (averaged over the backbones) times these vectors, and a caption by the frozen text model's
+        own embedding; with Lite0 and MiniLM they are exactly the `zeroshot` encoder's vectors.
+        """
         w = float(self.cfg["zeroshot_weight"] or 0.0)
         if not w:
             return None
-        if not 0 < w < 1 or "lite0" not in self.cfg["image_backbones"] or self.cfg["text_model"] != sentence.DEFAULT_TEXT_MODEL:
-            raise EncoderError("zeroshot_weight must lie in (0, 1) and needs the lite0 backbone and the minilm text model")
+        if not 0 < w < 1:
+            raise EncoderError(f"zeroshot_weight must lie in (0, 1), got {w}")
         from retrieval.encoders.zeroshot import class_prompt_vectors
 
-        return class_prompt_vectors().to(self.device)
+        return class_prompt_vectors(self.text_path).to(self.device)
 
     def set_zeroshot_weight(self, weight: float) -> None:
         """Mix zero-shot coordinates in with weight w (0: off); drops the query bank, which no longer fits."""
@@ -188,7 +193,7 @@ class TowersEncoder(TorchImageEncoder):
 
     @property
     def plain_dim(self) -> int:
-        """Dimension before the hubness coordinate: the shared space, plus MiniLM's 384 with zero-shot mixing."""
+        """Dimension before the hubness coordinate: the shared space, plus the text model's width with zero-shot mixing."""
         return int(self.cfg["embed_dim"]) + (int(self.class_vecs.shape[1]) if self.class_vecs is not None else 0)
 
     @property
@@ -225,9 +230,10 @@ class TowersEncoder(TorchImageEncoder):
         v = self.heads.image(maps if top else [m.mean(dim=(2, 3)) for m in maps])
         if self.class_vecs is None:
             return v
-        lite0 = self.cfg["image_backbones"].index("lite0")
-        logits = effnet.logits_from(self.image_models[lite0][1], maps[lite0], top)
-        return self._mix(v, torch.softmax(logits.float(), dim=-1) @ self.class_vecs)
+        # The backbones' own ImageNet classifiers, averaged: a zero-shot description of the image.
+        probs = [torch.softmax(effnet.logits_from(model, fmap, top).float(), dim=-1)
+                 for (_, model), fmap in zip(self.image_models, maps)]
+        return self._mix(v, torch.stack(probs).mean(dim=0) @ self.class_vecs)
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:

@@ -27,12 +27,13 @@ KIND = "zeroshot"
 PROMPT = "a photo of a {}."
 
 
-@lru_cache(maxsize=1)
-def class_prompt_vectors() -> torch.Tensor:
-    """MiniLM embeddings of the 1,000 class prompts, cached in memory and on disk."""
+@lru_cache(maxsize=4)
+def class_prompt_vectors(model_path: str | None = None) -> torch.Tensor:
+    """Sentence embeddings of the 1,000 class prompts by the text model at `model_path` (default MiniLM),
+    cached in memory and on disk."""
     import hashlib
 
-    model_path = sentence.resolve_text_model(None)
+    model_path = sentence.resolve_text_model(model_path)
     prompts = [PROMPT.format(c) for c in effnet.imagenet_classes()]
     key = hashlib.sha1(("\n".join(prompts) + model_path).encode()).hexdigest()[:16]
     path = cache_dir(f"zeroshot-{key}.pt")
