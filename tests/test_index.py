@@ -389,3 +389,28 @@ def test_captions_by_image_answers_many_images_in_one_call(built) -> None:
         i: [c.id for c in index.index.captions_of(i)] for i in image_ids if index.index.captions_of(i)
     }
     assert sum(len(caps) for caps in together.values()) == 4 and 987654 not in together
+
+
+def test_rows_with_tabs_line_breaks_backslashes_and_nulls_come_back_as_stored(tmp_path: Path, db_url) -> None:
+    """PostgreSQL takes rows by COPY text, whose separators and escapes are these characters."""
+    from datetime import datetime, timezone
+
+    from indexer import NewItem
+    from indexer.items import BuiltBy
+
+    def artefact(folder: Path) -> BuiltBy:
+        folder.mkdir(parents=True, exist_ok=True)
+        return BuiltBy("test-random", "test-random#0", 1, 4)
+
+    awkward = ["a\tb", "line\nbreak\r\n", "back\\slash\\N", "\\N", "", "ünïcödé ✓", "c:\\path\\to\\file.jpg"]
+    rows = [NewItem("image", f"src{i}", f"h{i}", path=text or None, split="train" if i % 2 else None) for i, text in enumerate(awkward)]
+    rows += [NewItem("caption", f"src{i}", f"c{i}", text=text, image_hash=f"h{i}") for i, text in enumerate(awkward)]
+    with Index.create(tmp_path / "idx", artefact, db_url=db_url) as index:
+        added = index.add_vectors(rows, np.eye(4, dtype=np.float32)[np.arange(len(rows)) % 4])
+        stored = index.items(added.ids)
+    assert [(item.kind, item.source_id, item.path, item.text, item.split) for item in stored] == [
+        (row.kind, row.source_id, row.path, row.text, row.split) for row in rows
+    ]
+    assert [item.image_item_id for item in stored[len(awkward):]] == added.ids[: len(awkward)]
+    now = datetime.now(timezone.utc)
+    assert all(item.added_at.tzinfo is not None and abs((item.added_at - now).total_seconds()) < 600 for item in stored)  # UTC
