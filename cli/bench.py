@@ -223,6 +223,7 @@ def storage_cmd(
     table.add_row(f"add rate, last {result['rate_window']:,} / first", f"{add['last_over_first']:.2f}", "≥ 0.7")
     table.add_row("add rate first / last (items/s)", f"{add['first_rate_items_s']:,.0f} / {add['last_rate_items_s']:,.0f}", "")
     table.add_row("segments after the adds", str(add["segments"]), "")
+    table.add_row("background merges still running after the last add (s)", f"{add['final_merges_s']:.1f}", "")
     table.add_row(f"identical top-{search['k']} rows, segmented vs merged", f"{search['identical_rows']} / {search['queries']}", "all")
     table.add_row("search s, segmented / merged", f"{search['segmented_s']:.2f} / {search['merged_s']:.2f}", "")
     table.add_row("PostgreSQL add (rows/s)", f"{pg['rows_per_s']:,.0f}" if "rows_per_s" in pg else f"skipped: {pg['skipped']}", "≥ 20,000")

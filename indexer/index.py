@@ -734,7 +734,8 @@ class Index:
             sources = []
             for row in group:
                 ids = read_ids(self.directory, name, row.id)
-                sources.append(Source(ids, read_vectors(self.directory, name, row.id), ~np.isin(ids, dead.get(row.id, []))))
+                part = segment_paths(self.directory, name, row.id)[2] if row.part else None
+                sources.append(Source(ids, read_vectors(self.directory, name, row.id), ~np.isin(ids, dead.get(row.id, [])), part))
             template = None
             if not is_flat(fresh) and all(row.part for row in group):
                 template = fresh if fresh.is_trained else read_template(self.directory, name, group)

@@ -77,16 +77,23 @@ class Source:
     ids: np.ndarray
     vectors: np.ndarray
     live: np.ndarray
+    part: Path | None = None  # its FAISS part's file, if it has one
 
 
 def write_merged(directory: Path, name: str, segment_id: int, sources: Sequence[Source], template: faiss.Index | None) -> int:
     """Write the live rows of `sources` (whose ids ascend from one source to the next) as one segment,
     streamed in blocks so memory stays bounded; with `template`, a FAISS part filled from the same
-    blocks. Returns the bytes written. The files are synced; nothing records them."""
+    blocks, or for IVF types from the sources' parts (`merge_parts`). Returns the bytes written.
+    The files are synced; nothing records them."""
     vectors_path, ids_path, part_path = segment_paths(directory, name, segment_id)
     ids = np.concatenate([s.ids[s.live] for s in sources])
     dim = sources[0].vectors.shape[1]
     part = faiss.clone_index(template) if template is not None else None
+    if part is not None and is_ivf(part) and all(s.part is not None for s in sources):
+        merge_parts(part, sources)
+        part, merged = None, part
+    else:
+        merged = None
     with open(vectors_path, "wb") as handle:
         np.lib.format.write_array_header_1_0(handle, {"descr": "<f4", "fortran_order": False, "shape": (len(ids), dim)})
         for source in sources:
@@ -101,6 +108,7 @@ def write_merged(directory: Path, name: str, segment_id: int, sources: Sequence[
         os.fsync(handle.fileno())
         written = handle.tell()
     written += _save_array(ids_path, ids)
+    part = part if merged is None else merged
     if part is not None:
         faiss.write_index(part, str(part_path))
         with open(part_path, "rb") as handle:
@@ -108,6 +116,28 @@ def write_merged(directory: Path, name: str, segment_id: int, sources: Sequence[
         written += part_path.stat().st_size
     fsync_directory(directory)
     return written
+
+
+def is_ivf(index: faiss.Index) -> bool:
+    """Whether `index` is an inverted-file index (whose lists can be merged as they are)."""
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return True
+
+
+def merge_parts(part: faiss.Index, sources: Sequence[Source]) -> None:
+    """Fill `part` (an empty trained IVF index) with the inverted lists of the sources' parts,
+    less their deleted rows: their codes are moved as they are, not computed again from the
+    vectors (no assignment to lists, no encoding), one source in memory at a time."""
+    into = faiss.extract_index_ivf(part)
+    for source in sources:
+        other = faiss.read_index(str(source.part))
+        if not source.live.all():
+            other.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(source.ids[~source.live])))
+        into.merge_from(faiss.extract_index_ivf(other), 0)
+    part.ntotal = into.ntotal
 
 
 def _save_array(path: Path, array: np.ndarray) -> int:
@@ -144,7 +174,10 @@ def load_segment(directory: Path, name: str, row: SegmentRow, factory: str, dim:
     vectors = read_or_fail(lambda path: np.load(path, mmap_mode="r"), vectors_path)
     ids = read_or_fail(np.load, ids_path)
     if row.part:
-        index = read_or_fail(lambda path: faiss.read_index(str(path)), part_path)
+        # Served from a memory map of the file (the OS pages lists in as searches touch them),
+        # not copied into the process: parts are immutable, and a merge that retires this one
+        # unlinks the file, which the map keeps alive.
+        index = read_or_fail(lambda path: faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), part_path)
     else:
         index = build(dim, factory)
         if is_flat(index) and len(ids):
