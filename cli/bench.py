@@ -1,4 +1,4 @@
-"""`seesay bench quality|encode|index|query`: the benchmarks in benchmarks/, as commands.
+"""`seesay bench quality|encode|index|query|storage|startup`: the benchmarks in benchmarks/, as commands.
 
 Each prints a table (or with --json one JSON object on stdout) and writes NAME.json and
 NAME.png into --out (default benchmarks/results/). Progress lines go to stderr.
@@ -228,3 +228,32 @@ def storage_cmd(
     table.add_row("search s, segmented / merged", f"{search['segmented_s']:.2f} / {search['merged_s']:.2f}", "")
     table.add_row("PostgreSQL add (rows/s)", f"{pg['rows_per_s']:,.0f}" if "rows_per_s" in pg else f"skipped: {pg['skipped']}", "≥ 20,000")
     _finish(result, storage.NAME, out_dir, as_json, storage.plot, table)
+
+
+@bench_app.command("startup")
+def startup_cmd(
+    as_json: bool = JsonOpt,
+    out_dir: Path = OutOpt,
+    index: Optional[Path] = typer.Option(None, "--index", help="An existing index (default: a small one built with --encoder first)."),
+    encoder: str = typer.Option("default", "--encoder", help="Encoder of the built index."),
+    runs: int = typer.Option(5, "--runs", min=1, help="Fresh processes timed for each figure."),
+    queries: int = typer.Option(1000, "--queries", min=0, help="Queries in the file answered in one process (0 skips it)."),
+) -> None:
+    """Start-up: wall and CPU time of `seesay search --index DIR "text"` in fresh processes, and of a file of queries."""
+    from benchmarks import startup
+
+    result = startup.run(index, encoder, runs, queries, log=_logger(as_json))
+    table = Table(title="start-up: fresh processes (seconds; CPU = user + sys)")
+    for column in ("what", "wall s", "CPU s", "runs (wall)"):
+        table.add_column(column, justify="left" if column == "what" else "right")
+    first = result["first_search"]
+    table.add_row("first search (warm-up)", f"{first['wall_s']:.2f}", f"{first['cpu_s']:.2f}", "")
+    for label, key in (("search \"text\", median", "search"), ("import cli.app, median", "import_cli")):
+        r = result[key]
+        table.add_row(label, f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}", " ".join(f"{w:.2f}" for w in r["runs_wall_s"]))
+    if "queries_file" in result:
+        q = result["queries_file"]
+        table.add_row(f"--queries, {q['queries']} queries", f"{q['wall_s']:.2f}", f"{q['cpu_s']:.2f}", "")
+    _finish(result, startup.NAME, out_dir, as_json, startup.plot, table)
+    if not as_json:
+        err.print(f"[dim]load average {result['load_average_before']} → {result['load_average_after']} on {result['cores']} cores[/dim]")

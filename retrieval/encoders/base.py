@@ -15,7 +15,7 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -24,6 +24,17 @@ from retrieval.errors import EncoderError
 from retrieval.images import ImageInput
 
 MANIFEST = "encoder.json"
+
+
+class TextQueries(Protocol):
+    """What turns text queries into search rows: any Encoder, or a kind's lighter text-only path."""
+
+    digest: str | None
+
+    @property
+    def dim(self) -> int: ...
+
+    def encode_text_queries(self, texts: Sequence[str], cross_modal: bool) -> np.ndarray: ...
 
 
 class Encoder(ABC):
@@ -72,6 +83,14 @@ class Encoder(ABC):
         that only cross-modal scores subtract it (`retrieval.encoders.querybank`).
         """
         return vectors
+
+    def encode_text_queries(self, texts: Sequence[str], cross_modal: bool) -> np.ndarray:
+        """Captions → the rows to search with: `as_queries` of `encode_texts`.
+
+        `cross_modal`: searching images. A kind may offer a lighter object with this method
+        and `dim` for queries alone (`registry.load_text_queries`).
+        """
+        return self.as_queries(self.encode_texts(list(texts)), cross_modal)
 
     @abstractmethod
     def config(self) -> dict[str, Any]:
@@ -136,19 +155,22 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def verify_weights(directory: Path, manifest: dict[str, Any]) -> None:
+def verify_weights(directory: Path, manifest: dict[str, Any], only: Sequence[str] | None = None) -> None:
     """Check a saved encoder's weight files against encoder.json's record; EncoderError naming the file if not.
 
     The record (`files`: {name: {"bytes", "sha256"}}) lists what `save_weights` wrote;
     other files in the folder are not the encoder's and are left alone. Encoders saved
     before the record existed are not checked: their `digest` covered whatever shared
     the folder at the time, so it cannot tell tampering from a trainer's checkpoint.
+    `only`: check just these files (those a caller reads), not every one recorded.
     """
     listed = manifest.get("files")
     if not isinstance(listed, dict):
         return
     directory = Path(directory)
     for name, record in sorted(listed.items()):
+        if only is not None and name not in only:
+            continue
         path = directory / name
         if not path.is_file():
             raise EncoderError(f"{path} is missing: {MANIFEST} records it as part of this encoder")

@@ -10,7 +10,7 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
-from retrieval.encoders.base import Encoder, read_manifest, verify_weights
+from retrieval.encoders.base import Encoder, TextQueries, read_manifest, verify_weights
 from retrieval.errors import EncoderError
 
 Factory = Callable[[str], Encoder]
@@ -28,6 +28,13 @@ _PROVIDERS: dict[str, str] = {
     "fast": "retrieval.encoders.towers",
     "zeroshot": "retrieval.encoders.zeroshot",
     "openclip": "retrieval.encoders.openclip",
+}
+
+
+# Kinds whose saved models answer text queries without loading the whole encoder: the module
+# whose `load_text_queries(directory)` gives that path (or None where the model needs the encoder).
+_TEXT_QUERIES: dict[str, str] = {
+    "towers": "retrieval.encoders.towers_text",
 }
 
 
@@ -93,3 +100,12 @@ def load_encoder(spec: str | Path) -> Encoder:
     if any(sep in text for sep in ("/", "\\", ".")) and not path.exists():
         raise EncoderError(f"encoder model {text} does not exist")
     raise EncoderError(f"unknown encoder {text!r}; known kinds: {', '.join(known_kinds())}")
+
+
+def load_text_queries(directory: str | Path) -> TextQueries | None:
+    """A saved encoder's light path for text queries (no image side, no torch where it can), or None.
+
+    None means: load the whole encoder (`load_encoder`) for text queries too.
+    """
+    module = _TEXT_QUERIES.get(read_manifest(Path(directory))["kind"])
+    return None if module is None else importlib.import_module(module).load_text_queries(Path(directory))

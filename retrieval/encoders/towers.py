@@ -27,29 +27,10 @@ from retrieval.encoders import querybank as qb
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import register
 from retrieval.encoders.torch_image import TorchImageEncoder
+from retrieval.encoders.towers_config import DEFAULT_CONFIG, KIND, VERSION, WEIGHTS
 from retrieval.errors import EncoderError
 from retrieval.backbones import efficientnet as effnet
 from retrieval.backbones import sentence
-
-KIND = "towers"
-WEIGHTS = "heads.pt"
-
-DEFAULT_CONFIG: dict[str, Any] = {
-    "text_model": sentence.DEFAULT_TEXT_MODEL,
-    "image_backbones": ["lite0"],
-    "image_top": 0,
-    "text_top": 0,
-    "head": "linear",
-    "embed_dim": 256,
-    "hidden": 1024,
-    "dropout": 0.1,
-    "image_in": effnet.FEATURE_DIM,
-    "text_in": 384,
-    "init_logit_scale": float(np.log(1 / 0.07)),
-    "hubness_tau": None,  # set when the model carries a query bank (querybank.pt)
-    "zeroshot_weight": 0.0,  # w > 0: append zero-shot coordinates (see _zeroshot_prompts), scores (1 − w)·towers + w·zero-shot
-}
-
 
 def parse_spec(spec: str) -> dict[str, Any]:
     """`towers` or `towers:TEXT_MODEL_DIR` → the config overrides it names."""
@@ -144,7 +125,7 @@ class TowersEncoder(TorchImageEncoder):
     """Frozen EfficientNet-Lite + sentence-transformers towers with trained heads."""
 
     kind = KIND
-    version = 1
+    version = VERSION
 
     def __init__(self, cfg: dict[str, Any] | None = None, heads: TowerHeads | None = None, spec: str | None = None,
                  device: torch.device | None = None) -> None:
@@ -283,6 +264,14 @@ class TowersEncoder(TorchImageEncoder):
         if config.get("hubness_tau"):
             enc.set_querybank(qb.QueryBank.load(Path(directory)))
         return enc
+
+
+def text_state(path: Path) -> dict[str, np.ndarray]:
+    """The text side of a heads.pt (top layers, head, MPNet's bias-table copy) as float32 numpy arrays."""
+    from retrieval.encoders.towers_text import TEXT_PARTS
+
+    state = upgrade_state(torch.load(path, map_location="cpu", weights_only=True))
+    return {k: v.float().numpy() for k, v in state.items() if k.startswith(TEXT_PARTS)}
 
 
 def upgrade_state(state: dict) -> dict:
