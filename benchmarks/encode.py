@@ -34,7 +34,8 @@ from retrieval.encoders.registry import load_encoder
 
 NAME = "encode"
 DEFAULT_ENCODERS = ("default",)
-# Same architecture and cost as `default`, untrained heads: measured when no other encoder loads.
+# Registry kinds (retrieval.encoders.registry.KINDS). Same architecture and cost as `default`, untrained
+# heads: measured when no other encoder loads.
 FALLBACK = "towers-untrained"
 RANDOM_OPENCLIP = "openclip-random:"
 
@@ -47,19 +48,6 @@ def flickr_sample(n_images: int, n_captions: int, data: Path = FLICKR) -> tuple[
     with open(data / "captions.csv", newline="") as handle:
         captions = [row["caption"] for row in csv.DictReader(handle)]
     return [data / "images" / name for name in names[:n_images]], captions[:n_captions]
-
-
-def make_encoder(spec: str) -> Encoder:
-    """`load_encoder(spec)`, plus `openclip-random:ARCH` for an open_clip model with random weights."""
-    if spec.startswith(RANDOM_OPENCLIP):
-        from retrieval.encoders.openclip import OpenClipEncoder
-
-        return OpenClipEncoder(spec[len(RANDOM_OPENCLIP):], spec=spec)
-    if spec == FALLBACK:
-        from retrieval.encoders.towers import TowersEncoder
-
-        return TowersEncoder(spec=FALLBACK)
-    return load_encoder(spec)
 
 
 def bare_model(encoder: Encoder) -> tuple[Callable, Callable] | None:
@@ -168,7 +156,7 @@ def run(
         if spec == FALLBACK and (result["encoders"] or FALLBACK in specs[:-1]):
             continue
         try:
-            encoder = make_encoder(spec)
+            encoder = load_encoder(spec)
         except Exception as exc:  # not available here: say why and go on
             result["skipped"][spec] = f"{type(exc).__name__}: {exc}"
             log(f"skipping {spec}: {exc}")

@@ -35,7 +35,8 @@ def _env(args) -> dict[str, Any]:
 
 def _encode(spec: str, n: int, repeats: int) -> Callable:
     def stage(args) -> dict[str, Any]:
-        from benchmarks.encode import bench_encoder, flickr_sample, make_encoder
+        from benchmarks.encode import bench_encoder, flickr_sample
+        from retrieval.encoders.registry import load_encoder
 
         paths, captions = flickr_sample(n, 2000, args.data)
         if spec == "towers":
@@ -43,7 +44,7 @@ def _encode(spec: str, n: int, repeats: int) -> Callable:
 
             encoder = TowersEncoder({"text_model": args.text_model, "image_top": 1, "text_top": 1, "embed_dim": 1024})
         else:
-            encoder = make_encoder(spec)
+            encoder = load_encoder(spec)
         return bench_encoder(encoder, paths, captions, 256, repeats)
 
     return stage

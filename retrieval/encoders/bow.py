@@ -23,7 +23,6 @@ from PIL import Image
 from retrieval.cooccurrence import fit_theta
 from retrieval.datasets import Record
 from retrieval.encoders.base import Encoder
-from retrieval.encoders.registry import register
 from retrieval.errors import BadImageError, EncoderError
 from retrieval.images import ImageInput, batched, decode_many, load_rgb
 from retrieval.progress import track
@@ -158,6 +157,3 @@ def fit_bow(records: Sequence[Record], config: BowConfig, progress: bool = False
     theta = fit_theta(image_words[owner], caption_words, config.theta, config.alpha, config.positive)
     return BowEncoder(config, vocabulary, theta, colours), problems
 
-
-register("bow-pmi", BowEncoder)
-register("bow-ratio", BowEncoder)

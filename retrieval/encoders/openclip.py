@@ -23,7 +23,6 @@ from indexer.files import atomic_path, write_atomic
 from retrieval import runtime
 from retrieval.cache import cache_dir
 from retrieval.encoders.base import Encoder, l2_normalize
-from retrieval.encoders.registry import register
 from retrieval.encoders.torch_image import TorchImageEncoder
 from retrieval.errors import EncoderError
 
@@ -240,9 +239,14 @@ class OpenClipEncoder(TorchImageEncoder):
                    spec=str(Path(directory).resolve()), provenance=provenance)
 
 
-def _factory(args: str) -> Encoder:
+def from_spec(args: str) -> Encoder:
+    """`openclip:ARCH/TAG` or `openclip:ARCH/CHECKPOINT_FILE`."""
     arch, tag, path = parse_spec(args)
     return OpenClipEncoder(arch, pretrained=tag, checkpoint=path)
 
 
-register(KIND, OpenClipEncoder, _factory)
+def random_weights(args: str) -> Encoder:
+    """`openclip-random:ARCH`: the architecture with random weights (speed on any machine, no download)."""
+    if not args:
+        raise EncoderError("name an open_clip architecture: openclip-random:ViT-B-32")
+    return OpenClipEncoder(args, spec=f"openclip-random:{args}")

@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from retrieval import runtime
 from retrieval.encoders import querybank as qb
 from retrieval.encoders.base import Encoder
-from retrieval.encoders.registry import register
 from retrieval.encoders.torch_image import TorchImageEncoder
 from retrieval.encoders.towers_config import DEFAULT_CONFIG, KIND, VERSION, WEIGHTS
 from retrieval.errors import EncoderError
@@ -298,18 +297,10 @@ def load_heads_state(heads: torch.nn.Module, state: dict, where: str) -> None:
     heads.load_state_dict(state)
 
 
-register(KIND, TowersEncoder)
-
 
 # The shipped models, as package data: the towers model trained on Flickr8k (EfficientNet-Lite0 with its
 # top 4 blocks trained, MiniLM with its top layer trained) and its query bank (querybank.pt).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "towers-flickr8k"
-
-
-class DefaultEncoder(TowersEncoder):
-    """`default` / `fast`: the shipped towers-flickr8k checkpoint (saved directories record kind towers)."""
-
-    kind = "default"
 
 
 def _shipped(name: str, full: bool) -> Encoder:
@@ -327,19 +318,20 @@ def _shipped(name: str, full: bool) -> Encoder:
     return enc
 
 
-def _default_factory(args: str) -> Encoder:
+def shipped_default(args: str) -> Encoder:
     """`default`: the shipped model with what its manifest adds: zero-shot coordinates, hubness correction."""
     if args:
         raise EncoderError("the default encoder takes no arguments; use `default`")
     return _shipped("default", full=True)
 
 
-def _fast_factory(args: str) -> Encoder:
+def shipped_fast(args: str) -> Encoder:
     """`fast`: the same shipped heads alone (1,024-d unit vectors), as shipped before hubness correction."""
     if args:
         raise EncoderError("the fast encoder takes no arguments; use `fast`")
     return _shipped("fast", full=False)
 
 
-register("default", DefaultEncoder, _default_factory)
-register("fast", DefaultEncoder, _fast_factory)
+def untrained(args: str) -> Encoder:
+    """`towers-untrained[:TEXT_MODEL]`: the towers architecture with fresh heads, for speed measurements."""
+    return TowersEncoder({"text_model": args} if args else None, spec=f"towers-untrained{':' + args if args else ''}")

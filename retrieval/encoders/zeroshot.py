@@ -17,7 +17,6 @@ from indexer.files import atomic_path
 from retrieval import runtime
 from retrieval.cache import cache_dir
 from retrieval.encoders.base import Encoder, l2_normalize
-from retrieval.encoders.registry import register
 from retrieval.encoders.torch_image import TorchImageEncoder
 from retrieval.errors import EncoderError
 from retrieval.backbones import efficientnet as effnet
@@ -92,10 +91,9 @@ class ZeroShotEncoder(TorchImageEncoder):
         return cls(config.get("top_k", 0), config.get("temperature", 1.0))
 
 
-def _factory(args: str) -> Encoder:
+def from_spec(args: str) -> Encoder:
+    """`zeroshot`: takes no arguments."""
     if args:
         raise EncoderError("the zeroshot encoder takes no arguments; use `zeroshot`")
     return ZeroShotEncoder()
 
-
-register(KIND, ZeroShotEncoder, _factory)
