@@ -39,11 +39,36 @@ def quiet_libraries() -> None:
 
 quiet_libraries()
 
+# seesay's own loggers: every library module logs through logging.getLogger(__name__).
+SEESAY_LOGGERS = ("retrieval", "indexer", "benchmarks", "cli", "seesay")
+
+
+def install_log_handler(level: int = logging.INFO) -> None:
+    """Show seesay's log records at `level` and above on stderr through rich (stdout stays the command's own, --json)."""
+    from rich.logging import RichHandler
+
+    from cli.common import err
+
+    handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
+    for name in SEESAY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, RichHandler)] + [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+
+
 app = typer.Typer(
     help="seesay: index images and captions, search both ways, train and benchmark encoders.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log what loads and which caches fill (on stderr).")) -> None:
+    """seesay: index images and captions, search both ways, train and benchmark encoders."""
+    install_log_handler(logging.DEBUG if verbose else logging.INFO)
+
 app.command()(train)
 app.command()(index)
 app.command()(search)

@@ -13,6 +13,7 @@ or installing a model pays for torch once.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -29,6 +30,7 @@ from retrieval.errors import EncoderError
 # The parts of heads.pt a text query uses: the unfrozen top layers, the text head, MPNet's bias-table copy.
 TEXT_PARTS = ("text_top.", "text_head.", "text_bias.")
 BATCH = 256
+log = logging.getLogger(__name__)
 
 
 def text_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -45,9 +47,13 @@ def text_weights(directory: Path, manifest: dict[str, Any]) -> dict[str, np.ndar
         return load_file(str(cached))
     from retrieval.encoders.towers import text_state
 
+    log.debug("converting the text heads of %s for torch-free queries, once: %s", directory, cached)
     state = text_state(directory / WEIGHTS)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cached, save(state))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cached, save(state))
+    except OSError as exc:  # a read-only cache: this query still runs, the next converts again
+        log.debug("cannot cache the text heads in %s: %s", cached, exc)
     return state
 
 
