@@ -89,7 +89,7 @@ class TowersTextQueries:
 
         texts = [str(t) for t in texts]
         # One BLAS thread: a query's matrices are small, and BLAS worker threads spin while they wait,
-        # which on a busy machine cost 5× the CPU time (16 queries: 7.2 s CPU with threads, 1.3 s without).
+        # which on a busy machine cost 5× the CPU time (loading MiniLM and 17 queries: 7.2 s CPU with threads, 1.3 s with one).
         with threadpool_limits(limits=1, user_api="blas"):
             vectors = np.concatenate([self._vectors(texts[s : s + BATCH]) for s in range(0, len(texts), BATCH)])
         if self.hubness:
