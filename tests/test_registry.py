@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from retrieval.encoders.base import Encoder
-from retrieval.encoders.registry import KINDS, known_kinds, load_encoder
+from retrieval.encoders.base import read_manifest
+from retrieval.encoders.registry import ALIASES, KINDS, SHIPPED_MODELS, known_kinds, load_encoder
 from retrieval.errors import EncoderError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,10 +78,20 @@ def test_every_row_of_the_table_names_what_its_module_holds(kind):
     assert issubclass(getattr(module, entry.cls), Encoder)
     if entry.factory:
         assert callable(attrgetter(entry.factory)(module))
+    if entry.shipped:
+        assert callable(attrgetter(entry.shipped)(module))
     if entry.text_queries:
         name, _, attr = entry.text_queries.partition(":")
         assert callable(getattr(importlib.import_module(name), attr))
     assert entry.summary
+
+
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_every_alias_names_a_shipped_folder_of_a_kind_that_ships(name):
+    manifest = read_manifest(SHIPPED_MODELS / ALIASES[name].folder)
+    assert KINDS[manifest["kind"]].shipped
+    with pytest.raises(EncoderError, match=f"the {name} encoder takes no arguments"):
+        load_encoder(f"{name}:x")
 
 
 def test_a_kind_to_train_first_and_an_unknown_kind_are_clear_errors():

@@ -6,6 +6,8 @@ bag-of-words run never pays for torch), its class there (what reloads a saved mo
 kind), its factory (what builds one from a spec's ARGS; none for kinds that must be trained
 first) and, where it has one, a lighter path for text queries. Adding an encoder is one
 module and one row here. A saved directory records its kind and reloads through that row.
+`ALIASES` names the shipped model folders (`default`, `fast`): pointing an alias at another
+folder is one line.
 
 Other packages add kinds through the `seesay.encoders` entry-point group: the entry's name is
 the kind, its value `package.module:Class` names an Encoder subclass, whose classmethod
@@ -37,15 +39,12 @@ class Kind:
     summary: str
     factory: Optional[str] = None  # ARGS → Encoder; None: the kind must be trained first
     text_queries: Optional[str] = None  # (directory) → TextQueries or None: text queries without the whole encoder
+    shipped: Optional[str] = None  # (alias, directory, manifest, extras) → Encoder: a shipped folder under an alias
 
 
 KINDS: dict[str, Kind] = {
-    "default": Kind("retrieval.encoders.towers", "TowersEncoder", factory="shipped_default",
-                    summary="the shipped model folder (retrieval/models/towers-flickr8k) with its query bank"),
-    "fast": Kind("retrieval.encoders.towers", "TowersEncoder", factory="shipped_fast",
-                 summary="the shipped model's heads alone, without hubness correction"),
     "towers": Kind("retrieval.encoders.towers", "TowersEncoder", text_queries="retrieval.encoders.towers_text:load_text_queries",
-                   summary="frozen EfficientNet-Lite and sentence-transformers towers with trained heads (train first)"),
+                   shipped="shipped", summary="frozen EfficientNet-Lite and sentence-transformers towers with trained heads (train first)"),
     "towers-untrained": Kind("retrieval.encoders.towers", "TowersEncoder", factory="untrained",
                              summary="the towers architecture with untrained heads: speed benchmarks, not search"),
     "zeroshot": Kind("retrieval.encoders.zeroshot", "ZeroShotEncoder", factory="from_spec",
@@ -56,6 +55,24 @@ KINDS: dict[str, Kind] = {
                             summary="an open_clip architecture with random weights: speed benchmarks on any machine"),
     "bow-pmi": Kind("retrieval.encoders.bow", "BowEncoder", summary="bag of words, PMI co-occurrence θ (train first)"),
     "bow-ratio": Kind("retrieval.encoders.bow", "BowEncoder", summary="bag of words, ratio co-occurrence θ (train first)"),
+}
+
+# The models shipped as package data, one folder each.
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A spec that names a shipped model folder (`SHIPPED_MODELS`/folder)."""
+
+    folder: str
+    extras: bool  # with what its manifest adds (query bank, zero-shot coordinates); False: its heads alone
+    summary: str
+
+
+ALIASES: dict[str, Alias] = {
+    "default": Alias("towers-flickr8k", True, "the shipped model, with its query bank (hubness correction)"),
+    "fast": Alias("towers-flickr8k", False, "the shipped model's heads alone, without hubness correction"),
 }
 
 # Resolved kinds: (class, factory), filled from KINDS, entry points and `register`.
@@ -97,8 +114,8 @@ def _resolve(kind: str) -> tuple[type[Encoder], Optional[Factory]] | None:
 
 
 def known_kinds() -> list[str]:
-    """All kinds that can be named in a spec: built in, registered, and from entry points."""
-    return sorted(set(KINDS) | set(_RESOLVED) | set(_entry_points()))
+    """All kinds that can be named in a spec: aliases, built in, registered, and from entry points."""
+    return sorted(set(ALIASES) | set(KINDS) | set(_RESOLVED) | set(_entry_points()))
 
 
 def load_encoder(spec: str | Path) -> Encoder:
@@ -108,6 +125,10 @@ def load_encoder(spec: str | Path) -> Encoder:
         return _load_saved(path)
     text = str(spec)
     kind, _, args = text.partition(":")
+    if kind in ALIASES:
+        if args:
+            raise EncoderError(f"the {kind} encoder takes no arguments; use `{kind}`")
+        return _load_alias(kind, ALIASES[kind])
     resolved = _resolve(kind)
     if resolved is not None:
         cls, factory = resolved
@@ -120,6 +141,20 @@ def load_encoder(spec: str | Path) -> Encoder:
     if any(sep in text for sep in ("/", "\\", ".")) and not path.exists():
         raise EncoderError(f"encoder model {text} does not exist")
     raise EncoderError(f"unknown encoder {text!r}; known kinds: {', '.join(known_kinds())}")
+
+
+def _load_alias(name: str, alias: Alias) -> Encoder:
+    """The shipped model that `name` stands for, its weights verified, through its kind's `shipped` loader."""
+    directory = SHIPPED_MODELS / alias.folder
+    try:
+        manifest = read_manifest(directory)
+    except EncoderError as exc:
+        raise EncoderError(f"the shipped model `{name}` is missing from {directory}; reinstall seesay") from exc
+    entry = KINDS.get(manifest["kind"])
+    if entry is None or entry.shipped is None:
+        raise EncoderError(f"{directory}: a model of kind {manifest['kind']!r} cannot be shipped under an alias")
+    verify_weights(directory, manifest)
+    return attrgetter(entry.shipped)(importlib.import_module(entry.module))(name, directory, manifest, alias.extras)
 
 
 def _load_saved(path: Path) -> Encoder:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from retrieval import runtime
 from retrieval.encoders import querybank as qb
 from retrieval.encoders.base import Encoder
+from retrieval.encoders.registry import ALIASES, SHIPPED_MODELS
 from retrieval.encoders.torch_image import TorchImageEncoder
 from retrieval.encoders.towers_config import DEFAULT_CONFIG, KIND, VERSION, WEIGHTS
 from retrieval.errors import EncoderError
@@ -298,38 +299,19 @@ def load_heads_state(heads: torch.nn.Module, state: dict, where: str) -> None:
 
 
 
-# The shipped models, as package data: the towers model trained on Flickr8k (EfficientNet-Lite0 with its
-# top 4 blocks trained, MiniLM with its top layer trained) and its query bank (querybank.pt).
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "towers-flickr8k"
+# The folder `default` names (registry.ALIASES).
+DEFAULT_MODEL_DIR = SHIPPED_MODELS / ALIASES["default"].folder
 
 
-def _shipped(name: str, full: bool) -> Encoder:
-    from retrieval.encoders.base import read_manifest, verify_weights
-
-    if not (DEFAULT_MODEL_DIR / WEIGHTS).is_file():
-        raise EncoderError(f"the shipped model is missing from {DEFAULT_MODEL_DIR}; reinstall seesay")
-    manifest = read_manifest(DEFAULT_MODEL_DIR)
-    verify_weights(DEFAULT_MODEL_DIR, manifest)
+def shipped(name: str, directory: Path, manifest: dict[str, Any], extras: bool) -> Encoder:
+    """The shipped towers model in `directory` under the alias `name` (registry.ALIASES); without
+    `extras`, its heads alone: no query bank, no zero-shot coordinates."""
     cfg = manifest.get("config", {})
-    if not full:
+    if not extras:
         cfg = {**cfg, "hubness_tau": None, "zeroshot_weight": 0.0}
-    enc = TowersEncoder.from_saved(DEFAULT_MODEL_DIR, cfg)
+    enc = TowersEncoder.from_saved(directory, cfg)
     enc._spec = name
     return enc
-
-
-def shipped_default(args: str) -> Encoder:
-    """`default`: the shipped model with what its manifest adds: zero-shot coordinates, hubness correction."""
-    if args:
-        raise EncoderError("the default encoder takes no arguments; use `default`")
-    return _shipped("default", full=True)
-
-
-def shipped_fast(args: str) -> Encoder:
-    """`fast`: the same shipped heads alone (1,024-d unit vectors), as shipped before hubness correction."""
-    if args:
-        raise EncoderError("the fast encoder takes no arguments; use `fast`")
-    return _shipped("fast", full=False)
 
 
 def untrained(args: str) -> Encoder:
