@@ -121,7 +121,16 @@ def run(
                 "per_commit_seconds": [round(c["seconds"], 4) for c in calls],
                 "per_commit_bytes": [c["bytes"] for c in calls],
             }
-            result["add"]["last_over_first"] = result["add"]["last_rate_items_s"] / result["add"]["first_rate_items_s"]
+            add = result["add"]
+            add["last_over_first"] = add["last_rate_items_s"] / add["first_rate_items_s"]
+            log(
+                f"written / vectors {add['written_over_vectors']:.2f}; add rate last/first {add['last_over_first']:.2f} "
+                f"({add['last_rate_items_s']:,.0f} / {add['first_rate_items_s']:,.0f} items/s); merges ran {drain_s:.1f} s past the last add"
+            )
+            if not queries:  # the comparison loads every vector (about 2n·dim·4 bytes at its peak): skippable
+                result["search"] = {"skipped": "--queries 0"}
+                index.close()
+                return {**result, "postgresql": postgres_rates(pg_rows, commit, dim, log)}
             q = unit_chunk(-1 % 2**32, queries, dim)
             log(f"searching {queries:,} queries over {result['add']['segments']} segments")
             began = time.perf_counter()
