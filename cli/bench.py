@@ -227,7 +227,10 @@ def storage_cmd(
     if "skipped" not in search:
         table.add_row(f"identical top-{search['k']} rows, segmented vs merged", f"{search['identical_rows']} / {search['queries']}", "all")
         table.add_row("search s, segmented / merged", f"{search['segmented_s']:.2f} / {search['merged_s']:.2f}", "")
-    table.add_row("PostgreSQL add (rows/s)", f"{pg['rows_per_s']:,.0f}" if "rows_per_s" in pg else f"skipped: {pg['skipped']}", "≥ 20,000")
+    if "skipped" in pg:
+        table.add_row("PostgreSQL add (rows/s)", f"skipped: {pg['skipped']}", "≥ 20,000")
+    else:
+        table.add_row(f"PostgreSQL add (rows/s), {dim}-d vectors / 4-d", f"{pg['rows_per_s']:,.0f} / {pg['rows_only_per_s']:,.0f}", "≥ 20,000")
     _finish(result, storage.NAME, out_dir, as_json, storage.plot, table)
 
 

@@ -129,5 +129,18 @@ def test_bench_storage_tiny(tmp_path: Path) -> None:
     assert add["vector_bytes"] == 6000 * 32 * 4 and add["bytes_written"] >= add["vector_bytes"]
     assert add["written_over_vectors"] == add["bytes_written"] / add["vector_bytes"] and add["last_over_first"] > 0
     assert search["identical"] and search["identical_rows"] == 50
-    assert "rows_per_s" in r["postgresql"] or "skipped" in r["postgresql"]
+    pg = r["postgresql"]
+    assert ("rows_per_s" in pg and pg["rows_only_per_s"] > 0) or "skipped" in pg
     assert not list(tmp_path.glob("seesay-storage-*"))  # the temporary index is gone
+
+
+@pytest.mark.slow  # two fresh processes import FAISS: over a minute on a loaded machine
+def test_bench_ondisk_tiny(tmp_path: Path) -> None:
+    from benchmarks import ondisk
+
+    r = ondisk.run(n=3000, dim=32, factory="IVF16,SQ8", first=1024, commit=500, queries=30, truth=30, nprobe=4, directory=tmp_path, log=lambda _: None)
+    assert r["identical_ids"] and r["recall_at_10"]["ram"] == r["recall_at_10"]["mmap"] > 0.3
+    assert r["part_bytes"] > 3000 * 32  # one part holds every SQ8 code
+    for mode in ("ram", "mmap"):
+        assert set(r[mode]["searched"]) == {"VmRSS", "RssAnon", "RssFile"} and r[mode]["searched"]["VmRSS"] > 0
+    assert not list(tmp_path.glob("seesay-ondisk-*"))
