@@ -192,12 +192,21 @@ def load_segment(directory: Path, name: str, row: SegmentRow, factory: str, dim:
 
 
 def read_template(directory: Path, name: str, rows: Sequence[SegmentRow]) -> faiss.Index | None:
-    """An empty trained index of this kind (read from its smallest part), or None if none has a part."""
+    """An empty trained index of this kind (read from its smallest part, without reading an IVF
+    part's lists: after `compact` the only part may hold millions), or None if none has a part."""
     with_parts = [row for row in rows if row.part]
     if not with_parts:
         return None
     smallest = min(with_parts, key=lambda row: row.rows)
-    template = faiss.read_index(str(segment_paths(directory, name, smallest.id)[2]))
+    path = str(segment_paths(directory, name, smallest.id)[2])
+    template = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
+    if is_ivf(template):  # its lists stay unread (mapped): empty ones take their place
+        ivf = faiss.extract_index_ivf(template)
+        empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        ivf.replace_invlists(empty, True)
+        empty.this.disown()  # the index owns it now
+    else:
+        template = faiss.read_index(path)
     template.reset()
     return template
 
