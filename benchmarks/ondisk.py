@@ -172,13 +172,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--factory", default="IVF1024,SQ8")
+    parser.add_argument("--first", type=int, default=65_536, help="vectors of the first commit, which trains the index")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--truth", type=int, default=200)
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args()
-    result = run(n=args.n, factory=args.factory, queries=args.queries, truth=args.truth, nprobe=args.nprobe, directory=args.dir)
+    result = run(n=args.n, factory=args.factory, first=args.first, queries=args.queries, truth=args.truth, nprobe=args.nprobe, directory=args.dir)
     mib = 2**20
     print(f"{result['n']:,} × {result['dim']} in {result['factory']}, nprobe {result['nprobe']}, {result['queries']} queries; "
           f"part file {result['part_bytes'] / mib:,.0f} MiB")

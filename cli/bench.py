@@ -221,6 +221,7 @@ def storage_cmd(
     table.add_column("target", justify="right")
     table.add_row("bytes written / vectors' bytes", f"{add['written_over_vectors']:.2f}", "≤ 3")
     table.add_row(f"add rate, last {result['rate_window']:,} / first", f"{add['last_over_first']:.2f}", "≥ 0.7")
+    table.add_row("the same per CPU second of the adding thread", f"{add['cpu_last_over_first']:.2f}", "")
     table.add_row("add rate first / last (items/s)", f"{add['first_rate_items_s']:,.0f} / {add['last_rate_items_s']:,.0f}", "")
     table.add_row("segments after the adds", str(add["segments"]), "")
     table.add_row("background merges still running after the last add (s)", f"{add['final_merges_s']:.1f}", "")
