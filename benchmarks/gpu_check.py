@@ -53,7 +53,8 @@ def _encode(spec: str, n: int, repeats: int) -> Callable:
 def _train(args) -> dict[str, Any]:
     from retrieval.datasets import load_dataset
     from retrieval.encoders.registry import load_encoder
-    from retrieval.training.trainer import LOG, train_encoder
+    from retrieval.training.curves import LOG
+    from retrieval.training.trainer import train_encoder
 
     captions = args.data / "captions.csv"
     tr = load_dataset(captions, split_file=args.data / "splits" / "train300.txt")

@@ -7,7 +7,13 @@ from typing import Optional
 import typer
 
 from cli.common import AllowOutsideOpt, DataOpt, ImagesOpt, JsonOpt, SplitFileOpt, SplitOpt, err, print_json, read_data, report_problems
+from retrieval.datasets import Dataset
 from retrieval.encoders.bow import KIND_TO_THETA, BowConfig, fit_bow
+from retrieval.training.config import FinetuneConfig, TrainConfig
+
+
+TOWERS = TrainConfig()  # the shipped recipe: every towers option's default
+OPENCLIP = FinetuneConfig()
 
 
 def train(
@@ -25,24 +31,28 @@ def train(
     alpha: float = typer.Option(BowConfig.alpha, help="bow-pmi: add-alpha smoothing of co-occurrence counts."),
     val_split: Optional[str] = typer.Option(None, "--val-split", help="towers: validation split name (Karpathy JSON)."),
     val_split_file: Optional[Path] = typer.Option(None, "--val-split-file", help="towers: file listing the validation images."),
-    epochs: int = typer.Option(15, help="towers: maximum epochs."),
-    batch_size: int = typer.Option(256, help="towers: pairs per batch (one caption per image)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: towers 1e-3 for the heads, openclip 1e-5 for the projections)."),
-    loss: str = typer.Option("infonce", help="towers: infonce (symmetric, learnable temperature) or vse (max-violation hinge)."),
-    head: str = typer.Option("linear", help="towers: projection head, linear or mlp."),
-    embed_dim: int = typer.Option(1024, help="towers: dimension of the shared space."),
-    image_top: int = typer.Option(4, help="towers, openclip: unfreeze the top N image blocks (towers: at most 4 reuse cached features; openclip: -1 all)."),
-    text_top: int = typer.Option(1, help="towers, openclip: unfreeze the top N text layers (0: heads only; openclip: -1 all)."),
-    flip: bool = typer.Option(True, help="towers: also train on mirrored images (doubles the one-off feature caching)."),
-    flip_maps: bool = typer.Option(False, help="towers: mirror the cached feature maps instead of encoding mirrored images (no extra caching)."),
-    image_backbones: str = typer.Option("lite0", help="towers: EfficientNet-Lite backbones, comma-separated (lite0, lite1, lite2), features concatenated."),
-    max_captions: Optional[int] = typer.Option(None, help="towers: train on at most this many captions per image (the first ones)."),
-    hubness_tau: Optional[float] = typer.Option(None, help="towers: attach querybank hubness correction with this temperature (e.g. 0.1)."),
-    patience: int = typer.Option(4, help="towers: stop after this many epochs without a validation gain."),
+    epochs: int = typer.Option(TOWERS.epochs, help="towers: maximum epochs."),
+    batch_size: int = typer.Option(TOWERS.batch_size, help="towers: pairs per batch (one caption per image)."),
+    lr: Optional[float] = typer.Option(
+        None, help=f"Peak learning rate (default: towers {TOWERS.lr:g} for the heads, openclip {OPENCLIP.lr:g} for the projections)."),
+    loss: str = typer.Option(TOWERS.loss, help="towers: infonce (symmetric, learnable temperature) or vse (max-violation hinge)."),
+    head: str = typer.Option(TOWERS.head, help="towers: projection head, linear or mlp."),
+    embed_dim: int = typer.Option(TOWERS.embed_dim, help="towers: dimension of the shared space."),
+    image_top: int = typer.Option(
+        TOWERS.image_top, help="towers, openclip: unfreeze the top N image blocks (towers: at most 4 reuse cached features; openclip: -1 all)."),
+    text_top: int = typer.Option(TOWERS.text_top, help="towers, openclip: unfreeze the top N text layers (0: heads only; openclip: -1 all)."),
+    flip: bool = typer.Option(bool(TOWERS.flip), help="towers: also train on mirrored images (doubles the one-off feature caching)."),
+    flip_maps: bool = typer.Option(
+        TOWERS.flip == "maps", help="towers: mirror the cached feature maps instead of encoding mirrored images (no extra caching)."),
+    image_backbones: str = typer.Option(
+        TOWERS.image_backbones, help="towers: EfficientNet-Lite backbones, comma-separated (lite0, lite1, lite2), features concatenated."),
+    max_captions: Optional[int] = typer.Option(TOWERS.max_captions, help="towers: train on at most this many captions per image (the first ones)."),
+    hubness_tau: Optional[float] = typer.Option(TOWERS.hubness_tau, help="towers: attach querybank hubness correction with this temperature (0: none)."),
+    patience: int = typer.Option(TOWERS.patience, help="towers: stop after this many epochs without a validation gain."),
     resume: bool = typer.Option(False, help="towers: continue from --out's last checkpoint."),
-    lock_image: bool = typer.Option(False, help="openclip: freeze the whole image tower, train the text side only (LiT)."),
-    layer_decay: float = typer.Option(0.75, help="openclip: the k-th unfrozen block from the top trains at lr × this^k."),
-    seed: int = typer.Option(0, help="Random seed."),
+    lock_image: bool = typer.Option(OPENCLIP.lock_image, help="openclip: freeze the whole image tower, train the text side only (LiT)."),
+    layer_decay: float = typer.Option(OPENCLIP.layer_decay, help="openclip: the k-th unfrozen block from the top trains at lr × this^k."),
+    seed: int = typer.Option(TOWERS.seed, help="Random seed."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Fit an encoder on training pairs and save it to --out."""
@@ -51,37 +61,36 @@ def train(
     if val_split or val_split_file:
         val = read_data(data, images, val_split, val_split_file, quiet=as_json, allow_outside_images=allow_outside_images)
     log = (lambda _m: None) if as_json else (lambda m: err.print(m, markup=False, highlight=False))
+    shared = dict(epochs=epochs, batch_size=batch_size, loss=loss, seed=seed, image_top=image_top, text_top=text_top,
+                  patience=patience, **({} if lr is None else {"lr": lr}))
     if encoder.partition(":")[0] == "openclip" or (Path(encoder) / "encoder.json").is_file():
-        from retrieval.training.openclip_finetune import FinetuneConfig, finetune_openclip
+        from retrieval.training.openclip_finetune import finetune_openclip
 
-        config = FinetuneConfig(
-            epochs=epochs, batch_size=batch_size, loss=loss, seed=seed, image_top=image_top, text_top=text_top, flip=flip,
-            patience=patience, lock_image=lock_image, layer_decay=layer_decay, **({} if lr is None else {"lr": lr}),
-        )
-        path = finetune_openclip(encoder, dataset, val, out, config, resume=resume, log=log)
-        if as_json:
-            print_json({"encoder": encoder, "out": str(path)})
-        return
-    if encoder.partition(":")[0] == "towers":
+        config = FinetuneConfig(**shared, flip=flip, lock_image=lock_image, layer_decay=layer_decay)
+        _saved(encoder, finetune_openclip(encoder, dataset, val, out, config, resume=resume, log=log), as_json)
+    elif encoder.partition(":")[0] == "towers":
         from retrieval.training import train_encoder
 
-        path = train_encoder(
-            encoder, dataset, val, out, epochs=epochs, batch_size=batch_size, loss=loss, resume=resume, seed=seed,
-            **({} if lr is None else {"lr": lr}),
-            head=head, embed_dim=embed_dim, image_top=image_top, text_top=text_top, patience=patience, log=log,
-            flip="maps" if flip and flip_maps else flip, image_backbones=image_backbones, max_captions=max_captions,
-            hubness_tau=hubness_tau,
-        )
-        if as_json:
-            print_json({"encoder": encoder, "out": str(path)})
-        return
-    if encoder not in KIND_TO_THETA:
+        config = TrainConfig(**shared, head=head, embed_dim=embed_dim, flip="maps" if flip and flip_maps else flip,
+                             image_backbones=image_backbones, max_captions=max_captions, hubness_tau=hubness_tau)
+        _saved(encoder, train_encoder(encoder, dataset, val, out, config, resume=resume, log=log), as_json)
+    elif encoder in KIND_TO_THETA:
+        bow = BowConfig(theta=KIND_TO_THETA[encoder], colours=colours, objects=objects, colour_weight=colour_weight,
+                        min_count=min_count, alpha=alpha)
+        _fit_bow(encoder, dataset, bow, out, as_json)
+    else:
         raise typer.BadParameter(
             f"unknown trainable encoder {encoder!r}; choose from {', '.join(KIND_TO_THETA)}, towers, openclip:…", param_hint="--encoder"
         )
-    config = BowConfig(
-        theta=KIND_TO_THETA[encoder], colours=colours, objects=objects, colour_weight=colour_weight, min_count=min_count, alpha=alpha
-    )
+
+
+def _saved(encoder: str, path: Path, as_json: bool) -> None:
+    if as_json:
+        print_json({"encoder": encoder, "out": str(path)})
+
+
+def _fit_bow(encoder: str, dataset: Dataset, config: BowConfig, out: Path, as_json: bool) -> None:
+    """Fit a bag-of-words baseline, save it, report what it holds."""
     model, problems = fit_bow(dataset.records, config, progress=not as_json)
     model.save(out)
     report_problems(problems, "skipped training images")

@@ -166,14 +166,14 @@ def test_bad_images_are_skipped_and_other_settings_or_encoders_refused(tiny, tmp
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_epoch(tiny, tmp_path, monkeypatch):
-    from retrieval.training import openclip_finetune
+    from retrieval.training import losses
 
     spec, _, train, dev, cache = tiny
     out = tmp_path / "m"
     config = FinetuneConfig(epochs=1, image_top=1, text_top=1, **QUICK)
     finetune_openclip(spec, train, dev, out, config, cache_dir=cache, log=lambda m: None)
     good = (out / "open_clip.pt").read_bytes()
-    monkeypatch.setattr(openclip_finetune, "infonce", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(losses, "infonce", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(TrainingError, match="nan.*last good checkpoint"):
         finetune_openclip(spec, train, dev, out, FinetuneConfig(**{**config.__dict__, "epochs": 3}), resume=True,
                           cache_dir=cache, log=lambda m: None)

@@ -93,7 +93,7 @@ def test_warmup_cosine():
 
 
 def test_one_caption_per_image_per_batch():
-    from retrieval.training.trainer import epoch_batches
+    from retrieval.training.data import epoch_batches
 
     counts = np.array([5, 5, 3, 1] * 10)
     batches = epoch_batches(40, counts, 16, seed=0, epoch=0, n_views=2)
@@ -131,7 +131,9 @@ def test_training_improves_recall_and_resumes(shapes, tmp_path):
 
     ds, cache = shapes
     out = tmp_path / "model"
-    kw = dict(batch_size=10, lr=5e-3, embed_dim=64, flip=False, cache_dir=cache, warmup_epochs=0.0, log=lambda m: None)
+    # Heads only, no query bank (TrainConfig's defaults, the shipped recipe, also train tower blocks and add one).
+    kw = dict(batch_size=10, lr=5e-3, embed_dim=64, image_top=0, text_top=0, flip=False, hubness_tau=None, cache_dir=cache,
+              warmup_epochs=0.0, log=lambda m: None)
     train_encoder("towers", ds, ds, out, epochs=1, **kw)
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 1
     train_encoder("towers", ds, ds, out, epochs=3, resume=True, **kw)
@@ -155,21 +157,21 @@ def test_unreadable_images_are_skipped_and_reported(shapes, tmp_path):
     broken.write_bytes(b"not a jpeg")
     records = ds.records[:12] + [Record("gone.jpg", tmp_path / "gone.jpg", ["a ghost"]), Record("broken.jpg", broken, ["junk"])]
     out = train_encoder("towers", Dataset(records), None, tmp_path / "m", epochs=1, batch_size=8, embed_dim=32,
-                        flip=False, cache_dir=cache, log=lambda m: None)
+                        image_top=0, text_top=0, flip=False, hubness_tau=None, cache_dir=cache, log=lambda m: None)
     first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert any("gone.jpg" in p for p in first["skipped"]) and any("broken.jpg" in p for p in first["skipped"])
     assert load_encoder(out).dim == 32
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeypatch):
-    from retrieval.training import trainer
+    from retrieval.training import losses, trainer
 
     ds, cache = shapes
     out = tmp_path / "m"
-    kw = dict(batch_size=10, embed_dim=32, flip=False, cache_dir=cache, log=lambda m: None)
+    kw = dict(batch_size=10, embed_dim=32, image_top=0, text_top=0, flip=False, cache_dir=cache, log=lambda m: None)
     trainer.train_encoder("towers", ds, ds, out, epochs=1, **kw)
     good = (out / "heads.pt").read_bytes()
-    monkeypatch.setattr(trainer, "infonce", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(losses, "infonce", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(trainer.TrainingError, match="nan.*last good checkpoint"):
         trainer.train_encoder("towers", ds, ds, out, epochs=3, resume=True, **kw)
     assert (out / "heads.pt").read_bytes() == good
@@ -181,7 +183,7 @@ def test_checkpoint_of_another_architecture_is_refused(shapes, tmp_path):
 
     ds, cache = shapes
     out = tmp_path / "m"
-    kw = dict(batch_size=10, flip=False, cache_dir=cache, log=lambda m: None)
+    kw = dict(batch_size=10, image_top=0, text_top=0, flip=False, cache_dir=cache, log=lambda m: None)
     train_encoder("towers", ds, None, out, epochs=1, embed_dim=32, **kw)
     with pytest.raises(TrainingError, match="embed_dim"):
         train_encoder("towers", ds, None, out, epochs=2, embed_dim=48, resume=True, **kw)
@@ -207,7 +209,8 @@ def test_two_backbones_mirrored_maps_and_a_query_bank(shapes, tmp_path):
     from retrieval.training.trainer import train_encoder
 
     ds, cache = shapes
-    out = train_encoder("towers", ds, ds, tmp_path / "m", epochs=2, batch_size=10, embed_dim=32, image_backbones="lite0,lite2",
+    out = train_encoder("towers", ds, ds, tmp_path / "m", epochs=2, batch_size=10, embed_dim=32, image_top=0, text_top=0,
+                        image_backbones="lite0,lite2",
                         flip="maps", max_captions=2, hubness_tau=0.1, cache_dir=cache, log=lambda m: None)
     enc = load_encoder(out)
     assert enc.cfg["image_backbones"] == ["lite0", "lite2"] and enc.cfg["image_in"] == 2560
@@ -217,3 +220,51 @@ def test_two_backbones_mirrored_maps_and_a_query_bank(shapes, tmp_path):
     result = evaluate(enc, ds.records)
     assert result["without_hubness"]["i2t"]["R@1"] == pytest.approx(train["val_i2t_R@1"], abs=5)
     assert result["i2t"]["R@1"] == pytest.approx(train["hub_val_i2t_R@1"], abs=5)  # cached fp16 features vs pixels
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_train_config_is_the_shipped_recipe():
+    """TrainConfig's defaults reproduce retrieval/models/towers-flickr8k: its architecture, its training settings, its bank."""
+    from retrieval.encoders.towers import DEFAULT_MODEL_DIR
+    from retrieval.training.config import TrainConfig
+
+    shipped = json.loads((DEFAULT_MODEL_DIR / "encoder.json").read_text())["config"]
+    config = TrainConfig()
+    model = {**config.model_config(), "hubness_tau": config.hubness_tau}
+    assert model == {k: shipped.get(k, ["lite0"] if k == "image_backbones" else None) for k in model}
+    recorded = {k: v for k, v in shipped["train"].items() if hasattr(config, k)}
+    assert len(recorded) == 12 and recorded == {k: getattr(config, k) for k in recorded}
+
+
+def test_the_cli_options_default_to_the_configs():
+    """`seesay train`'s option defaults are read from TrainConfig / FinetuneConfig, never retyped."""
+    import inspect
+
+    from cli.train import train
+    from retrieval.training.config import FinetuneConfig, TrainConfig
+
+    towers, openclip = TrainConfig(), FinetuneConfig()
+    options = {name: p.default.default for name, p in inspect.signature(train).parameters.items()}
+    checked = [name for name in options if hasattr(towers, name) and name != "lr"]
+    assert len(checked) == 13
+    for name in checked:
+        assert options[name] == getattr(towers, name), name
+        if hasattr(openclip, name):
+            assert options[name] == getattr(openclip, name), f"{name}: the two trainers' defaults differ"
+    assert options["lr"] is None  # each trainer's own: towers 1e-3, openclip 1e-5
+    assert options["layer_decay"] == openclip.layer_decay and options["lock_image"] == openclip.lock_image
+    assert options["flip_maps"] == (towers.flip == "maps")
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path):
+    from retrieval.training.config import TrainConfig, TrainingError
+    from retrieval.training.trainer import train_encoder
+
+    with pytest.raises(TrainingError, match="loss"):
+        train_encoder("towers", Dataset([]), None, tmp_path, loss="triplet")
+    with pytest.raises(TrainingError, match="flip"):
+        train_encoder("towers", Dataset([]), None, tmp_path, TrainConfig(flip="sideways"))
+    with pytest.raises(TypeError, match="embed"):
+        train_encoder("towers", Dataset([]), None, tmp_path, embed=64)  # not a setting

@@ -113,6 +113,11 @@ class TowerHeads(torch.nn.Module):
     def text(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return F.normalize(self.text_head(self.text_pooled(h, mask).float()), dim=-1)
 
+    def forward(self, xs: Sequence[torch.Tensor], h: torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of pairs → (image, text) unit vectors; the call DistributedDataParallel wraps in training."""
+        return self.image(xs), self.text(h, mask)
+
 
 def save_state(state: dict, path: Path) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves half a weight file."""

@@ -1,5 +1,7 @@
-"""Contrastive training of encoders: losses, cached frozen-tower features, the trainer."""
+"""Contrastive training of encoders: settings, losses, cached frozen-tower features, the trainers."""
 from __future__ import annotations
+
+from retrieval.training.config import FinetuneConfig, TrainConfig, TrainingError
 
 
 def train_encoder(*args, **kwargs):
@@ -9,4 +11,4 @@ def train_encoder(*args, **kwargs):
     return _train(*args, **kwargs)
 
 
-__all__ = ["train_encoder"]
+__all__ = ["FinetuneConfig", "TrainConfig", "TrainingError", "train_encoder"]

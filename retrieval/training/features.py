@@ -18,21 +18,26 @@ from typing import Sequence
 
 import torch
 
+from indexer.files import atomic_path
 from retrieval import runtime
+from retrieval.cache import cache_dir as seesay_cache
 from retrieval.image_batches import bad_images, image_batches
 from retrieval.backbones import efficientnet as effnet
 from retrieval.backbones import sentence
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SEESAY_CACHE", Path.home() / ".cache" / "seesay")) / "features"
+    """Where features are cached unless a run names another folder: `features` under seesay's cache root."""
+    return seesay_cache("features")
 
 
-def _key(parts: object) -> str:
+def cache_key(parts: object) -> str:
+    """A short digest of JSON-able `parts`: the name of a cache file made from them."""
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _file_id(path: Path) -> list:
+def file_id(path: Path) -> list:
+    """A file's identity for a cache key: resolved path, size, mtime (None, None when missing)."""
     try:
         st = os.stat(path)
         return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
@@ -40,11 +45,10 @@ def _file_id(path: Path) -> list:
         return [str(path), None, None]
 
 
-def _save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+def save(obj: object, path: Path) -> None:
+    """torch.save `obj` to `path` atomically (a cache file is whole or absent)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def image_features(
@@ -56,7 +60,7 @@ def image_features(
     and {index: reason} of bad images. Images are decoded at `decoded` px (default: the backbone's own size)."""
     cache_dir = Path(cache_dir or default_cache_dir())
     decoded = decoded or effnet.native_size(backbone)
-    key = _key([effnet.preprocess_id(backbone, decoded), depth, flip, [_file_id(Path(p)) for p in paths]])
+    key = cache_key([effnet.preprocess_id(backbone, decoded), depth, flip, [file_id(Path(p)) for p in paths]])
     path = cache_dir / f"img-{backbone}-d{depth}{'-flip' if flip else ''}-{key}.pt"
     if path.is_file():
         data = torch.load(path, weights_only=True)
@@ -81,7 +85,7 @@ def image_features(
                 log(f"  {backbone} features {done}/{len(paths)} ({done / (time.time() - t0):.1f} img/s)")
     if feats is None:
         feats = torch.zeros((0, 1), dtype=torch.float16)
-    _save({"feats": feats, "bad": {str(k): v for k, v in bad.items()}}, path)
+    save({"feats": feats, "bad": {str(k): v for k, v in bad.items()}}, path)
     return feats, bad
 
 
@@ -95,8 +99,8 @@ def text_features(
     """
     cache_dir = Path(cache_dir or default_cache_dir())
     model_path = sentence.resolve_text_model(text_model)
-    weights = [_file_id(p) for p in sorted(Path(model_path).glob("*.safetensors"))] + [_file_id(Path(model_path) / "config.json")]
-    key = _key([model_path, weights, depth, hashlib.sha1("\n".join(texts).encode()).hexdigest()])
+    weights = [file_id(p) for p in sorted(Path(model_path).glob("*.safetensors"))] + [file_id(Path(model_path) / "config.json")]
+    key = cache_key([model_path, weights, depth, hashlib.sha1("\n".join(texts).encode()).hexdigest()])
     path = cache_dir / f"txt-d{depth}-{key}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
@@ -119,7 +123,7 @@ def text_features(
         offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(lengths, 0)
         out = {"hidden": torch.cat(rows) if rows else torch.zeros(0, 1, dtype=torch.float16), "offsets": offsets}
-    _save(out, path)
+    save(out, path)
     return out
 
 

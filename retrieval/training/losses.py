@@ -70,3 +70,16 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     rank = dist.get_rank()
     parts[rank] = x
     return torch.cat(parts), rank * len(x)
+
+
+def global_batch_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, loss: str = "infonce",
+                      label_smoothing: float = 0.0, margin: float = 0.2) -> torch.Tensor:
+    """The loss of the global batch: every rank scores all ranks' rows, its gradients flow through its own.
+
+    `loss` is "infonce" (with `logit_scale` and `label_smoothing`) or "vse" (the hinge with `margin`).
+    """
+    image_all, _ = gather_with_grad(image)
+    text_all, _ = gather_with_grad(text)
+    if loss == "infonce":
+        return infonce(image_all, text_all, logit_scale, label_smoothing)
+    return vse_max_violation(image_all, text_all, margin)

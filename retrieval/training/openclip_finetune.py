@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
 
+from indexer.files import atomic_path
 from retrieval import runtime
 from retrieval.cache import cache_dir as seesay_cache
 from retrieval.datasets import Dataset
@@ -34,78 +31,35 @@ from retrieval.encoders.openclip import KIND, OpenClipEncoder, file_sha256
 from retrieval.encoders.registry import load_encoder
 from retrieval.image_batches import bad_images
 from retrieval.metrics import recall_at_k
+from retrieval.training import distributed
+from retrieval.training.config import FinetuneConfig, TrainingError
 from retrieval.training.curves import CURVE, plot_curves, write_log
-from retrieval.training.features import pad_tokens
-from retrieval.training.losses import clamp_logit_scale, gather_with_grad, infonce, vse_max_violation
+from retrieval.training.data import PairSplit, captioned
+from retrieval.training.features import cache_key, file_id, pad_tokens
+from retrieval.training.loop import Progress, describe, train_one_epoch
+from retrieval.training.losses import global_batch_loss
 from retrieval.training.openclip_towers import ImageTower, TextTower, Towers, param_groups
-from retrieval.training.schedule import warmup_cosine
-from retrieval.training.trainer import TrainingError, epoch_batches
+from retrieval.training.schedule import Schedule
+
+__all__ = ["CHECKPOINT", "FinetuneConfig", "TrainingError", "evaluate", "finetune_openclip"]
 
 CHECKPOINT = "checkpoint.pt"
 RESUMABLE_CHANGES = ("epochs", "patience")  # settings a resumed run may change
 
 
-@dataclasses.dataclass(frozen=True)
-class FinetuneConfig:
-    """Settings of an open_clip fine-tuning run (`seesay train` passes its own option values, whose defaults these match)."""
-
-    epochs: int = 15
-    batch_size: int = 256
-    lr: float = 1e-5  # heads (projections, final norms) and temperature; blocks get less
-    layer_decay: float = 0.75  # the k-th block from the top trains at lr × layer_decay^k
-    weight_decay: float = 0.1
-    warmup_epochs: float = 1.0
-    image_top: int = 4  # top blocks of the image tower trained; -1: all of it
-    text_top: int = 1  # top blocks of the text tower trained; -1: all of it
-    lock_image: bool = False  # LiT: the image tower frozen whole (image_top is ignored)
-    loss: str = "infonce"
-    margin: float = 0.2  # VSE++ hinge margin
-    flip: bool = True  # the mirrored images as a second view
-    patience: int | None = 4  # stop after this many epochs without a validation gain
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.loss not in ("infonce", "vse"):
-            raise TrainingError(f"unknown loss {self.loss!r}; expected infonce or vse")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise TrainingError("need at least 1 epoch and a batch of at least 2 pairs")
-
-
 # ----------------------------------------------------------------------------- data
 
 
-def _key(parts: object) -> str:
-    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def _file_ids(paths: list[Path]) -> list:
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append([str(Path(p).resolve()), st.st_size, st.st_mtime_ns])
-        except OSError:
-            out.append([str(p), None, None])
-    return out
-
-
-class _Split:
+class _Split(PairSplit):
     """A dataset split as the frozen bottoms' outputs: images (N, V, ...) and captions (ragged)."""
 
     def __init__(self, ds: Dataset, enc: OpenClipEncoder, towers: Towers, views: int, model_key: str,
                  cache: Path, log: Callable[[str], None], name: str) -> None:
-        records = [r for r in ds.records if r.captions]
-        self.problems = [f"{r.image_name}: no captions" for r in ds.records if not r.captions]
+        records, self.problems = captioned(ds)
         images, bad = self._images(enc, towers.image, [r.image_path for r in records], views, model_key, cache, log)
-        self.problems += [f"{records[i].image_name}: skipped, {reason}" for i, reason in sorted(bad.items())]
-        keep = [i for i in range(len(records)) if i not in bad]
-        if not keep:
-            raise TrainingError(f"{name}: no readable images ({len(bad)} bad)")
-        self.records = [records[i] for i in keep]
+        keep = self._keep(records, bad, name)
         self.images = images[keep]
-        self.captions = [c for r in self.records for c in r.captions]
-        self.caption_start = np.cumsum([0] + [len(r.captions) for r in self.records])
-        self.text_to_image = np.repeat(np.arange(len(self.records)), [len(r.captions) for r in self.records])
+        self.n_views = int(self.images.shape[1])
         self.tokens, self.offsets = self._texts(enc, towers.text, model_key, cache, log)
 
     @staticmethod
@@ -113,7 +67,7 @@ class _Split:
                 cache: Path, log: Callable[[str], None]) -> tuple[torch.Tensor, dict[int, str]]:
         """(N, V, ...) bottom outputs (fp16; uint8 pixels when the whole tower trains) and {index: reason}."""
         mode = "pixels" if tower.full else ("locked" if tower.locked else f"cut{tower.cut}")
-        path = cache / f"img-{mode}-v{views}-{_key([model_key, mode, views, _file_ids(paths)])}.pt"
+        path = cache / f"img-{mode}-v{views}-{cache_key([model_key, mode, views, [file_id(p) for p in paths]])}.pt"
         if not tower.full and path.is_file():
             data = torch.load(path, weights_only=True)
             return data["feats"], {int(k): v for k, v in data["bad"].items()}
@@ -133,14 +87,14 @@ class _Split:
         feats = feats if feats is not None else torch.zeros((0, views), dtype=torch.float16)
         if not tower.full:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with _atomic(path) as tmp:
+            with atomic_path(path) as tmp:
                 torch.save({"feats": feats, "bad": {str(k): v for k, v in bad.items()}}, tmp)
         return feats, bad
 
     def _texts(self, enc: OpenClipEncoder, tower: TextTower, model_key: str, cache: Path,
                log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
         """Ragged bottom outputs of every caption, concatenated (T, ...), and their offsets (N+1,)."""
-        key = _key([model_key, tower.cut, tower.full, hashlib.sha1("\n".join(self.captions).encode()).hexdigest()])
+        key = cache_key([model_key, tower.cut, tower.full, hashlib.sha1("\n".join(self.captions).encode()).hexdigest()])
         path = cache / f"txt-{'ids' if tower.full else f'cut{tower.cut}'}-{key}.pt"
         if path.is_file():
             data = torch.load(path, weights_only=True)
@@ -154,7 +108,7 @@ class _Split:
         offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(torch.tensor([len(r) for r in rows]), 0)
         data = {"rows": torch.cat([r.reshape(len(r), -1) for r in rows]), "offsets": offsets}
-        with _atomic(path) as tmp:
+        with atomic_path(path) as tmp:
             torch.save(data, tmp)
         return data["rows"], data["offsets"]
 
@@ -165,12 +119,6 @@ class _Split:
             return rows.to(device), torch.full((len(idx),), rows.shape[1], device=device)
         rows, mask = pad_tokens(self.tokens, self.offsets, idx)
         return rows.to(device, non_blocking=True), mask.sum(dim=1).to(device)
-
-
-def _atomic(path: Path):
-    from indexer.files import atomic_path
-
-    return atomic_path(path)
 
 
 @torch.no_grad()
@@ -209,21 +157,6 @@ def base_encoder(spec: str | Path) -> tuple[OpenClipEncoder, dict[str, str]]:
     return enc, {"spec": str(spec), "sha256": file_sha256(enc.checkpoint_file)}
 
 
-def _distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device): torchrun's process group when WORLD_SIZE > 1, else one process on the default device."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, runtime.default_device()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def finetune_openclip(spec: str | Path, train: Dataset, val: Dataset | None, out: Path,
                       config: FinetuneConfig = FinetuneConfig(), *, resume: bool = False,
                       cache_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
@@ -235,98 +168,69 @@ def finetune_openclip(spec: str | Path, train: Dataset, val: Dataset | None, out
     with TrainingError, keeping the last good checkpoint and best model.
     """
     config.check()
-    out = Path(out)
-    rank, world, device = _distributed()
-    say = log if rank == 0 else (lambda _msg: None)
+    ranks = distributed.init_distributed()
+    say = log if ranks.main else (lambda _msg: None)
     torch.manual_seed(config.seed)
     enc, base = base_encoder(spec)
-    enc.device = device
-    model = enc.model.to(device)
+    enc.device = ranks.device
+    model = enc.model.to(ranks.device)
     towers = Towers(model, ImageTower(model, config.image_top, config.lock_image), TextTower(model, config.text_top))
     groups = param_groups(model, towers.image, towers.text, config.lr, config.layer_decay, config.weight_decay)
+    tr, va, skipped = _splits(train, val, enc, towers, config, base, cache_dir, say)
+    settings = {**dataclasses.asdict(config), "base": base, "train_images": len(tr.records),
+                "val_images": len(va.records) if va else 0}
+    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    run = _Run(Path(out), settings, towers, opt, resume, say)
+    if va is not None and not run.progress.history:
+        run.baseline = evaluate(towers, va, enc)
+        say(f"before training: val R@1 i2t={run.baseline['i2t']['R@1']:.1f} t2i={run.baseline['t2i']['R@1']:.1f}"
+            f" rsum={run.baseline['rsum']:.1f}")
+    wrapped = distributed.wrap(towers, ranks, find_unused=config.loss == "vse")  # the hinge leaves the temperature unused
+    schedule = Schedule(len(tr.batches(config.batch_size * ranks.world, config.seed, 0)), config.epochs, config.warmup_epochs)
+
+    def inputs(images, captions, views) -> tuple:
+        return (_image_input(tr.images[images, views], towers, enc), *tr.text_batch(tr.caption_ids(images, captions), ranks.device))
+
+    def loss(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return global_batch_loss(image, text, model.logit_scale, config.loss, margin=config.margin)
+
+    for epoch in range(run.progress.start_epoch, config.epochs):
+        if run.progress.stop_early(config.patience, va is not None):
+            say(f"early stop: no validation RSUM gain for {config.patience} epochs")
+            break
+        towers.train()
+        entry = train_one_epoch(wrapped, tr.batches(config.batch_size * ranks.world, config.seed, epoch), inputs, loss, opt,
+                                [p for g in groups for p in g["params"]], model.logit_scale, ranks, schedule, epoch,
+                                run.where_good)
+        result = evaluate(towers, va, enc) if va is not None else None
+        run.finish_epoch(epoch, entry, result, enc, skipped if epoch == run.progress.start_epoch else None, ranks.main)
+    if ranks.main:
+        plot_curves(Path(out) / CURVE, run.progress.history)
+    return Path(out)
+
+
+def _splits(train: Dataset, val: Dataset | None, enc: OpenClipEncoder, towers: Towers, config: FinetuneConfig,
+            base: dict[str, str], cache_dir: Path | None, say: Callable[[str], None]) -> tuple[_Split, _Split | None, list[str]]:
+    """The training and validation splits as the frozen bottoms' outputs, and what was skipped (logged here)."""
     cache = Path(cache_dir) if cache_dir else seesay_cache("features", "openclip")
-    model_key = _key([base["sha256"], enc.model_cfg])
+    model_key = cache_key([base["sha256"], enc.model_cfg])
     say(f"preparing inputs below the trained blocks (train {len(train.records)} images)")
     tr = _Split(train, enc, towers, 2 if config.flip else 1, model_key, cache, say, "train")
     va = _Split(val, enc, towers, 1, model_key, cache, say, "val") if val is not None and val.records else None
     skipped = tr.problems + (va.problems if va else [])
     for p in skipped[:20]:
         say(f"  {p}")
-
-    settings = {**dataclasses.asdict(config), "base": base, "train_images": len(tr.records),
-                "val_images": len(va.records) if va else 0}
-    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    run = _Run(out, settings, towers, opt, resume, say)
-    if va is not None and not run.history:
-        run.baseline = evaluate(towers, va, enc)
-        say(f"before training: val R@1 i2t={run.baseline['i2t']['R@1']:.1f} t2i={run.baseline['t2i']['R@1']:.1f}"
-            f" rsum={run.baseline['rsum']:.1f}")
-    wrapped = towers
-    if world > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(towers, device_ids=[device.index] if device.type == "cuda" else None)
-    counts = np.diff(tr.caption_start)
-    steps_per_epoch = len(epoch_batches(len(tr.records), counts, config.batch_size * world, config.seed, 0))
-    total, warmup = steps_per_epoch * config.epochs, int(round(config.warmup_epochs * steps_per_epoch))
-    for epoch in range(run.start_epoch, config.epochs):
-        if config.patience is not None and va is not None and run.since_best >= config.patience:
-            say(f"early stop: no validation RSUM gain for {config.patience} epochs")
-            break
-        t0, losses = time.time(), []
-        towers.train()
-        for b, (img_idx, cap, view) in enumerate(
-            epoch_batches(len(tr.records), counts, config.batch_size * world, config.seed, epoch, tr.images.shape[1])
-        ):
-            per_rank = len(img_idx) // world  # equal slices: all_gather needs equal sizes
-            sl = slice(rank * per_rank, (rank + 1) * per_rank)
-            step = epoch * steps_per_epoch + b
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * warmup_cosine(step, total, warmup)
-            x = _image_input(tr.images[img_idx[sl], view[sl]], towers, enc)
-            rows, lengths = tr.text_batch((tr.caption_start[img_idx[sl]] + cap[sl]).tolist(), device)
-            with runtime.autocast(device):
-                im, tx = wrapped(x, rows, lengths)
-                value = _loss(config, model, im, tx)
-            if not torch.isfinite(value):
-                raise TrainingError(f"loss became {value.item()} at epoch {epoch + 1}, batch {b + 1}; stopped. "
-                                    f"{run.where_good()}; try a lower learning rate")
-            opt.zero_grad(set_to_none=True)
-            # DDP averages gradients over ranks, and each rank's holds only the part through its own
-            # rows: ×world makes the average their sum, the full gradient. The temperature's is
-            # already complete on every rank, so it is divided back.
-            (value * world).backward()
-            if world > 1:
-                model.logit_scale.grad /= world
-            torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 5.0)
-            opt.step()
-            clamp_logit_scale(model.logit_scale)
-            losses.append(value.item())
-        entry: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
-                                 "temperature": float(1 / model.logit_scale.exp().item()), "train_s": round(time.time() - t0, 1)}
-        result = evaluate(towers, va, enc) if va is not None else None
-        run.finish_epoch(epoch, entry, result, enc, skipped if epoch == run.start_epoch else None, rank)
-    if rank == 0:
-        plot_curves(out / CURVE, run.history)
-    return out
-
-
-def _loss(config: FinetuneConfig, model: torch.nn.Module, im: torch.Tensor, tx: torch.Tensor) -> torch.Tensor:
-    """The loss of the global batch: every rank scores all ranks' rows, its gradients flow through its own."""
-    im_all, _ = gather_with_grad(im)
-    tx_all, _ = gather_with_grad(tx)
-    if config.loss == "infonce":
-        return infonce(im_all, tx_all, model.logit_scale)
-    return vse_max_violation(im_all, tx_all, config.margin)
+    return tr, va, skipped
 
 
 class _Run:
-    """The run's state across epochs and processes: history, best RSUM, the checkpoint and the saved model."""
+    """The run's state across epochs and processes: its progress, the checkpoint and the saved model."""
 
     def __init__(self, out: Path, settings: dict, towers: Towers, opt: torch.optim.Optimizer, resume: bool,
                  say: Callable[[str], None]) -> None:
         self.out, self.settings, self.towers, self.opt, self.say = out, settings, towers, opt, say
         self.ckpt = out / CHECKPOINT
-        self.history: list[dict] = []
-        self.start_epoch, self.best_rsum, self.since_best = 0, -math.inf, 0
+        self.progress = Progress()
         self.baseline: dict | None = None
         if resume and self.ckpt.is_file():
             self._resume()
@@ -342,8 +246,7 @@ class _Run:
                                 "use another --out or drop --resume")
         self.towers.model.load_state_dict(state["trained"], strict=False)
         self.opt.load_state_dict(state["optimizer"])
-        self.start_epoch, self.best_rsum, self.since_best = state["epoch"] + 1, state["best_rsum"], state["since_best"]
-        self.history, self.baseline = state["history"], state["baseline"]
+        self.progress, self.baseline = Progress.from_checkpoint(state), state["baseline"]
         self.say(f"resumed from {self.ckpt} after epoch {state['epoch'] + 1}")
 
     def where_good(self) -> str:
@@ -351,28 +254,20 @@ class _Run:
         return f"The last good checkpoint is {self.ckpt if self.ckpt.is_file() else 'not written yet'}{best}"
 
     def finish_epoch(self, epoch: int, entry: dict, result: dict | None, enc: OpenClipEncoder,
-                     skipped: list[str] | None, rank: int) -> None:
+                     skipped: list[str] | None, main: bool) -> None:
         """Record the epoch; on rank 0 save the model when it is the best so far, then the checkpoint and log."""
-        improved = True
-        if result is not None:
-            entry.update({f"val_{way}_R@{k}": result[way][f"R@{k}"] for way in ("i2t", "t2i") for k in (1, 5)})
-            entry["val_rsum"] = result["rsum"]
-            improved = result["rsum"] > self.best_rsum
-            self.best_rsum, self.since_best = (result["rsum"], 0) if improved else (self.best_rsum, self.since_best + 1)
-        self.history.append(entry)
-        if rank != 0:
+        improved = self.progress.record(entry, result)
+        if not main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         if improved:
             self._save_model(enc, entry)
         trained = {n: p.detach().cpu() for n, p in self.towers.model.named_parameters() if p.requires_grad}
-        with _atomic(self.ckpt) as tmp:
+        with atomic_path(self.ckpt) as tmp:
             torch.save({"trained": trained, "optimizer": self.opt.state_dict(), "settings": self.settings,
-                        "epoch": epoch, "best_rsum": self.best_rsum, "since_best": self.since_best,
-                        "history": self.history, "baseline": self.baseline}, tmp)
-        write_log(self.out, self.history, skipped)
-        self.say(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
-                 + ("  *best*" if improved and result is not None else ""))
+                        **self.progress.state(epoch), "baseline": self.baseline}, tmp)
+        write_log(self.out, self.progress.history, skipped)
+        self.say(describe(entry, improved and result is not None))
 
     def _save_model(self, enc: OpenClipEncoder, entry: dict) -> None:
         base = self.settings["base"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from retrieval.training.trainer import TrainingError
+from retrieval.training.config import TrainingError
 
 ALL = -1  # `top` value: the whole tower, embeddings included
 

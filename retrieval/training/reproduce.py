@@ -1,31 +1,20 @@
 """Reproduce the shipped default model: `python -m retrieval.training.reproduce [--out DIR]`.
 
-Trains the `towers` encoder on the Flickr8k train split, selects the epoch on dev, and
+Trains the `towers` encoder (`SHIPPED_SPEC`: its text model) on the Flickr8k train split, selects the epoch on dev, and
 writes the model directory (default: runs/towers-flickr8k; the shipped copy lives in
-retrieval/models/towers-flickr8k). Data: ../shared/data/flickr8k beside the project root,
-or --data. Extra `--set key=value` pairs override the training settings.
+retrieval/models/towers-flickr8k). The settings are `TrainConfig`'s defaults, which are the
+shipped model's recipe; `--set key=value` pairs override some. Data: ../shared/data/flickr8k
+beside the project root, or --data.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
-# The settings of the shipped model (see retrieval/models/towers-flickr8k/encoder.json).
-SHIPPED: dict = {
-    "epochs": 15,
-    "flip": True,
-    "patience": 4,
-    "batch_size": 256,
-    "lr": 1e-3,
-    "loss": "infonce",
-    "head": "linear",
-    "embed_dim": 1024,
-    "image_top": 4,
-    "text_top": 1,
-    "seed": 0,
-}
+from retrieval.training.config import SHIPPED_SPEC, TrainConfig
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     from retrieval.datasets import load_dataset
     from retrieval.training.trainer import train_encoder
 
-    settings = dict(SHIPPED)
+    settings: dict = {}
     for item in args.set:
         key, _, value = item.partition("=")
         try:
@@ -49,8 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     csv = args.data / "captions.csv"
     train = load_dataset(csv, split_file=args.data / "splits" / "train.txt")
     dev = load_dataset(csv, split_file=args.data / "splits" / "dev.txt")
-    print(json.dumps(settings))
-    out = train_encoder("towers", train, dev, args.out, resume=args.resume, **settings)
+    config = dataclasses.replace(TrainConfig(), **settings)
+    print(json.dumps(dataclasses.asdict(config)))
+    out = train_encoder(SHIPPED_SPEC, train, dev, args.out, config, resume=args.resume)
     print(f"saved {out}")
 
 
