@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     owner = np.repeat(np.arange(len(dev)), [len(r.captions) for r in dev])
     plain = recall_at_k(images, texts, owner)
     saved = {"dev_images": images, "dev_texts": texts, "dev_owner": owner}
-    rows = [{"bank_seed": None, "i2t_R@1": plain["i2t"]["R@1"], "t2i_R@1": plain["t2i"]["R@1"], "rsum": plain["rsum"]}]
-    print(f"dev encoded in {time.time() - t0:.0f} s; without hubness: i2t R@1 {plain['i2t']['R@1']:.1f}, "
-          f"t2i R@1 {plain['t2i']['R@1']:.1f}, RSUM {plain['rsum']:.1f}", flush=True)
+    rows = [{"bank_seed": None, "i2t_R@1": plain.i2t["R@1"], "t2i_R@1": plain.t2i["R@1"], "rsum": plain.rsum}]
+    print(f"dev encoded in {time.time() - t0:.0f} s; without hubness: i2t R@1 {plain.i2t['R@1']:.1f}, "
+          f"t2i R@1 {plain.t2i['R@1']:.1f}, RSUM {plain.rsum:.1f}", flush=True)
     for seed in [int(s) for s in args.seeds.split(",")]:
         bank_images, bank_texts = encode_pool(enc, train.records, qb.IMAGE_BANK, qb.TEXT_BANK, seed)
         saved.update({f"bank{seed}_images": bank_images.numpy(), f"bank{seed}_texts": bank_texts.numpy()})
@@ -60,17 +60,17 @@ def main(argv: list[str] | None = None) -> None:
             np.savez(args.vectors, **saved)
         enc.set_querybank(qb.QueryBank(bank_images, bank_texts, args.tau))
         r = cross_modal_recall(enc, enc.querybank.with_bias(images, "image"), enc.querybank.with_bias(texts, "caption"), owner)
-        rows.append({"bank_seed": seed, "i2t_R@1": r["i2t"]["R@1"], "t2i_R@1": r["t2i"]["R@1"], "rsum": r["rsum"],
-                     "i2t": r["i2t"], "t2i": r["t2i"]})
-        print(f"bank seed {seed}, tau {args.tau}: i2t R@1 {r['i2t']['R@1']:.1f}, t2i R@1 {r['t2i']['R@1']:.1f}, "
-              f"RSUM {r['rsum']:.1f}", flush=True)
+        rows.append({"bank_seed": seed, "i2t_R@1": r.i2t["R@1"], "t2i_R@1": r.t2i["R@1"], "rsum": r.rsum,
+                     "i2t": r.i2t, "t2i": r.t2i})
+        print(f"bank seed {seed}, tau {args.tau}: i2t R@1 {r.i2t['R@1']:.1f}, t2i R@1 {r.t2i['R@1']:.1f}, "
+              f"RSUM {r.rsum:.1f}", flush=True)
         if seed == args.save_seed:
             save_bank(enc, args.model)
             print(f"saved bank seed {seed} in {args.model}", flush=True)
         enc.set_querybank(None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": str(args.model), "tau": args.tau, "dev_images": len(dev), "rows": rows,
-                                    "plain": {"i2t": plain["i2t"], "t2i": plain["t2i"]}}, indent=1))
+                                    "plain": {"i2t": plain.i2t, "t2i": plain.t2i}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ import re
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from retrieval.evaluation import Evaluation
 
 CATEGORIES = ("animals", "buildings", "containers", "decorations", "education", "electronics", "food", "office",
               "people", "plants", "recreation", "science", "tools", "transportation")
@@ -85,7 +89,7 @@ def build(root: Path, out: Path, n: int, seed: int = 0) -> int:
     return len(pairs)
 
 
-def evaluate_encoders(csv_path: Path, specs: list[str]) -> dict[str, dict]:
+def evaluate_encoders(csv_path: Path, specs: list[str]) -> dict[str, Evaluation]:
     """`seesay eval` of each encoder on the built set (with and without hubness where the encoder has it)."""
     from retrieval.datasets import load_dataset
     from retrieval.encoders import load_encoder
@@ -106,10 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.root:
         print(f"{build(args.root, args.out, args.n, args.seed)} captioned images in {args.out / 'captions.csv'}")
     for spec, r in evaluate_encoders(args.out / "captions.csv", [s for s in args.eval.split(",") if s]).items():
-        rows = [(spec, r)] + ([(f"{spec} without hubness", r["without_hubness"])] if "without_hubness" in r else [])
+        rows = [(spec, r)] + ([(f"{spec} without hubness", r.without_hubness)] if r.without_hubness is not None else [])
         for name, x in rows:
-            print(f"{name}: {r['n_images']} images, i2t R@1 {x['i2t']['R@1']:.1f}, t2i R@1 {x['t2i']['R@1']:.1f}, "
-                  f"RSUM {x['rsum']:.1f}")
+            print(f"{name}: {r.n_images} images, i2t R@1 {x.i2t['R@1']:.1f}, t2i R@1 {x.t2i['R@1']:.1f}, RSUM {x.rsum:.1f}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ Encoders: the two bag-of-words baselines (bow-pmi, bow-ratio; fitted by `fit_bow
 training split and cached under runs/bench-bow/ unless a saved model directory is given),
 `zeroshot`, the shipped trained towers `default`, and any spec passed with --encoder
 (e.g. `openclip:ViT-B-32@/path/to/weights.pt`). An encoder that cannot load is skipped with
-its reason. Each is scored as `seesay eval` scores it (same encoding path, same metrics:
-`retrieval.embedding` + `retrieval.metrics.recall_at_k`), so its `t2i`/`i2t`/`rsum` equal
-`seesay eval --json`; recall is also computed at k = 1..10 and 50 for the plot.
+its reason. Each is scored by `seesay eval`'s own code (`retrieval.evaluation.embed` and
+`score`: hubness-corrected queries for an encoder with a query bank, plus `without_hubness`), so
+its result equals `seesay eval --json`; recall is also computed at k = 1..10 and 50 for the plot.
 """
 from __future__ import annotations
 
@@ -17,14 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 
 from benchmarks.report import FLICKR, figure, machine, save_plot
+from retrieval import evaluation
 from retrieval.datasets import Record, load_dataset
-from retrieval.embedding import encode_captions, encode_image_files
-from retrieval.encoders.base import Encoder, as_float32_rows
+from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import load_encoder
-from retrieval.metrics import recall_at_k
+from retrieval.evaluation import cross_modal_recall, embed
 
 NAME = "quality"
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "bench-bow"
@@ -52,20 +51,12 @@ def bow_encoder(kind: str, train: Sequence[Record], config_overrides: dict[str, 
 
 
 def score(encoder: Encoder, records: Sequence[Record], batch_size: int = 64) -> dict[str, Any]:
-    """`seesay eval`'s result for `encoder`, plus recall at CURVE_KS under `curve`."""
-    captioned = [r for r in records if r.captions]
-    image_vecs, kept, failed = encode_image_files(encoder, [r.image_path for r in captioned], batch_size)
-    image_vecs = as_float32_rows(image_vecs, encoder.dim)
-    kept_records = [captioned[i] for i in kept]
-    texts = [c for r in kept_records for c in r.captions]
-    owner = np.repeat(np.arange(len(kept_records)), [len(r.captions) for r in kept_records])
-    text_vecs = encode_captions(encoder, texts)
-    result = recall_at_k(image_vecs, text_vecs, owner)
-    curve = recall_at_k(image_vecs, text_vecs, owner, ks=[k for k in CURVE_KS if k <= len(kept_records)])
-    result["encoder"] = encoder.spec
-    result["problems"] = [str(e) for e in failed.values()]
-    result["curve"] = {"t2i": {k: v for k, v in curve["t2i"].items() if k.startswith("R@")},
-                       "i2t": {k: v for k, v in curve["i2t"].items() if k.startswith("R@")}}
+    """`seesay eval --json`'s result for `encoder`, plus recall at CURVE_KS under `curve`."""
+    embedded = embed(encoder, records, batch_size)
+    result = evaluation.score(encoder, embedded).to_dict()
+    ks = [k for k in CURVE_KS if k <= len(embedded.image_vecs)]
+    curve = cross_modal_recall(encoder, embedded.image_vecs, embedded.text_vecs, embedded.owner, ks)
+    result["curve"] = {way: {k: v for k, v in getattr(curve, way).items() if k.startswith("R@")} for way in ("t2i", "i2t")}
     return result
 
 

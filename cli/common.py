@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from retrieval.datasets import Dataset, load_dataset, summarize_problems
+
+if TYPE_CHECKING:
+    from retrieval.metrics import RecallResult
 
 DEFAULT_ENCODER = "default"
 
@@ -66,18 +69,18 @@ def print_json(payload: Any) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str))
 
 
-def recall_table(results: dict[str, dict], title: str = "recall@k (%)") -> Table:
+def recall_table(results: dict[str, RecallResult], title: str = "recall@k (%)") -> Table:
     """A table of `seesay eval`-shaped results, one row per encoder."""
     table = Table(title=title, caption="medr: median rank of the right answer, text→image/image→text (1 is best)")
     table.add_column("encoder", min_width=8, no_wrap=True)
     for column in ("t2i R@1", "t2i R@5", "t2i R@10", "i2t R@1", "i2t R@5", "i2t R@10", "RSUM", "medr"):
         table.add_column(column, justify="right")
     for name, r in results.items():
-        t2i, i2t = r["t2i"], r["i2t"]
+        t2i, i2t = r.t2i, r.i2t
         table.add_row(
             name,
             *(f"{d[k]:.1f}" for d in (t2i, i2t) for k in ("R@1", "R@5", "R@10")),
-            f"{r['rsum']:.1f}",
+            f"{r.rsum:.1f}",
             f"{t2i['median_rank']:g}/{i2t['median_rank']:g}",
         )
     return table

@@ -34,4 +34,4 @@ def demo(
     out.print(hits_table(f"{probe.name} → captions", engine.search_images([probe], "caption", 3)[0]))
     results = {"bow-pmi": evaluate(bow, test.records)}
     results[DEFAULT_ENCODER] = evaluate(load_encoder(DEFAULT_ENCODER), test.records, progress=True)
-    out.print(recall_table(results, f"test set: {len(test.records)} images, {results[DEFAULT_ENCODER]['n_captions']} captions"))
+    out.print(recall_table(results, f"test set: {len(test.records)} images, {results[DEFAULT_ENCODER].n_captions} captions"))

@@ -22,6 +22,7 @@ from cli.common import (
 )
 from retrieval.encoders import load_encoder
 from retrieval.evaluation import evaluate
+from retrieval.metrics import RecallResult
 
 
 def eval_command(
@@ -38,10 +39,10 @@ def eval_command(
     dataset = read_data(data, images, split, split_file, quiet=as_json, allow_outside_images=allow_outside_images)
     result = evaluate(load_encoder(encoder), dataset.records, batch_size, progress=not as_json)
     if as_json:
-        print_json(result)
+        print_json(result.to_dict())
         return
-    report_problems(result["problems"], "skipped images")
-    rows = {encoder: result}
-    if "without_hubness" in result:  # the same vectors scored without the bias coordinate
-        rows = {f"{encoder} (hubness-corrected)": result, f"{encoder} (without)": result["without_hubness"]}
-    out.print(recall_table(rows, f"{data.name}: {result['n_images']} images, {result['n_captions']} captions"))
+    report_problems(result.problems, "skipped images")
+    rows: dict[str, RecallResult] = {encoder: result}
+    if result.without_hubness is not None:  # the same vectors scored without the bias coordinate
+        rows = {f"{encoder} (hubness-corrected)": result, f"{encoder} (without)": result.without_hubness}
+    out.print(recall_table(rows, f"{data.name}: {result.n_images} images, {result.n_captions} captions"))

@@ -1,9 +1,29 @@
 """Retrieval evaluation: recall@k and ranks both ways, computed in bounded memory."""
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Any, Sequence
 
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallResult:
+    """Retrieval quality both ways on one set of images and captions.
+
+    `t2i` / `i2t`: {"R@k": percent of queries whose right answer is in the top k, ...,
+    "median_rank", "mean_rank"}; `rsum`: the sum of the R@k of both ways.
+    """
+
+    t2i: dict[str, float]
+    i2t: dict[str, float]
+    rsum: float
+    n_images: int
+    n_captions: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (`seesay eval --json`'s keys)."""
+        return dataclasses.asdict(self)
 
 
 def recall_at_k(
@@ -12,7 +32,7 @@ def recall_at_k(
     text_to_image: np.ndarray,
     ks: Sequence[int] = (1, 5, 10),
     chunk: int = 128,
-) -> dict:
+) -> RecallResult:
     """Score every caption against every image by inner product and report retrieval quality.
 
     text→image: a caption's rank is that of its own image. image→text: an image's rank is
@@ -23,8 +43,7 @@ def recall_at_k(
     ties in the query's favour lets an encoder that scores everything alike reach 100%.)
     Scores are computed `chunk` queries at a time, never as the full matrix.
 
-    Returns {"t2i": {"R@k"..., "median_rank", "mean_rank"}, "i2t": {same}, "rsum",
-    "n_images", "n_captions"}; recalls are percentages and rsum sums the R@k of both ways.
+    Returns a RecallResult: recalls are percentages and rsum sums the R@k of both ways.
     Every image needs at least one caption.
     """
     image_vecs, text_vecs, text_to_image = _validate(image_vecs, text_vecs, text_to_image, ks, chunk)
@@ -44,7 +63,7 @@ def recall_at_k(
     t2i = _summary(np.concatenate(t2i_ranks), ks)
     i2t = _summary(np.concatenate(i2t_ranks), ks)
     rsum = sum(t2i[f"R@{k}"] + i2t[f"R@{k}"] for k in ks)
-    return {"t2i": t2i, "i2t": i2t, "rsum": float(rsum), "n_images": n_images, "n_captions": len(text_vecs)}
+    return RecallResult(t2i, i2t, float(rsum), n_images, len(text_vecs))
 
 
 def _spans(n: int, chunk: int) -> list[tuple[int, int]]:

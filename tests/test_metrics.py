@@ -37,14 +37,14 @@ def check_against_reference(images: np.ndarray, texts: np.ndarray, text_to_image
     t2i_ranks, i2t_ranks = reference_ranks(images, texts, text_to_image)
     for k in ks:
         t2i, i2t = reference_recall(images, texts, text_to_image, k)
-        assert got["t2i"][f"R@{k}"] == pytest.approx(t2i)
-        assert got["i2t"][f"R@{k}"] == pytest.approx(i2t)
+        assert got.t2i[f"R@{k}"] == pytest.approx(t2i)
+        assert got.i2t[f"R@{k}"] == pytest.approx(i2t)
     for direction, ranks in (("t2i", t2i_ranks), ("i2t", i2t_ranks)):
-        assert got[direction]["median_rank"] == pytest.approx(np.median(ranks))
-        assert got[direction]["mean_rank"] == pytest.approx(np.mean(ranks))
+        assert getattr(got, direction)["median_rank"] == pytest.approx(np.median(ranks))
+        assert getattr(got, direction)["mean_rank"] == pytest.approx(np.mean(ranks))
     expected_rsum = sum(sum(reference_recall(images, texts, text_to_image, k)) for k in ks)
-    assert got["rsum"] == pytest.approx(expected_rsum)
-    assert (got["n_images"], got["n_captions"]) == (len(images), len(texts))
+    assert got.rsum == pytest.approx(expected_rsum)
+    assert (got.n_images, got.n_captions) == (len(images), len(texts))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -90,11 +90,11 @@ def test_hand_made_case_with_known_answer() -> None:
     text_to_image = np.array([0, 0, 1, 1, 2])
     got = recall_at_k(images, texts, text_to_image, ks=(1, 2))
 
-    assert got["t2i"] == {"R@1": 40.0, "R@2": 80.0, "median_rank": 2.0, "mean_rank": 1.8}
+    assert got.t2i == {"R@1": 40.0, "R@2": 80.0, "median_rank": 2.0, "mean_rank": 1.8}
     # Image 0's best caption (0) and image 1's (2) come first; image 2's only caption
     # scores 0.2 and is beaten by caption 3 (0.5) -> ranks 1, 1, 2.
-    assert got["i2t"] == {"R@1": pytest.approx(200 / 3), "R@2": 100.0, "median_rank": 1.0, "mean_rank": pytest.approx(4 / 3)}
-    assert got["rsum"] == pytest.approx(40 + 80 + 200 / 3 + 100)
+    assert got.i2t == {"R@1": pytest.approx(200 / 3), "R@2": 100.0, "median_rank": 1.0, "mean_rank": pytest.approx(4 / 3)}
+    assert got.rsum == pytest.approx(40 + 80 + 200 / 3 + 100)
 
 
 def test_ties_count_against_the_query() -> None:
@@ -102,24 +102,24 @@ def test_ties_count_against_the_query() -> None:
     images = np.array([[1.0, 0.0], [1.0, 0.0]])
     texts = np.array([[1.0, 0.0], [1.0, 0.0]])
     got = recall_at_k(images, texts, np.array([0, 1]), ks=(1, 2))
-    assert (got["t2i"]["R@1"], got["t2i"]["R@2"], got["t2i"]["median_rank"]) == (0.0, 100.0, 2.0)
-    assert (got["i2t"]["R@1"], got["i2t"]["R@2"], got["i2t"]["median_rank"]) == (0.0, 100.0, 2.0)
+    assert (got.t2i["R@1"], got.t2i["R@2"], got.t2i["median_rank"]) == (0.0, 100.0, 2.0)
+    assert (got.i2t["R@1"], got.i2t["R@2"], got.i2t["median_rank"]) == (0.0, 100.0, 2.0)
 
 
 def test_an_encoder_that_scores_everything_alike_gets_chance_or_worse() -> None:
     # Every vector the same: every caption ties with every image.
     text_to_image = np.repeat(np.arange(10), 3)
     got = recall_at_k(np.ones((10, 4)), np.ones((30, 4)), text_to_image, ks=(1, 10))
-    assert got["t2i"] == {"R@1": 0.0, "R@10": 100.0, "median_rank": 10.0, "mean_rank": 10.0}
+    assert got.t2i == {"R@1": 0.0, "R@10": 100.0, "median_rank": 10.0, "mean_rank": 10.0}
     # An image's 3 correct captions tie with each other (no penalty) and with the 27 wrong ones.
-    assert got["i2t"]["R@1"] == 0.0 and got["i2t"]["median_rank"] == 28.0
+    assert got.i2t["R@1"] == 0.0 and got.i2t["median_rank"] == 28.0
 
 
 def test_a_correct_caption_tied_with_its_image_s_other_caption_is_no_penalty() -> None:
     images = np.eye(2)
     texts = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     got = recall_at_k(images, texts, np.array([0, 0, 1]), ks=(1,))
-    assert got["i2t"]["R@1"] == 100.0 and got["t2i"]["R@1"] == 100.0
+    assert got.i2t["R@1"] == 100.0 and got.t2i["R@1"] == 100.0
 
 
 @pytest.mark.parametrize(

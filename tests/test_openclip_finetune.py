@@ -119,8 +119,8 @@ def test_full_finetuning_lowers_loss_raises_dev_recall_resumes_and_reloads(tiny,
     # The saved model is an encoder like any other: it gives the dev recall the trainer measured...
     enc = load_encoder(out)
     metrics = evaluate(enc, dev.records)
-    assert metrics["i2t"]["R@1"] == pytest.approx(recorded["val_i2t_R@1"])
-    assert metrics["t2i"]["R@1"] == pytest.approx(recorded["val_t2i_R@1"])
+    assert metrics.i2t["R@1"] == pytest.approx(recorded["val_i2t_R@1"])
+    assert metrics.t2i["R@1"] == pytest.approx(recorded["val_t2i_R@1"])
     # ...and reloads to identical vectors.
     paths = [r.image_path for r in dev.records[:5]]
     again = load_encoder(out)

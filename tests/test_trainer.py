@@ -143,7 +143,7 @@ def test_training_improves_recall_and_resumes(shapes, tmp_path):
     enc = load_encoder(out)
     after = _recall(enc, ds)
     chance = 100.0 / len(ds.records)
-    assert after["t2i"]["R@1"] > 5 * chance and after["i2t"]["R@1"] > 5 * chance, (after["t2i"], after["i2t"])
+    assert after.t2i["R@1"] > 5 * chance and after.i2t["R@1"] > 5 * chance, (after.t2i, after.i2t)
     assert json.loads((out / "encoder.json").read_text())["spec"] == "towers"
     vecs = enc.encode_texts(["a red circle"])
     assert vecs.shape == (1, 64) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
@@ -218,8 +218,8 @@ def test_two_backbones_mirrored_maps_and_a_query_bank(shapes, tmp_path):
     train = json.loads((out / "encoder.json").read_text())["config"]["train"]
     assert "hub_val_i2t_R@1" in train and train["flip"] == "maps"
     result = evaluate(enc, ds.records)
-    assert result["without_hubness"]["i2t"]["R@1"] == pytest.approx(train["val_i2t_R@1"], abs=5)
-    assert result["i2t"]["R@1"] == pytest.approx(train["hub_val_i2t_R@1"], abs=5)  # cached fp16 features vs pixels
+    assert result.without_hubness.i2t["R@1"] == pytest.approx(train["val_i2t_R@1"], abs=5)
+    assert result.i2t["R@1"] == pytest.approx(train["hub_val_i2t_R@1"], abs=5)  # cached fp16 features vs pixels
 
 
 # ----------------------------------------------------------------------------- settings

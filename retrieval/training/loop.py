@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from retrieval import runtime
+from retrieval.metrics import RecallResult
 from retrieval.training import distributed
 from retrieval.training.config import TrainingError
 from retrieval.training.distributed import Ranks
@@ -87,19 +88,18 @@ class Progress:
     def stop_early(self, patience: int | None, validating: bool) -> bool:
         return patience is not None and validating and self.since_best >= patience
 
-    def record(self, entry: dict[str, Any], result: dict | None) -> bool:
+    def record(self, entry: dict[str, Any], result: RecallResult | None) -> bool:
         """Add an epoch's entry (with its validation recall, when there is one); whether it is the best so far.
 
         Without validation every epoch counts as the best: the last one is kept.
         """
         improved = True
         if result is not None:
-            entry.update({"val_i2t_R@1": result["i2t"]["R@1"], "val_t2i_R@1": result["t2i"]["R@1"],
-                          "val_i2t_R@5": result["i2t"]["R@5"], "val_t2i_R@5": result["t2i"]["R@5"],
-                          "val_rsum": result["rsum"]})
-            improved = result["rsum"] > self.best_rsum
+            entry.update({"val_i2t_R@1": result.i2t["R@1"], "val_t2i_R@1": result.t2i["R@1"],
+                          "val_i2t_R@5": result.i2t["R@5"], "val_t2i_R@5": result.t2i["R@5"], "val_rsum": result.rsum})
+            improved = result.rsum > self.best_rsum
             if improved:
-                self.best_rsum, self.since_best = result["rsum"], 0
+                self.best_rsum, self.since_best = result.rsum, 0
             else:
                 self.since_best += 1
         self.history.append(entry)

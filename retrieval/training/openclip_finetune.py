@@ -30,7 +30,7 @@ from retrieval.datasets import Dataset
 from retrieval.encoders.openclip import KIND, OpenClipEncoder, file_sha256
 from retrieval.encoders.registry import load_encoder
 from retrieval.image_batches import bad_images
-from retrieval.metrics import recall_at_k
+from retrieval.metrics import RecallResult, recall_at_k
 from retrieval.training import distributed
 from retrieval.training.config import FinetuneConfig, TrainingError
 from retrieval.training.curves import CURVE, plot_curves, write_log
@@ -122,7 +122,7 @@ class _Split(PairSplit):
 
 
 @torch.no_grad()
-def evaluate(towers: Towers, split: _Split, enc: OpenClipEncoder, batch: int = 256) -> dict:
+def evaluate(towers: Towers, split: _Split, enc: OpenClipEncoder, batch: int = 256) -> RecallResult:
     """Recall@k of the current model on a split (plain view, every caption)."""
     device = enc.device
     towers.eval()
@@ -183,8 +183,8 @@ def finetune_openclip(spec: str | Path, train: Dataset, val: Dataset | None, out
     run = _Run(Path(out), settings, towers, opt, resume, say)
     if va is not None and not run.progress.history:
         run.baseline = evaluate(towers, va, enc)
-        say(f"before training: val R@1 i2t={run.baseline['i2t']['R@1']:.1f} t2i={run.baseline['t2i']['R@1']:.1f}"
-            f" rsum={run.baseline['rsum']:.1f}")
+        say(f"before training: val R@1 i2t={run.baseline.i2t['R@1']:.1f} t2i={run.baseline.t2i['R@1']:.1f}"
+            f" rsum={run.baseline.rsum:.1f}")
     wrapped = distributed.wrap(towers, ranks, find_unused=config.loss == "vse")  # the hinge leaves the temperature unused
     schedule = Schedule(len(tr.batches(config.batch_size * ranks.world, config.seed, 0)), config.epochs, config.warmup_epochs)
 
@@ -231,7 +231,7 @@ class _Run:
         self.out, self.settings, self.towers, self.opt, self.say = out, settings, towers, opt, say
         self.ckpt = out / CHECKPOINT
         self.progress = Progress()
-        self.baseline: dict | None = None
+        self.baseline: RecallResult | None = None  # validation recall before training
         if resume and self.ckpt.is_file():
             self._resume()
         elif self.ckpt.is_file():
@@ -246,14 +246,15 @@ class _Run:
                                 "use another --out or drop --resume")
         self.towers.model.load_state_dict(state["trained"], strict=False)
         self.opt.load_state_dict(state["optimizer"])
-        self.progress, self.baseline = Progress.from_checkpoint(state), state["baseline"]
+        self.progress = Progress.from_checkpoint(state)
+        self.baseline = RecallResult(**state["baseline"]) if state["baseline"] else None
         self.say(f"resumed from {self.ckpt} after epoch {state['epoch'] + 1}")
 
     def where_good(self) -> str:
         best = f" and the best model is in {self.out}" if (self.out / "encoder.json").is_file() else ""
         return f"The last good checkpoint is {self.ckpt if self.ckpt.is_file() else 'not written yet'}{best}"
 
-    def finish_epoch(self, epoch: int, entry: dict, result: dict | None, enc: OpenClipEncoder,
+    def finish_epoch(self, epoch: int, entry: dict, result: RecallResult | None, enc: OpenClipEncoder,
                      skipped: list[str] | None, main: bool) -> None:
         """Record the epoch; on rank 0 save the model when it is the best so far, then the checkpoint and log."""
         improved = self.progress.record(entry, result)
@@ -265,7 +266,7 @@ class _Run:
         trained = {n: p.detach().cpu() for n, p in self.towers.model.named_parameters() if p.requires_grad}
         with atomic_path(self.ckpt) as tmp:
             torch.save({"trained": trained, "optimizer": self.opt.state_dict(), "settings": self.settings,
-                        **self.progress.state(epoch), "baseline": self.baseline}, tmp)
+                        **self.progress.state(epoch), "baseline": self.baseline and self.baseline.to_dict()}, tmp)
         write_log(self.out, self.progress.history, skipped)
         self.say(describe(entry, improved and result is not None))
 
@@ -274,8 +275,8 @@ class _Run:
         train = {k: v for k, v in self.settings.items() if k != "base"}
         train.update(best_epoch=entry["epoch"], **{k: v for k, v in entry.items() if k.startswith("val_")})
         if self.baseline is not None:
-            train["val_before"] = {"i2t_R@1": self.baseline["i2t"]["R@1"], "t2i_R@1": self.baseline["t2i"]["R@1"],
-                                   "rsum": self.baseline["rsum"]}
+            train["val_before"] = {"i2t_R@1": self.baseline.i2t["R@1"], "t2i_R@1": self.baseline.t2i["R@1"],
+                                   "rsum": self.baseline.rsum}
         enc.mark_fine_tuned(self.out, {"base": base, "train": train})
         enc.save(self.out)
 

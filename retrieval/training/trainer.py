@@ -25,7 +25,7 @@ from retrieval import runtime
 from retrieval.datasets import Dataset
 from retrieval.encoders.base import read_manifest
 from retrieval.encoders.towers import DEFAULT_CONFIG, KIND, TowerHeads, TowersEncoder, load_heads_state, parse_spec
-from retrieval.metrics import recall_at_k
+from retrieval.metrics import RecallResult, recall_at_k
 from retrieval.training import distributed
 from retrieval.training.config import TrainConfig, TrainingError
 from retrieval.training.curves import CURVE, plot_curves, write_log
@@ -128,7 +128,7 @@ def param_groups(heads: TowerHeads, lr: float, top_lr_scale: float, weight_decay
 
 
 @torch.no_grad()
-def evaluate(heads: TowerHeads, split: TowersSplit, device: torch.device, batch: int = 500) -> dict:
+def evaluate(heads: TowerHeads, split: TowersSplit, device: torch.device, batch: int = 500) -> RecallResult:
     """Recall@k of the current heads on a cached split (plain view, every caption)."""
     img, txt = split_vectors(heads, split, device, batch)
     return recall_at_k(img.numpy(), txt.numpy(), split.text_to_image)
@@ -199,8 +199,7 @@ def _attach_querybank(out: Path, tr: TowersSplit, va: TowersSplit | None, tau: f
         gallery_i = enc.querybank.with_bias(images.numpy(), "image")
         gallery_t = enc.querybank.with_bias(texts.numpy(), "caption")
         r = cross_modal_recall(enc, gallery_i, gallery_t, va.text_to_image)
-        enc.cfg["train"].update({"hub_val_i2t_R@1": r["i2t"]["R@1"], "hub_val_t2i_R@1": r["t2i"]["R@1"],
-                                 "hub_val_rsum": r["rsum"]})
-        say(f"with hubness correction (tau {tau}): val i2t R@1 {r['i2t']['R@1']:.2f} t2i R@1 {r['t2i']['R@1']:.2f} "
-            f"rsum {r['rsum']:.1f}")
+        enc.cfg["train"].update({"hub_val_i2t_R@1": r.i2t["R@1"], "hub_val_t2i_R@1": r.t2i["R@1"], "hub_val_rsum": r.rsum})
+        say(f"with hubness correction (tau {tau}): val i2t R@1 {r.i2t['R@1']:.2f} t2i R@1 {r.t2i['R@1']:.2f} "
+            f"rsum {r.rsum:.1f}")
     enc.save(out)
