@@ -268,3 +268,40 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
         train_encoder("towers", Dataset([]), None, tmp_path, TrainConfig(flip="sideways"))
     with pytest.raises(TypeError, match="embed"):
         train_encoder("towers", Dataset([]), None, tmp_path, embed=64)  # not a setting
+
+
+DDP_RUN = """
+import sys
+from pathlib import Path
+
+import torch
+
+from retrieval.training.trainer import train_encoder
+from test_trainer import make_shapes
+
+torch.set_num_threads(1)
+root, out, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+train_encoder("towers", make_shapes(root / "images", 20), None, out, epochs=2, batch_size=batch, lr=5e-3, embed_dim=32,
+              image_top=0, text_top=0, flip=False, hubness_tau=None, warmup_epochs=0.5, cache_dir=root / "cache",
+              log=lambda m: None)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_train_the_towers_as_one(tmp_path):
+    """gloo on the CPU: two ranks with 5 pairs each take the same steps as one process with 10 (DDP sums their parts)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "run.py").write_text(DDP_RUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    one = [sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "one"), "10"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "run.py"),
+           str(tmp_path), str(tmp_path / "two"), "5"]
+    for command in (one, two):  # the first caches the features the two ranks then read
+        subprocess.run(command, check=True, env=env, cwd=repo, capture_output=True, timeout=900)
+    logs = [[json.loads(line) for line in (tmp_path / name / "train_log.jsonl").read_text().splitlines()] for name in ("one", "two")]
+    assert [e["loss"] for e in logs[0]] == pytest.approx([e["loss"] for e in logs[1]], rel=1e-4)
+    assert logs[0][-1]["temperature"] == pytest.approx(logs[1][-1]["temperature"], rel=1e-4)
