@@ -69,7 +69,10 @@ def quality_cmd(
     models = {k: v for k, v in (("bow-pmi", bow_pmi), ("bow-ratio", bow_ratio)) if v is not None}
     result = quality.run(encoders=encoder, bow_models=models, quick=quick, n_images=n, n_train=n_train,
                          skip=tuple(skip), log=_logger(as_json), **kwargs)
-    table = recall_table(result["encoders"], f"{result['n_images']} images ({Path(result['split_file']).name if result['split_file'] else 'all'})")
+    from retrieval.metrics import RecallResult
+
+    scores = {name: RecallResult.from_dict(r) for name, r in result["encoders"].items()}
+    table = recall_table(scores, f"{result['n_images']} images ({Path(result['split_file']).name if result['split_file'] else 'all'})")
     _finish(result, quality.NAME, out_dir, as_json, quality.plot, table)
     for name, reason in result["skipped"].items():
         if not as_json:

@@ -25,6 +25,11 @@ class RecallResult:
         """The JSON form (`seesay eval --json`'s keys)."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RecallResult":
+        """Back from the JSON form (keys other than the fields, such as `encoder`, are left out)."""
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(RecallResult)})
+
 
 def recall_at_k(
     image_vecs: np.ndarray,
