@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -163,7 +164,7 @@ class Index:
         self._ids: dict[int, np.ndarray] = {}  # item ids of segments, by id, for deletes
         self._params: dict[str, int] = {}
         self._retired: set[int] = set()  # segments the open write transaction retires
-        self._merger = None if read_only else Merger(lambda: self._merge_next(wait=False), str(directory))
+        self._merger = None if read_only else Merger(_background_merge(self), str(directory))
 
     # ----- opening -----
 
@@ -790,6 +791,20 @@ class Index:
             if wrong:
                 raise ItemNotFoundError(f"no image items with ids {wrong} in index {self.directory}; no path changed", wrong)
             store.set_paths(session, paths)
+
+
+def _background_merge(index: Index) -> Callable[[], bool]:
+    """The merger's step for `index`: run the policy's next merge; False when none is left.
+
+    It holds the index weakly, so that an index nobody uses is freed at once (with its
+    loaded segments) rather than by the cycle collector."""
+    ref = weakref.ref(index)
+
+    def step() -> bool:
+        target = ref()
+        return target is not None and target._merge_next(wait=False) is not None
+
+    return step
 
 
 def _trained(index, vectors: np.ndarray, factory: str, name: str):

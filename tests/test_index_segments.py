@@ -232,3 +232,22 @@ def test_a_merge_whose_group_was_retired_meanwhile_changes_nothing(tmp_path: Pat
         assert index._merge([s for s in segments if s.kind == "image"], dead) == 0
         assert index.info().segments["image"] == 1 and index.info().generation == generation + 1
         assert len(assert_consistent(directory)["image"]) == 60
+
+
+def test_a_closed_writable_index_is_freed_with_its_loaded_segments(tmp_path: Path) -> None:
+    """The background merger holds its index weakly: dropping the last reference frees the loaded
+    segments at once, not whenever the cycle collector runs (a 1M-vector index holds gigabytes)."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(6)
+    gc.disable()
+    try:
+        with Index.create(tmp_path / "idx", artefact) as index:
+            add_images(index, rng, 0, 30)
+            index.search("image", unit(rng, 2), 5)
+        freed = weakref.ref(index)
+        del index
+        assert freed() is None
+    finally:
+        gc.enable()
