@@ -107,33 +107,28 @@ def thumbnail_url(item: Item) -> Optional[str]:
     return None if image_id is None else f"/thumbnails/{image_id}"
 
 
-def hit_out(hit: Hit) -> HitOut:
-    item = hit.item
-    return HitOut(
-        rank=hit.rank,
-        score=round(hit.score, 6),
+def _item_fields(item: Item) -> dict:
+    """The fields a hit and an item share, from the stored item."""
+    return dict(
         id=item.id,
         kind=item.kind,
         source_id=item.source_id,
         text=item.text,
         image_id=item.image_item_id,
         split=item.split,
-        captions=hit.captions,
         thumbnail=thumbnail_url(item),
     )
 
 
+def hit_out(hit: Hit) -> HitOut:
+    return HitOut(rank=hit.rank, score=round(hit.score, 6), captions=hit.captions, **_item_fields(hit.item))
+
+
 def item_out(item: Item, captions: list[Item], vector: np.ndarray | None) -> ItemOut:
     return ItemOut(
-        id=item.id,
-        kind=item.kind,
-        source_id=item.source_id,
-        text=item.text,
-        image_id=item.image_item_id,
-        split=item.split,
         captions=[CaptionOut(id=c.id, text=c.text or "") for c in captions],
-        thumbnail=thumbnail_url(item),
         vector=None if vector is None else np.asarray(vector, dtype=np.float64).round(7).tolist(),
+        **_item_fields(item),
     )
 
 
