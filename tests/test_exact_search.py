@@ -78,10 +78,13 @@ def test_duplicate_scores_and_small_k() -> None:
     np.testing.assert_allclose(np.einsum("qd,qkd->qk", q, x[ids]), scores, atol=1e-5)
 
 
-def test_flat_vector_set_searches_exactly_after_adds_and_removes() -> None:
+def test_flat_vector_set_searches_exactly_after_adds_and_removes(monkeypatch) -> None:
     """A Flat VectorSet answers through ExactSearch; after a removal it sees the new contents."""
     from indexer.vectors import VectorSet
 
+    served: list[int] = []
+    exact_search = ExactSearch.search
+    monkeypatch.setattr(ExactSearch, "search", lambda self, q, *args, **kw: served.append(len(q)) or exact_search(self, q, *args, **kw))
     rng = np.random.default_rng(4)
     x = _unit(rng, 3000, 32)
     ids = np.arange(10, 3010, dtype=np.int64)
@@ -91,7 +94,7 @@ def test_flat_vector_set_searches_exactly_after_adds_and_removes() -> None:
         q = _unit(rng, nq, 32)
         ref_scores, pos = _faiss_flat(x, q, 10)
         _same_topk(vs.search(q, 10), (ref_scores, ids[pos]))
-    assert vs._exact is not None  # the exact path served those searches
+    assert served == [1, 16, 1500]  # the exact path served those searches
     gone = ids[:1500]
     vs.remove(gone.tolist())
     q = x[:5]  # each removed vector's best match is now someone else

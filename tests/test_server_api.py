@@ -272,7 +272,7 @@ def test_thumbnail_cache_rerenders_a_replaced_file_and_bounds_memory(tmp_path):
     assert cache.get(1, path, 128).data != first.data and cache.renders == 2
     for i in range(2, 40):
         cache.get(i, path, 128)
-    assert cache._used <= 10_000
+    assert 0 < cache.memory_used <= 10_000
     with pytest.raises(FileNotFoundError):
         cache.get(99, tmp_path / "nope.png", 128)
 

@@ -73,6 +73,11 @@ class ThumbnailCache:
         self._lock = threading.Lock()
         self.renders = 0  # how many times a thumbnail was actually rendered (for tests and stats)
 
+    @property
+    def memory_used(self) -> int:
+        """Bytes of thumbnails held in memory now (at most `memory_bytes`)."""
+        return self._used
+
     @staticmethod
     def key(item_id: int, path: Path, size: int) -> str:
         stat = path.stat()  # FileNotFoundError when the indexed file is gone
