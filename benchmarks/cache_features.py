@@ -10,15 +10,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrieval.datasets import load_dataset
+from retrieval.datasets import SHARED_FLICKR8K, load_dataset
 from retrieval.backbones import efficientnet as effnet
 from retrieval.training import features as feats
 
 
 def main(argv: list[str] | None = None) -> None:
-    root = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=root.parent / "shared" / "data" / "flickr8k")
+    p.add_argument("--data", type=Path, default=SHARED_FLICKR8K)
     p.add_argument("--backbones", default="lite0,lite2")
     p.add_argument("--text-model", default="mpnet")
     p.add_argument("--image-depth", type=int, default=4)

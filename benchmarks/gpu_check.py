@@ -79,9 +79,11 @@ STAGES: dict[str, Callable] = {
 
 
 def main() -> None:
+    from retrieval.datasets import SHARED_FLICKR8K
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stages", nargs="*", help=f"any of {', '.join(STAGES)} (default: all)")
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/flickr8k"))
+    parser.add_argument("--data", type=Path, default=SHARED_FLICKR8K)
     parser.add_argument("--text-model", default="minilm")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
     args = parser.parse_args()

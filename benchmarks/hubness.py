@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.datasets import SHARED_FLICKR8K
 from retrieval.encoders import querybank as qb
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--data", type=Path, default=root.parent / "shared" / "data" / "flickr8k")
+    p.add_argument("--data", type=Path, default=SHARED_FLICKR8K)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--tau", type=float, default=qb.DEFAULT_TAU)
     p.add_argument("--save-seed", type=int, default=None)

@@ -16,9 +16,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from retrieval.datasets import SHARED_FLICKR8K
+
 DEFAULT_OUT = Path("seesay-bench")
 # The shared data set beside the project's root (see ../shared/README.md).
-FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
+FLICKR = SHARED_FLICKR8K
 
 
 def machine() -> dict[str, Any]:

@@ -32,6 +32,9 @@ class Dataset:
 
 
 FORMATS = ("csv", "karpathy", "coco", "folder", "jsonl")
+# The Flickr8k copy a source checkout is developed against, ../shared/data/flickr8k beside the
+# project root: the default data of the benchmarks, the training scripts and the tests.
+SHARED_FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 # Pillow formats it can only identify, or decode only with an outside program (Ghostscript).
 _IDENTIFY_ONLY_FORMATS = frozenset({"EPS", "MPEG"})
 # Karpathy's "restval" images are the extra training images of his COCO split.

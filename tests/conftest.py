@@ -77,6 +77,33 @@ def colour_encoder() -> ColourMeanEncoder:
 
 
 @pytest.fixture(scope="session")
+def towers_encoder():
+    """Untrained 16-d MLP heads on EfficientNet-Lite0 and MiniLM, top block and layer trainable: built once a session."""
+    from retrieval.encoders.towers import TowersEncoder
+
+    return TowersEncoder({"embed_dim": 16, "head": "mlp", "image_top": 1, "text_top": 1})
+
+
+@pytest.fixture(scope="session")
+def zeroshot_encoder():
+    """The `zeroshot` encoder (EfficientNet-Lite0 class probabilities in MiniLM's space): built once a session."""
+    from retrieval.encoders.registry import load_encoder
+
+    return load_encoder("zeroshot")
+
+
+@pytest.fixture(scope="session")
+def shape_index(tmp_path_factory) -> Path:
+    """One index of 24 generated shape images (2 captions each) for the whole session: open it read-only.
+
+    A test that changes an index builds its own with `helpers.build_shape_index`.
+    """
+    from helpers import build_shape_index  # not at the top: crash tests import this file in subprocesses
+
+    return build_shape_index(tmp_path_factory.mktemp("shape-index"))
+
+
+@pytest.fixture(scope="session")
 def postgres():
     """A PostgreSQL server for this test session (skips, saying why, where none can run)."""
     from benchmarks.postgres import TemporaryServer, available

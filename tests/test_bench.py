@@ -8,9 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
+from helpers import needs_flickr8k
 
-FLICKR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "flickr8k"
-needs_flickr = pytest.mark.skipif(not (FLICKR / "captions.csv").is_file(), reason="Flickr8k not present")
 
 
 def _run(args: list[str], out: Path) -> dict:
@@ -76,7 +75,7 @@ def torch_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@needs_flickr
+@needs_flickr8k
 def test_bench_encode_tiny(tmp_path: Path) -> None:
     r = _run(["encode", "--n", "6", "--captions", "10", "--batch-size", "4", "--encoder", "test-colour:8"], tmp_path)
     enc = r["encoders"]["test-colour:8"]
@@ -85,7 +84,7 @@ def test_bench_encode_tiny(tmp_path: Path) -> None:
     assert enc["engine_images_per_s"] > 0 and enc["captions_per_s"] > 0
 
 
-@needs_flickr
+@needs_flickr8k
 def test_bench_quality_tiny(tmp_path: Path) -> None:
     r = _run(["quality", "--quick", "--n", "12", "--n-train", "30", "--skip", "zeroshot", "--skip", "default",
               "--encoder", "test-colour:8", "--encoder", "no-such-encoder"], tmp_path)

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.app import app
+from helpers import FLICKR8K, needs_flickr8k
 from retrieval.demo_data import make_shape_set
 
 ROOT = Path(__file__).resolve().parents[1]
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 runner = CliRunner()
 
 
@@ -72,16 +72,15 @@ def test_train_index_search_eval_info(shapes, model, tmp_path):
     assert seesay("delete", 99999, "--index", index).returncode == 1
 
 
+@needs_flickr8k
 def test_flickr8k_sample_indexes_and_finds_its_own_caption(tmp_path):
-    if not FLICKR.is_dir():
-        pytest.skip(f"{FLICKR} is not here")
-    names = (FLICKR / "splits" / "dev.txt").read_text().split()[:20]
+    names = (FLICKR8K / "splits" / "dev.txt").read_text().split()[:20]
     (tmp_path / "sample.txt").write_text("\n".join(names))
-    args = ("--data", FLICKR / "captions.csv", "--split-file", tmp_path / "sample.txt")
+    args = ("--data", FLICKR8K / "captions.csv", "--split-file", tmp_path / "sample.txt")
     run("train", "--encoder", "bow-ratio", *args, "--out", tmp_path / "m", "--colours", 16, "--objects", 0, "--min-count", 1)
     added = json.loads(run("index", "--encoder", tmp_path / "m", *args, "--index", tmp_path / "i", "--json"))
     assert (added["images_added"], added["captions_added"]) == (20, 100)
-    hits = json.loads(run("search", "--index", tmp_path / "i", "--image", FLICKR / "images" / names[0], "-k", "5", "--json"))["hits"]
+    hits = json.loads(run("search", "--index", tmp_path / "i", "--image", FLICKR8K / "images" / names[0], "-k", "5", "--json"))["hits"]
     assert len(hits) == 5 and all(h["kind"] == "caption" for h in hits)
 
 

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import FLICKR8K, needs_flickr8k
 from retrieval.datasets import Record, load_dataset, summarize_problems
 from retrieval.errors import BadDataError
 
-# The shared, read-only sample lives in ../shared beside the project root.
-FLICKR8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
 
 
 def write(path: Path, text: str) -> Path:
@@ -266,6 +265,7 @@ def test_summarize_problems() -> None:
 # --- the real Flickr8k sample ----------------------------------------------------------------
 
 
+@needs_flickr8k
 def test_flickr8k_dev_split() -> None:
     data = load_dataset(FLICKR8K / "captions.csv", split_file=FLICKR8K / "splits" / "dev.txt")
     assert data.problems == []

@@ -120,11 +120,10 @@ def test_backbone_names_and_resizing():
 
 
 @pytest.mark.parametrize("tops", [0, 1])
-def test_zero_shot_coordinates_are_the_zeroshot_encoders_vectors(tmp_path, tops):
+def test_zero_shot_coordinates_are_the_zeroshot_encoders_vectors(tmp_path, tops, zeroshot_encoder):
     """With zeroshot_weight w, a row is [√(1−w)·towers, √w·zeroshot]: its tail is exactly the zeroshot encoder's."""
     from PIL import Image
 
-    from retrieval.encoders.registry import load_encoder
     from retrieval.encoders.towers import TowersEncoder
 
     paths = []
@@ -133,7 +132,7 @@ def test_zero_shot_coordinates_are_the_zeroshot_encoders_vectors(tmp_path, tops)
         Image.new("RGB", (120, 90), colour).save(paths[-1])
     texts = ["a red ball", "a dog runs through the snow"]
     enc = TowersEncoder({"embed_dim": 32, "image_top": tops, "text_top": tops, "zeroshot_weight": 0.25})
-    zs = load_encoder("zeroshot")
+    zs = zeroshot_encoder
     images, captions = enc.encode_images(paths), enc.encode_texts(texts)
     assert images.shape == (3, 32 + 384) and captions.shape == (2, 32 + 384) and enc.dim == 416
     np.testing.assert_allclose(np.linalg.norm(images, axis=1), 1, atol=1e-5)

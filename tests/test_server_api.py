@@ -17,12 +17,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
+from helpers import build_shape_index, local_client, png_bytes, upload
 from indexer import Index
 from retrieval.collection import Collection
 from retrieval.datasets import load_dataset
 from retrieval.demo_data import draw_shape, make_shape_set
 from retrieval.engine import QueryEngine
-from retrieval.encoders.bow import BowConfig, fit_bow
 from retrieval.server.app import create_app
 from retrieval.server.thumbnails import ThumbnailCache
 
@@ -30,31 +30,9 @@ N_IMAGES = 4 * 3 * 2  # colours × shapes × copies
 N_CAPTIONS = 2 * N_IMAGES
 
 
-def build_index(root: Path, copies: int = 2, seed: int = 0) -> Path:
-    """A real index of generated shape images in root/index; returns the index folder."""
-    records = load_dataset(make_shape_set(root / "data", copies=copies, seed=seed)).records
-    encoder, problems = fit_bow(records, BowConfig(colours=16, objects=0))
-    assert not problems
-    with Collection.open_or_create(root / "index", encoder) as collection:
-        report = collection.add(records, workers=1)
-    assert report.images_added == len(records)
-    return root / "index"
-
-
-def local_client(app, **options) -> TestClient:
-    """A test client that calls the app as a browser on this machine would: Host 127.0.0.1."""
-    return TestClient(app, base_url="http://127.0.0.1", **options)
-
-
-def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt)
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory) -> Path:
-    return build_index(tmp_path_factory.mktemp("served"))
+def index_dir(shape_index) -> Path:
+    return shape_index
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +50,6 @@ def text_search(client, q, **params):
     response = client.get("/api/search/text", params={"q": q, **params})
     assert response.status_code == 200, response.text
     return response.json()
-
-
-def upload(client, data: bytes, name="query.png", mime="image/png", **fields):
-    return client.post("/api/search/image", files={"file": (name, data, mime)}, data={k: str(v) for k, v in fields.items()})
 
 
 def red_square_id(client) -> int:
@@ -249,7 +223,7 @@ def test_no_path_traversal(client, url):
 
 
 def test_missing_image_file_is_a_404_not_a_crash(tmp_path):
-    index_dir = build_index(tmp_path, copies=1)
+    index_dir = build_shape_index(tmp_path, copies=1)
     (tmp_path / "data" / "images" / "red_square_0.png").unlink()
     with local_client(create_app(index_dir, disk_cache=False)) as c:
         hit = c.get("/api/search/text", params={"q": "red square", "k": 6}).json()["hits"]
@@ -379,7 +353,7 @@ def test_search_page_and_assets_are_served_locally(client):
 
 
 def test_queries_stay_consistent_while_another_writer_appends(tmp_path):
-    index_dir = build_index(tmp_path / "a", copies=1)
+    index_dir = build_shape_index(tmp_path / "a", copies=1)
     extra = load_dataset(make_shape_set(tmp_path / "b", copies=2, seed=9)).records
     errors: list = []
     seen: list[int] = []

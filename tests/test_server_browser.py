@@ -16,10 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from retrieval.collection import Collection
-from retrieval.datasets import load_dataset
-from retrieval.demo_data import draw_shape, make_shape_set
-from retrieval.encoders.bow import BowConfig, fit_bow
+from retrieval.demo_data import draw_shape
 
 CHROMIUM = Path("/usr/bin/chromium")
 REPO = Path(__file__).resolve().parents[1]
@@ -34,15 +31,6 @@ WAIT_MS = 30_000
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent: install chromium to run the browser test")
 
 
-def build_index(root: Path) -> Path:
-    """A real index of 24 generated shape images (2 captions each) in root/index."""
-    records = load_dataset(make_shape_set(root / "data", copies=2)).records
-    encoder, _ = fit_bow(records, BowConfig(colours=16, objects=0))
-    with Collection.open_or_create(root / "index", encoder) as collection:
-        collection.add(records, workers=1)
-    return root / "index"
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -50,10 +38,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """Base URL of a `seesay serve` subprocess on a free loopback port; always killed afterwards."""
+def server(tmp_path_factory, shape_index):
+    """Base URL of a `seesay serve` subprocess over the session's shape index on a free loopback port; always killed afterwards."""
     root = tmp_path_factory.mktemp("browser")
-    index_dir = build_index(root)
+    index_dir = shape_index
     port = free_port()
     log = (root / "server.log").open("w+")
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}

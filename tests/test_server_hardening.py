@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import build_shape_index, local_client, png_bytes, upload
 from indexer import Index
 from retrieval.collection import Collection
 from retrieval.datasets import load_dataset
 from retrieval.demo_data import draw_shape, make_shape_set
 from retrieval.server.app import create_app
 from retrieval.server.hosts import host_name
-from test_server_api import build_index, local_client, png_bytes, upload
 
 HUGE_ID = 2**63
 
 
 @pytest.fixture(scope="module")
-def index_dir(tmp_path_factory) -> Path:
-    return build_index(tmp_path_factory.mktemp("hardened"), copies=1)
+def index_dir(shape_index) -> Path:
+    return shape_index
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def _largest_image_id(index_dir: Path) -> int:
 
 
 def test_appended_items_answer_at_once_without_a_search_first(tmp_path):
-    index_dir = build_index(tmp_path / "a", copies=1)
+    index_dir = build_shape_index(tmp_path / "a", copies=1)
     extra = load_dataset(make_shape_set(tmp_path / "b", copies=1, seed=5)).records
     with local_client(create_app(index_dir, disk_cache=False)) as c:
         assert c.get("/api/search/text", params={"q": "red"}).status_code == 200  # serving the first generation
@@ -159,7 +159,7 @@ def test_no_server_paths_in_any_answer(client, index_dir):
 
 
 def test_a_broken_index_is_a_503_that_names_no_file(tmp_path):
-    index_dir = build_index(tmp_path, copies=1)
+    index_dir = build_shape_index(tmp_path, copies=1)
     with local_client(create_app(index_dir, disk_cache=False), raise_server_exceptions=False) as c:
         assert c.get("/api/search/text", params={"q": "red"}).status_code == 200
         c.app.state.service.snapshot().index.close()
@@ -172,7 +172,7 @@ def test_a_broken_index_is_a_503_that_names_no_file(tmp_path):
 
 
 def test_thumbnail_of_an_unreadable_file_names_no_path(tmp_path):
-    index_dir = build_index(tmp_path, copies=1)
+    index_dir = build_shape_index(tmp_path, copies=1)
     with Index.open(index_dir, read_only=True) as index:
         image = index.items([1])[0]
     Path(image.path).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)

@@ -5,30 +5,18 @@ bag-of-words encoder.
 """
 from __future__ import annotations
 
-import io
-from dataclasses import replace
-
 import pytest
-from fastapi.testclient import TestClient
 
-from retrieval.collection import Collection
-from retrieval.datasets import load_dataset
-from retrieval.demo_data import draw_shape, make_shape_set
-from retrieval.encoders.bow import BowConfig, fit_bow
+from helpers import build_shape_index, local_client, png_bytes
+from retrieval.demo_data import draw_shape
 from retrieval.server.app import create_app
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("paging")
-    records = []
-    for seed, split in enumerate(("north", "south")):
-        found = load_dataset(make_shape_set(root / split, copies=2, seed=seed)).records
-        records += [replace(r, image_name=f"{split}/{r.image_name}", split=split) for r in found]
-    encoder, _ = fit_bow(records, BowConfig(colours=16, objects=0))
-    with Collection.open_or_create(root / "index", encoder) as collection:
-        collection.add(records, workers=1)
-    with TestClient(create_app(root / "index", disk_cache=False), base_url="http://127.0.0.1") as client:
+    index_dir = build_shape_index(root, splits=("north", "south"))
+    with local_client(create_app(index_dir, disk_cache=False)) as client:
         yield client, root
 
 
@@ -39,9 +27,7 @@ def search(client, **params) -> dict:
 
 
 def png(colour: str, shape: str) -> bytes:
-    buffer = io.BytesIO()
-    draw_shape(colour, shape, seed=99).save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(draw_shape(colour, shape, seed=99))
 
 
 def test_offset_pages_through_results_past_k(served):

@@ -25,8 +25,8 @@ def _unit_rows(x, n, d):
     assert np.allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
 
 
-def test_zeroshot_shapes_and_normalisation(tmp_path):
-    enc = load_encoder("zeroshot")
+def test_zeroshot_shapes_and_normalisation(tmp_path, zeroshot_encoder):
+    enc = zeroshot_encoder
     assert enc.dim == 384 and enc.kind == "zeroshot"
     paths = _images(tmp_path)
     _unit_rows(enc.encode_images(paths), 3, 384)
@@ -40,14 +40,12 @@ def test_towers_must_be_trained_first():
         load_encoder("towers")
 
 
-def test_towers_paths_and_pil_images_agree_and_save_round_trip(tmp_path):
-    from retrieval.encoders.towers import TowersEncoder
-
-    enc = TowersEncoder({"embed_dim": 32, "head": "mlp", "image_top": 1, "text_top": 1})
+def test_towers_paths_and_pil_images_agree_and_save_round_trip(tmp_path, towers_encoder):
+    enc = towers_encoder
     paths = _images(tmp_path, 5)
     from_paths = enc.encode_images(paths, batch_size=2)
     from_pil = enc.encode_images([Image.open(p) for p in paths], batch_size=2)
-    _unit_rows(from_paths, 5, 32)
+    _unit_rows(from_paths, 5, 16)
     assert np.allclose(from_paths, from_pil, atol=1e-5)
     texts = ["a red ball", "a long sentence about a dog running through the park"]
     loaded = load_encoder(enc.save(tmp_path / "m"))
@@ -55,20 +53,17 @@ def test_towers_paths_and_pil_images_agree_and_save_round_trip(tmp_path):
     assert np.allclose(loaded.encode_images(paths[:2]), from_paths[:2], atol=1e-5)
 
 
-def test_bad_image_names_the_file(tmp_path):
-    from retrieval.encoders.towers import TowersEncoder
-
+def test_bad_image_names_the_file(tmp_path, towers_encoder):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"garbage")
     with pytest.raises(BadImageError, match="bad.jpg"):
-        TowersEncoder({"embed_dim": 8}).encode_images(_images(tmp_path, 1) + [bad])
+        towers_encoder.encode_images(_images(tmp_path, 1) + [bad])
 
 
-def test_engine_path_skips_a_bad_file_and_matches_the_encoder(tmp_path):
+def test_engine_path_skips_a_bad_file_and_matches_the_encoder(tmp_path, towers_encoder):
     from retrieval.embedding import encode_image_files
-    from retrieval.encoders.towers import TowersEncoder
 
-    enc = TowersEncoder({"embed_dim": 16})
+    enc = towers_encoder
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"garbage")
     good = _images(tmp_path, 4)
@@ -78,12 +73,11 @@ def test_engine_path_skips_a_bad_file_and_matches_the_encoder(tmp_path):
     assert np.allclose(vectors, enc.encode_images(good, batch_size=3), atol=1e-5)
 
 
-def test_a_bad_file_whose_name_holds_a_colon_keeps_its_reason(tmp_path):
+def test_a_bad_file_whose_name_holds_a_colon_keeps_its_reason(tmp_path, towers_encoder):
     from retrieval.embedding import encode_image_files
-    from retrieval.encoders.towers import TowersEncoder
 
     odd = tmp_path / "photo: night.jpg"
-    _, kept, failed = encode_image_files(TowersEncoder({"embed_dim": 8}), _images(tmp_path, 2) + [odd], batch_size=2)
+    _, kept, failed = encode_image_files(towers_encoder, _images(tmp_path, 2) + [odd], batch_size=2)
     assert kept == [0, 1] and failed[2].path == odd and failed[2].reason == "no such file"
 
 
