@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
+from retrieval.datasets import SHARED_FLICKR8K
+
 DEV_TARGET = {"i2t": 42.0, "t2i": 31.0}
 SPEED_TARGETS = {"query_p50_ms": ("≤", 30.0), "engine_images_per_s": ("≥", 15.0), "engine_sys_per_user": ("≤", 0.15)}
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default", help="the encoder shipped as the default (a spec or a model folder)")
     p.add_argument("--seed-model", action="append", default=[], help="the same recipe trained with another seed")
-    p.add_argument("--data", type=Path, default=FLICKR)
+    p.add_argument("--data", type=Path, default=SHARED_FLICKR8K)
     p.add_argument("--ood", type=Path, help="the out-of-domain set's folder (benchmarks/ood_clipart.py --out)")
     p.add_argument("--speed", action="store_true", help="also run the speed figures (several minutes)")
     p.add_argument("--out", type=Path, default=Path("seesay-bench") / "default_targets.json")

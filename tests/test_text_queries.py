@@ -11,22 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import FLICKR8K
 from retrieval.backbones import numpy_text
 from retrieval.encoders.registry import load_encoder, load_text_queries
 
 ROOT = Path(__file__).resolve().parents[1]
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 # Captions a tokenizer can get wrong: empty, accents and case, punctuation, a long one (truncated).
 ODD = ["", "a", "UPPER case, accents: café naïve Ünïcödé — and “quotes”!", "dog " * 300]
 
 
 def real_captions(n: int = 40) -> list[str]:
     """The first `n` captions of Flickr8k dev images (synthetic ones where the data set is absent)."""
-    if not (FLICKR / "captions.csv").is_file():
+    if not (FLICKR8K / "captions.csv").is_file():
         return [f"a {c} dog runs across the {p} number {i}" for i, (c, p) in
                 enumerate(zip(["brown", "black", "white", "spotted"] * 10, ["grass", "snow", "beach", "road"] * 10))][:n]
-    dev = set((FLICKR / "splits" / "dev.txt").read_text().split())
-    with (FLICKR / "captions.csv").open(newline="") as f:
+    dev = set((FLICKR8K / "splits" / "dev.txt").read_text().split())
+    with (FLICKR8K / "captions.csv").open(newline="") as f:
         return [row["caption"] for row in csv.DictReader(f) if row["image"] in dev][:n]
 
 
