@@ -14,13 +14,14 @@ import dataclasses
 import json
 from pathlib import Path
 
+from retrieval.datasets import SHARED_FLICKR8K
 from retrieval.training.config import SHIPPED_SPEC, TrainConfig
 
 
 def main(argv: list[str] | None = None) -> None:
     root = Path(__file__).resolve().parents[2]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=root.parent / "shared" / "data" / "flickr8k")
+    p.add_argument("--data", type=Path, default=SHARED_FLICKR8K)
     p.add_argument("--out", type=Path, default=root / "runs" / "towers-flickr8k")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
