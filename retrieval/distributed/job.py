@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -97,8 +100,31 @@ def _embed(todo: pa.Table, folder: JobFolder, collection: Collection, address: s
     """Run the Ray Data job over the rows of `todo`, writing shards into `folder`."""
     ray = _ray()
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+    with _stdout_to_stderr():  # Ray prints its nodes' news ("(raylet) ...") on stdout, which belongs to --json
+        if started_here:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        try:
+            _run_job(ray, todo, folder, collection, actors, batch_size, progress)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+@contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send whatever is written to file descriptor 1 (by Python or by Ray's threads) to stderr for the block."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _run_job(ray, todo: pa.Table, folder: JobFolder, collection: Collection, actors: int, batch_size: int, progress: bool) -> None:
     try:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress
@@ -123,9 +149,6 @@ def _embed(todo: pa.Table, folder: JobFolder, collection: Collection, address: s
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SeesayError(f"the Ray job failed ({reason}); shards written so far are kept in {folder.uri}: "
                           "run the same command again to embed only the rest") from exc
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 def _commit(collection: Collection, plan: Plan, folder: JobFolder, report: RayAddReport, dim: int) -> None:
