@@ -3,7 +3,8 @@
 A text query needs the text tower, the trained text top layers and the text head, and neither
 the image backbones nor the query bank (a cross-modal query row is [v, −1] whatever the
 bank holds; `querybank.as_queries`). Here they run in numpy (`backbones.numpy_text`), giving
-the vectors `TowersEncoder.encode_texts` + `as_queries` gives, to within 1e-6.
+the vectors `TowersEncoder.encode_texts` + `as_queries` gives, to within float32 rounding
+(1e-6 per coordinate with MiniLM, 3e-6 with MPNet).
 
 The trained text parts live in heads.pt, a torch pickle. They are converted once per model
 into a safetensors file in the cache (`text-heads/SHA256.safetensors`, keyed by heads.pt's
