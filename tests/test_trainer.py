@@ -271,17 +271,18 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
 
 
 DDP_RUN = """
+import pickle
 import sys
 from pathlib import Path
 
 import torch
 
 from retrieval.training.trainer import train_encoder
-from test_trainer import make_shapes
 
 torch.set_num_threads(1)
 root, out, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-train_encoder("towers", make_shapes(root / "images", 20), None, out, epochs=2, batch_size=batch, lr=5e-3, embed_dim=32,
+pairs = pickle.loads((root / "pairs.pkl").read_bytes())  # made once: rewriting the images would race between ranks
+train_encoder("towers", pairs, None, out, epochs=2, batch_size=batch, lr=5e-3, embed_dim=32,
               image_top=0, text_top=0, flip=False, hubness_tau=None, warmup_epochs=0.5, cache_dir=root / "cache",
               log=lambda m: None)
 """
@@ -291,12 +292,14 @@ train_encoder("towers", make_shapes(root / "images", 20), None, out, epochs=2, b
 def test_two_processes_under_torchrun_train_the_towers_as_one(tmp_path):
     """gloo on the CPU: two ranks with 5 pairs each take the same steps as one process with 10 (DDP sums their parts)."""
     import os
+    import pickle
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
     (tmp_path / "run.py").write_text(DDP_RUN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests")])}
+    (tmp_path / "pairs.pkl").write_bytes(pickle.dumps(make_shapes(tmp_path / "images", 20)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
     one = [sys.executable, str(tmp_path / "run.py"), str(tmp_path), str(tmp_path / "one"), "10"]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(tmp_path / "run.py"),
            str(tmp_path), str(tmp_path / "two"), "5"]
