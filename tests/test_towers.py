@@ -88,27 +88,25 @@ def test_unknown_text_model_is_a_clear_error(tmp_path):
         TowersEncoder({"text_model": str(tmp_path / "nope")})
 
 
-def test_shipped_default_and_fast_load_and_encode(tmp_path):
-    """`default` = the shipped heads + its query bank (bias as a last coordinate); `fast` = the same without it."""
-    from retrieval.encoders.towers import DEFAULT_MODEL_DIR
+@pytest.mark.parametrize("alias", ["default", "fast"])
+def test_shipped_default_and_fast_load_and_encode(tmp_path, alias):
+    """Each shipped model loads from its folder with its query bank: unit rows plus the bias as a last
+    coordinate, and a cross-modal score is the plain score minus the gallery item's bias."""
+    from retrieval.encoders.registry import ALIASES, SHIPPED_MODELS
 
-    enc, fast = load_encoder("default"), load_encoder("fast")
-    manifest = json.loads((DEFAULT_MODEL_DIR / "encoder.json").read_text())
-    assert enc.spec == "default" and enc.dim == manifest["dim"] and fast.spec == "fast"
+    folder = SHIPPED_MODELS / ALIASES[alias].folder
+    enc = load_encoder(alias)
+    manifest = json.loads((folder / "encoder.json").read_text())
+    assert enc.spec == alias and enc.dim == manifest["dim"] and enc.querybank is not None
     paths = _images(tmp_path, 2)
-    imgs, plain = enc.encode_images(paths), fast.encode_images(paths)
-    txt, plain_txt = enc.encode_texts(["a dog runs on the grass"]), fast.encode_texts(["a dog runs on the grass"])
-    _unit_rows(plain, 2, fast.dim)
-    _unit_rows(plain_txt, 1, fast.dim)
-    if enc.querybank is not None:
-        assert enc.dim == fast.dim + 1
-        np.testing.assert_allclose(imgs[:, :-1], plain, atol=1e-5)
-        np.testing.assert_allclose(txt[:, :-1], plain_txt, atol=1e-5)
-        assert np.abs(imgs[:, -1]).max() < 1.0  # the bias, shifted to stay near 0
-        cross = enc.as_queries(txt, cross_modal=True) @ imgs.T
-        np.testing.assert_allclose(cross, plain_txt @ plain.T - imgs[:, -1][None, :], atol=1e-5)
-    # Small: only the trained parts ship (heads, and the bank's 12,000 fp16 vectors).
-    assert sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir()) < 50_000_000
+    imgs, txt = enc.encode_images(paths), enc.encode_texts(["a dog runs on the grass"])
+    _unit_rows(imgs[:, :-1], 2, enc.dim - 1)
+    _unit_rows(txt[:, :-1], 1, enc.dim - 1)
+    assert np.abs(imgs[:, -1]).max() < 1.0  # the bias, shifted to stay near 0
+    cross = enc.as_queries(txt, cross_modal=True) @ imgs.T
+    np.testing.assert_allclose(cross, txt[:, :-1] @ imgs[:, :-1].T - imgs[:, -1][None, :], atol=1e-5)
+    # Only the trained parts ship (heads, and the bank's 12,000 fp16 vectors), never the pretrained towers.
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 120_000_000
 
 
 def test_image_preprocessing_scales_pixels_as_efficientnet_lite_expects():

@@ -14,7 +14,8 @@ import dataclasses
 from retrieval.errors import SeesayError
 
 LOSSES = ("infonce", "vse")
-SHIPPED_SPEC = "towers"  # the shipped model's encoder spec (its text model: MiniLM); TrainConfig() is its recipe
+SHIPPED_SPEC = "towers"  # the `fast` shipped model's encoder spec (its text model: MiniLM); TrainConfig() is its recipe
+DEFAULT_SPEC = "towers:mpnet"  # the `default` shipped model's encoder spec; DEFAULT_RECIPE is its recipe
 
 
 class TrainingError(SeesayError):
@@ -94,3 +95,9 @@ class FinetuneConfig(ContrastiveConfig):
     weight_decay: float = 0.1
     lock_image: bool = False  # LiT: the image tower frozen whole (image_top is ignored)
     flip: bool = True
+
+
+# The `default` shipped model (retrieval/models/lite02-mpnet-flickr8k): TrainConfig() with Lite0 + Lite2
+# backbones and 8 epochs (patience 3), trained as DEFAULT_SPEC; its zero-shot weight (0.4) and query bank
+# (τ = 0.05) were set after training (benchmarks/RESULTS.md).
+DEFAULT_RECIPE = dataclasses.replace(TrainConfig(), image_backbones="lite0,lite2", epochs=8, patience=3)
