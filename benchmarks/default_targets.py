@@ -25,8 +25,9 @@ DEV_TARGET = {"i2t": 42.0, "t2i": 31.0}
 SPEED_TARGETS = {"query_p50_ms": ("≤", 30.0), "engine_images_per_s": ("≥", 15.0), "engine_sys_per_user": ("≤", 0.15)}
 
 
-def _r1(result: dict[str, Any]) -> dict[str, float]:
-    return {"i2t": result["i2t"]["R@1"], "t2i": result["t2i"]["R@1"], "rsum": result["rsum"]}
+def _r1(result) -> dict[str, float]:
+    """R@1 both ways and RSUM of a `RecallResult` or `Evaluation`."""
+    return {"i2t": result.i2t["R@1"], "t2i": result.t2i["R@1"], "rsum": result.rsum}
 
 
 def dev_recall(specs: list[str], data: Path) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def dev_recall(specs: list[str], data: Path) -> dict[str, Any]:
     out = {}
     for spec in specs:
         r = evaluate(load_encoder(spec), records, 32)
-        out[spec] = {"corrected": _r1(r), "plain": _r1(r["without_hubness"]) if "without_hubness" in r else None}
+        out[spec] = {"corrected": _r1(r), "plain": _r1(r.without_hubness) if r.without_hubness is not None else None}
         hit = all(out[spec]["corrected"][d] >= DEV_TARGET[d] for d in DEV_TARGET)
         print(f"dev {spec}: i2t R@1 {out[spec]['corrected']['i2t']:.1f} (target ≥ {DEV_TARGET['i2t']:.0f}), "
               f"t2i R@1 {out[spec]['corrected']['t2i']:.1f} (≥ {DEV_TARGET['t2i']:.0f}), "

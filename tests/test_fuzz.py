@@ -163,10 +163,10 @@ schemathesis = pytest.importorskip("schemathesis")
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
+    from helpers import build_shape_index
     from retrieval.server.app import create_app
-    from test_server_api import build_index
 
-    app = create_app(build_index(tmp_path_factory.mktemp("fuzz-served"), copies=1), disk_cache=False)
+    app = create_app(build_shape_index(tmp_path_factory.mktemp("fuzz-served"), copies=1), disk_cache=False)
     return schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Host": "127.0.0.1"})
 
 
