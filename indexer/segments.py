@@ -62,12 +62,17 @@ def write_segment(directory: Path, name: str, segment_id: int, vectors: np.ndarr
     written = _save_array(vectors_path, np.ascontiguousarray(vectors, dtype=np.float32))
     written += _save_array(ids_path, np.ascontiguousarray(ids, dtype=np.int64))
     if part is not None:
-        faiss.write_index(part, str(part_path))
-        with open(part_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        written += part_path.stat().st_size
+        written += _save_part(part, part_path)
     fsync_directory(directory)
     return written
+
+
+def _save_part(part: faiss.Index, path: Path) -> int:
+    """Write a segment's FAISS part, synced to disk; return its size in bytes."""
+    faiss.write_index(part, str(path))
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    return path.stat().st_size
 
 
 @dataclass
@@ -110,10 +115,7 @@ def write_merged(directory: Path, name: str, segment_id: int, sources: Sequence[
     written += _save_array(ids_path, ids)
     part = part if merged is None else merged
     if part is not None:
-        faiss.write_index(part, str(part_path))
-        with open(part_path, "rb") as handle:
-            os.fsync(handle.fileno())
-        written += part_path.stat().st_size
+        written += _save_part(part, part_path)
     fsync_directory(directory)
     return written
 
