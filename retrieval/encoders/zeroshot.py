@@ -26,13 +26,17 @@ KIND = "zeroshot"
 PROMPT = "a photo of a {}."
 
 
-@lru_cache(maxsize=4)
 def class_prompt_vectors(model_path: str | None = None) -> torch.Tensor:
     """Sentence embeddings of the 1,000 class prompts by the text model at `model_path` (default MiniLM),
     cached in memory and on disk."""
+    return _class_prompt_vectors(sentence.resolve_text_model(model_path))
+
+
+@lru_cache(maxsize=4)
+def _class_prompt_vectors(model_path: str) -> torch.Tensor:
+    """`class_prompt_vectors` for a resolved model path: one memory cache entry per model, however it was named."""
     import hashlib
 
-    model_path = sentence.resolve_text_model(model_path)
     prompts = [PROMPT.format(c) for c in effnet.imagenet_classes()]
     key = hashlib.sha1(("\n".join(prompts) + model_path).encode()).hexdigest()[:16]
     path = cache_dir(f"zeroshot-{key}.pt")
