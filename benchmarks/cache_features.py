@@ -8,6 +8,7 @@ views, so a run that is cut short has cached what training needs most.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from retrieval.datasets import SHARED_FLICKR8K, load_dataset
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--text-depth", type=int, default=1)
     p.add_argument("--no-flip", action="store_true")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # caching progress, on stderr
     names = args.backbones.split(",")
     effnet.check_backbones(names)
     decoded = effnet.decode_size(names)

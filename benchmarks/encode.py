@@ -20,6 +20,7 @@ decoded every time).
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,6 +34,7 @@ from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import load_encoder
 
 NAME = "encode"
+log = logging.getLogger(__name__)
 DEFAULT_ENCODERS = ("default",)
 # Registry kinds (retrieval.encoders.registry.KINDS). Same architecture and cost as `default`, untrained
 # heads: measured when no other encoder loads.
@@ -139,7 +141,6 @@ def run(
     n_captions: int | None = None,
     batch_size: int = 32,
     data: Path = FLICKR,
-    log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Benchmark each available encoder; unavailable ones are listed with the reason."""
     import torch
@@ -159,9 +160,9 @@ def run(
             encoder = load_encoder(spec)
         except Exception as exc:  # not available here: say why and go on
             result["skipped"][spec] = f"{type(exc).__name__}: {exc}"
-            log(f"skipping {spec}: {exc}")
+            log.info(f"skipping {spec}: {exc}")
             continue
-        log(f"encoding {len(paths)} images and {len(captions)} captions with {spec}")
+        log.info(f"encoding {len(paths)} images and {len(captions)} captions with {spec}")
         result["encoders"][spec] = bench_encoder(encoder, paths, captions, batch_size, repeats)
     measured = [r for r in result["encoders"].values() if r.get("pipeline_efficiency") is not None]
     if measured:

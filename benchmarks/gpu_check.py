@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 import traceback
@@ -61,7 +62,7 @@ def _train(args) -> dict[str, Any]:
     va = load_dataset(captions, split_file=args.data / "splits" / "val100.txt")
     start = time.time()
     out = train_encoder(f"towers:{args.text_model}", tr, va, args.out / "run", epochs=3, batch_size=64, image_top=2,
-                        text_top=1, flip=True, embed_dim=256, cache_dir=args.out / "cache", log=print)
+                        text_top=1, flip=True, embed_dim=256, cache_dir=args.out / "cache")
     took = time.time() - start
     encoder = load_encoder(out)
     vectors = encoder.encode_images(sorted((args.data / "images").iterdir())[:8], 4)
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--text-model", default="minilm")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check")))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the trainer's progress, on stderr
     unknown = sorted(set(args.stages) - set(STAGES))
     if unknown:
         parser.error(f"unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")

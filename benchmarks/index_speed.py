@@ -15,6 +15,7 @@ against exact search.
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import os
 import tempfile
@@ -31,6 +32,7 @@ from indexer.path_choice import Path
 from indexer.vectors import VectorSet
 
 NAME = "index"
+log = logging.getLogger(__name__)
 ROOFLINE_BATCHES = (1, 16, 64, 256, 4096)
 # The batch sizes flat_bandwidth_fraction is judged on (the issue's list).
 JUDGED_BATCHES = (1, 16, 256, 4096)
@@ -115,7 +117,6 @@ def run(
     seed: int = 0,
     indexes: tuple[str, ...] = APPROXIMATE,
     refine: tuple[int, ...] = (1, 4, 16),
-    log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Run the index benchmark and return its JSON-ready result."""
     n = n or (20_000 if quick else 1_000_000 if large else 100_000)
@@ -124,7 +125,7 @@ def run(
     qps_batch = 256 if quick else 1024
     repeats = 2 if quick else 3
 
-    log("measuring the roofline (read bandwidth, sgemm)")
+    log.info("measuring the roofline (read bandwidth, sgemm)")
     roof = roofline.measure(quick)
     centres = unit_vectors(1024, d, rng) if data == "clustered" else None
     x = unit_vectors(n, d, rng, data, centres)
@@ -143,7 +144,7 @@ def run(
         "roofline": roof.to_dict(),
     }
 
-    log(f"building flat over {n}×{d}")
+    log.info(f"building flat over {n}×{d}")
     flat, flat_info = build_set("Flat", x, ids)
     exact = ExactSearch(flat.vectors, flat.ids, flat=flat.index)
     extras = exact_extras(exact)  # made up front, as an index in steady use has them
@@ -151,13 +152,13 @@ def run(
     for nq in ROOFLINE_BATCHES:
         q = unit_vectors(nq, d, rng, data, centres)
         rows.append(flat_row(exact, roof, x, q, k, repeats if nq <= 256 else 1, skip_others=big and nq > 256))
-        log(f"  batch {nq}: bound {rows[-1]['bound_s'] * 1e3:.1f} ms; FAISS {rows[-1]['faiss_fraction']:.2f}, seesay "
-            f"{rows[-1]['seesay_fraction']:.2f} ({rows[-1]['seesay_method']}, {rows[-1]['seesay_over_faiss']:.2f}× FAISS)")
+        log.info(f"  batch {nq}: bound {rows[-1]['bound_s'] * 1e3:.1f} ms; FAISS {rows[-1]['faiss_fraction']:.2f}, seesay "
+                 f"{rows[-1]['seesay_fraction']:.2f} ({rows[-1]['seesay_method']}, {rows[-1]['seesay_over_faiss']:.2f}× FAISS)")
     result["flat_roofline"] = rows
     result.update(flat_summary(rows))
     result["load_average_after_flat"] = [round(v, 2) for v in os.getloadavg()]
 
-    log("flat: ground truth, QPS and single-query latency")
+    log.info("flat: ground truth, QPS and single-query latency")
     _, truth = exact.search(q_eval, k)
     result["indexes"] = {"flat": {**flat_info, **extras, **flat_speed(exact, q_eval, q_single, k, repeats)}}
     result["numpy_bruteforce"] = {
@@ -171,8 +172,8 @@ def run(
     flat_qps = result["indexes"]["flat"]["qps"]
     for name in indexes:
         factory, settings = approximate_specs(n, d, quick, refine)[name]
-        log(f"building {factory}")
-        result["indexes"][name] = sweep_index(factory, settings, x, ids, q_eval, q_single, truth, k, repeats, flat_qps, log)
+        log.info(f"building {factory}")
+        result["indexes"][name] = sweep_index(factory, settings, x, ids, q_eval, q_single, truth, k, repeats, flat_qps)
         gc.collect()
     result.update(ann_summary(result["indexes"]))
     return result
@@ -294,7 +295,7 @@ def approximate_specs(n: int, d: int, quick: bool, refine: tuple[int, ...]) -> d
 
 def sweep_index(
     factory: str, settings: list[dict[str, int]], x: np.ndarray, ids: np.ndarray, q_eval: np.ndarray,
-    q_single: np.ndarray, truth: np.ndarray, k: int, repeats: int, flat_qps: float, log: Callable[[str], None],
+    q_single: np.ndarray, truth: np.ndarray, k: int, repeats: int, flat_qps: float,
 ) -> dict[str, Any]:
     """Build one approximate index, sweep its settings, keep the fastest at the target recall."""
     vs, info = build_set(factory, x, ids)
@@ -305,7 +306,7 @@ def sweep_index(
         found = vs.search(q_eval, k)[1]
         qps = _qps(lambda q: vs.search(q, k), q_eval, repeats)
         sweep.append({**setting, "recall_at_10": recall_at(found, truth, k), "qps": qps})
-        log(f"  {setting}: recall@10 {sweep[-1]['recall_at_10']:.3f}, {qps:.0f} QPS")
+        log.info(f"  {setting}: recall@10 {sweep[-1]['recall_at_10']:.3f}, {qps:.0f} QPS")
     good = [s for s in sweep if s["recall_at_10"] >= TARGET_RECALL]
     pick = max(good, key=lambda s: s["qps"]) if good else max(sweep, key=lambda s: (s["recall_at_10"], s["qps"]))
     chosen = {p: pick[p] for p in settings[0]}

@@ -25,6 +25,7 @@ import csv
 import http.client
 import io
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -42,6 +43,7 @@ from benchmarks.report import FLICKR, machine, percentiles
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
+log = logging.getLogger(__name__)
 FALLBACK_QUERIES = [
     "a dog runs through the snow",
     "a man in a red shirt rides a bike",
@@ -69,13 +71,13 @@ def queries(n: int = 500) -> list[str]:
     return FALLBACK_QUERIES
 
 
-def build_index(workdir: Path, encoder: str, log: Callable[[str], None]) -> Path:
+def build_index(workdir: Path, encoder: str) -> Path:
     """A small index of generated shapes, made by the CLI like a user would."""
     from retrieval.demo_data import make_shape_set
 
     data = make_shape_set(workdir / "data", copies=2)
     index = workdir / "index"
-    log(f"building an index of {data} with encoder {encoder} ...")
+    log.info(f"building an index of {data} with encoder {encoder} ...")
     subprocess.run(
         [sys.executable, "-m", "cli.app", "index", "--data", str(data), "--index", str(index), "--encoder", encoder, "--json"],
         cwd=ROOT, check=True, capture_output=True, timeout=900,
@@ -232,23 +234,23 @@ def phase(port: int, concurrency: int, texts: list[str], duration_s: float, max_
     return result
 
 
-def run(index: Path | None, encoder: str, duration_s: float, max_requests: int, log: Callable[[str], None]) -> dict[str, Any]:
+def run(index: Path | None, encoder: str, duration_s: float, max_requests: int) -> dict[str, Any]:
     texts = queries()
     with tempfile.TemporaryDirectory(prefix="seesay-load-") as tmp:
         work = Path(tmp)
-        index = index or build_index(work, encoder, log)
+        index = index or build_index(work, encoder)
         with Server(index, work / "server.log") as server:
-            log(f"starting seesay serve on {HOST}:{server.port} ...")
+            log.info(f"starting seesay serve on {HOST}:{server.port} ...")
             server.wait()
-            log("warming up ...")
+            log.info("warming up ...")
             phase(server.port, 2, texts, 5, 40)
             phases: dict[str, dict[str, Any]] = {}
             for concurrency in (1, 8, 32):
-                log(f"concurrency {concurrency} ...")
+                log.info(f"concurrency {concurrency} ...")
                 phases[f"c{concurrency}"] = phase(server.port, concurrency, texts, duration_s, max_requests)
-            log("concurrency 8 with a 20000x1 PNG upload in flight ...")
+            log.info("concurrency 8 with a 20000x1 PNG upload in flight ...")
             phases["c8_strip_upload"] = phase(server.port, 8, texts, duration_s, max_requests, multipart("strip.png", strip_png(), "image/png"))
-            log("concurrency 8 with a 6-megapixel JPEG upload in flight ...")
+            log.info("concurrency 8 with a 6-megapixel JPEG upload in flight ...")
             phases["c8_photo_upload"] = phase(server.port, 8, texts, duration_s, max_requests, multipart("photo.jpg", photo_jpeg(), "image/jpeg"))
     c1, c8, hostile = phases["c1"], phases["c8"], phases["c8_strip_upload"]
     checks = {
@@ -274,8 +276,8 @@ def main() -> None:
     parser.add_argument("--max-requests", type=int, default=3000, help="Requests per phase (at most).")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
-    log = (lambda _m: None) if args.json else (lambda m: print(m, file=sys.stderr, flush=True))
-    result = run(args.index, args.encoder, args.duration, args.max_requests, log)
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s")  # progress, on stderr
+    result = run(args.index, args.encoder, args.duration, args.max_requests)
     if args.json:
         print(json.dumps(result, indent=2))
         return

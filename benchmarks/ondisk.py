@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -33,6 +34,7 @@ from benchmarks.storage import _artefact
 from indexer import Index, NewItem
 
 NAME = "ondisk"
+log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
 CLUSTERS = 2_000
 
@@ -128,7 +130,6 @@ def run(
     truth: int = 200,
     nprobe: int = 16,
     directory: Path | None = None,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="seesay-ondisk-", dir=directory))
     result: dict[str, Any] = {"benchmark": NAME, "machine": machine(), "n": n, "dim": dim, "factory": factory, "nprobe": nprobe, "queries": queries}
@@ -140,7 +141,7 @@ def run(
                 rows = [NewItem("image", f"item{i}", f"{i:016x}") for i in range(start, start + count)]
                 index.add_vectors(rows, clustered(start, count, dim))
                 if number % 10 == 0:
-                    log(f"added {start + count:,} of {n:,}")
+                    log.info(f"added {start + count:,} of {n:,}")
             index.wait_for_merges()
             result["build_s"] = time.perf_counter() - began
             began = time.perf_counter()
@@ -151,11 +152,11 @@ def run(
         result["part_bytes"] = part.stat().st_size
         q = clustered(-7 % 2**32, queries, dim)
         np.save(work / "queries.npy", q)
-        log(f"in RAM and memory-mapped: {queries} queries each in a fresh process")
+        log.info(f"in RAM and memory-mapped: {queries} queries each in a fresh process")
         result["ram"] = probe("ram", part, work / "queries.npy", work / "ram.npy", nprobe)
         result["mmap"] = probe("mmap", work / "index", work / "queries.npy", work / "mmap.npy", nprobe)
         ram_ids, mmap_ids = np.load(work / "ram.npy"), np.load(work / "mmap.npy")
-        log(f"exact top-10 of {truth} queries")
+        log.info(f"exact top-10 of {truth} queries")
         exact = exact_top(q[:truth], spans, dim, 10)
         result["recall_at_10"] = {"ram": recall(ram_ids[:truth], exact), "mmap": recall(mmap_ids[:truth], exact)}
         result["identical_ids"] = bool((ram_ids == mmap_ids).all())
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress, on stderr
     result = run(n=args.n, factory=args.factory, first=args.first, queries=args.queries, truth=args.truth, nprobe=args.nprobe, directory=args.dir)
     mib = 2**20
     print(f"{result['n']:,} × {result['dim']} in {result['factory']}, nprobe {result['nprobe']}, {result['queries']} queries; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -26,12 +27,13 @@ from retrieval.encoders.registry import load_encoder
 from retrieval.evaluation import cross_modal_recall, embed
 
 NAME = "quality"
+log = logging.getLogger(__name__)
 CACHE = Path(__file__).resolve().parents[1] / "runs" / "bench-bow"
 CURVE_KS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 50)
 NEURAL = ("zeroshot", "default")
 
 
-def bow_encoder(kind: str, train: Sequence[Record], config_overrides: dict[str, Any], cache: Path, log: Callable[[str], None]) -> Encoder:
+def bow_encoder(kind: str, train: Sequence[Record], config_overrides: dict[str, Any], cache: Path) -> Encoder:
     """A bag-of-words encoder fitted on `train` by `fit_bow`, reused from `cache` when fitted before."""
     from retrieval.encoders.bow import BowConfig, fit_bow
     from retrieval.backbones.efficientnet import PREPROCESS_ID
@@ -44,7 +46,7 @@ def bow_encoder(kind: str, train: Sequence[Record], config_overrides: dict[str, 
     directory = cache / f"{kind}-{key}"
     if (directory / "encoder.json").is_file():
         return load_encoder(directory)
-    log(f"fitting {kind} on {len(train)} training images (cached in {directory})")
+    log.info(f"fitting {kind} on {len(train)} training images (cached in {directory})")
     encoder, _problems = fit_bow(train, config)
     encoder.save(directory)
     return load_encoder(directory)
@@ -71,7 +73,6 @@ def run(
     n_train: int | None = None,
     cache: Path = CACHE,
     skip: Sequence[str] = (),
-    log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Score every available encoder on the dataset (default Flickr8k dev)."""
     records = load_dataset(data, split_file=split_file).records
@@ -109,7 +110,7 @@ def run(
                 train = load_dataset(data, split_file=train_split_file).records
                 if n_train:
                     train = train[:n_train]
-            return bow_encoder(kind, train, bow_overrides, cache, log)
+            return bow_encoder(kind, train, bow_overrides, cache)
 
         candidates.append((kind, fitted))
     for spec in (*NEURAL, *encoders):
@@ -123,9 +124,9 @@ def run(
             encoder = make()
         except Exception as exc:  # not available here: say why and go on
             result["skipped"][name] = f"{type(exc).__name__}: {exc}"
-            log(f"skipping {name}: {exc}")
+            log.info(f"skipping {name}: {exc}")
             continue
-        log(f"scoring {name} on {len(records)} images")
+        log.info(f"scoring {name} on {len(records)} images")
         result["encoders"][name] = score(encoder, records)
         result["seconds"][name] = time.perf_counter() - start
     return result

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import statistics
@@ -30,11 +31,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from benchmarks.report import figure, machine, save_plot
 
 NAME = "startup"
+log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "a dog runs through the snow"
 
@@ -71,19 +73,19 @@ def _summary(runs: list[tuple[float, float]]) -> dict[str, Any]:
             "runs_wall_s": [round(w, 3) for w, _ in runs], "runs_cpu_s": [round(c, 3) for _, c in runs]}
 
 
-def measure(index: Path, runs: int, n_queries: int, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def measure(index: Path, runs: int, n_queries: int) -> dict[str, Any]:
     """Warm-up, then median wall and CPU times of a one-query search and of the bare import, and a file of queries."""
     search = _seesay(["search", "--index", index, QUERY, "-k", "10", "--json"])
-    log("warm-up search")
+    log.info("warm-up search")
     warm = timed(search)
-    log(f"{runs} searches, {runs} bare imports")
+    log.info(f"{runs} searches, {runs} bare imports")
     result: dict[str, Any] = {
         "first_search": {"wall_s": round(warm[0], 3), "cpu_s": round(warm[1], 3)},
         "search": _summary([timed(search) for _ in range(runs)]),
         "import_cli": _summary([timed([sys.executable, "-c", "import cli.app"]) for _ in range(runs)]),
     }
     if n_queries:
-        log(f"a file of {n_queries} queries")
+        log.info(f"a file of {n_queries} queries")
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
             handle.write("\n".join(f"{QUERY} number {i}" for i in range(n_queries)))
         try:
@@ -95,16 +97,15 @@ def measure(index: Path, runs: int, n_queries: int, log: Callable[[str], None] =
     return result
 
 
-def run(index: Path | None = None, encoder: str = "default", runs: int = 5, n_queries: int = 1000,
-        log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def run(index: Path | None = None, encoder: str = "default", runs: int = 5, n_queries: int = 1000) -> dict[str, Any]:
     """Measure start-up on `index` (default: a small index built with `encoder` first)."""
     load_before = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as scratch:
         if index is None:
-            log(f"building a small index with {encoder}")
+            log.info(f"building a small index with {encoder}")
         target = index or build_index(Path(scratch), encoder)
         result = {"benchmark": NAME, "index": str(index or f"(generated, encoder {encoder})"),
-                  **measure(target, runs, n_queries, log)}
+                  **measure(target, runs, n_queries)}
     result["load_average_before"] = load_before
     result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     result["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

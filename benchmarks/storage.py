@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -29,6 +30,7 @@ from indexer import Index, NewItem
 from indexer.items import BuiltBy
 
 NAME = "storage"
+log = logging.getLogger(__name__)
 SIZES = {"full": 1_000_000, "quick": 40_000}
 
 
@@ -56,7 +58,7 @@ def unit_chunk(seed: int, n: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def add_all(index: Index, n: int, commit: int, dim: int, log: Callable[[str], None]) -> list[dict[str, float]]:
+def add_all(index: Index, n: int, commit: int, dim: int) -> list[dict[str, float]]:
     """Add n image rows with random vectors, `commit` per call; per call: items, seconds, bytes written."""
     calls = []
     for start in range(0, n, commit):
@@ -69,7 +71,7 @@ def add_all(index: Index, n: int, commit: int, dim: int, log: Callable[[str], No
             {"items": count, "seconds": time.perf_counter() - began, "cpu": time.thread_time() - cpu, "bytes": written_bytes() - before}
         )
         if len(calls) % 10 == 0:
-            log(f"added {start + count:,} of {n:,}")
+            log.info(f"added {start + count:,} of {n:,}")
     return calls
 
 
@@ -93,7 +95,6 @@ def run(
     k: int = 10,
     pg_rows: int | None = None,
     directory: Path | None = None,
-    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     n = n or SIZES["quick" if quick else "full"]
     pg_rows = pg_rows if pg_rows is not None else (20_000 if quick else 100_000)
@@ -102,9 +103,9 @@ def run(
     result: dict[str, Any] = {"benchmark": NAME, "quick": quick, "machine": machine(), "n": n, "commit": commit, "dim": dim, "rate_window": window}
     try:
         with Index.create(work / "index", _artefact(dim)) as index:
-            log(f"adding {n:,} vectors of dim {dim}, {commit:,} per commit, into {work / 'index'}")
+            log.info(f"adding {n:,} vectors of dim {dim}, {commit:,} per commit, into {work / 'index'}")
             before = written_bytes()
-            calls = add_all(index, n, commit, dim, log)
+            calls = add_all(index, n, commit, dim)
             began = time.perf_counter()
             index.wait_for_merges()  # the background merges still running after the last add
             drain_s = time.perf_counter() - began
@@ -130,7 +131,7 @@ def run(
             }
             add = result["add"]
             add["last_over_first"] = add["last_rate_items_s"] / add["first_rate_items_s"]
-            log(
+            log.info(
                 f"written / vectors {add['written_over_vectors']:.2f}; add rate last/first {add['last_over_first']:.2f} "
                 f"({add['last_rate_items_s']:,.0f} / {add['first_rate_items_s']:,.0f} items/s); per CPU second of the adding thread "
                 f"{add['cpu_last_over_first']:.2f}; merges ran {drain_s:.1f} s past the last add"
@@ -138,15 +139,15 @@ def run(
             if not queries:  # the comparison loads every vector (about 2n·dim·4 bytes at its peak): skippable
                 result["search"] = {"skipped": "--queries 0"}
                 index.close()
-                return {**result, "postgresql": postgres_rates(pg_rows, commit, dim, log)}
+                return {**result, "postgresql": postgres_rates(pg_rows, commit, dim)}
             q = unit_chunk(-1 % 2**32, queries, dim)
-            log(f"searching {queries:,} queries over {result['add']['segments']} segments")
+            log.info(f"searching {queries:,} queries over {result['add']['segments']} segments")
             began = time.perf_counter()
             _, segmented = index.search("image", q, k)
             segmented_s = time.perf_counter() - began
             index.close()
         with Index.open(work / "index") as index:
-            log("merging into one segment")
+            log.info("merging into one segment")
             began = time.perf_counter()
             index.compact(everything=True)
             compact_s = time.perf_counter() - began
@@ -165,11 +166,11 @@ def run(
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["postgresql"] = postgres_rates(pg_rows, commit, dim, log)
+    result["postgresql"] = postgres_rates(pg_rows, commit, dim)
     return result
 
 
-def postgres_rates(rows: int, commit: int, dim: int, log: Callable[[str], None]) -> dict[str, Any]:
+def postgres_rates(rows: int, commit: int, dim: int) -> dict[str, Any]:
     """Rows/s adding `rows` image rows (and vectors) in `commit`-row calls into a temporary PostgreSQL server."""
     from benchmarks.postgres import TemporaryServer, available
 
@@ -183,8 +184,8 @@ def postgres_rates(rows: int, commit: int, dim: int, log: Callable[[str], None])
             # With `dim`-d vectors (the whole add), then with 4-d ones: the rows' own cost, segment files aside.
             for key, d in (("rows_per_s", dim), ("rows_only_per_s", 4)):
                 with Index.create(work / key, _artefact(d), db_url=server.new_database()) as index:
-                    log(f"adding {rows:,} rows into PostgreSQL, {d}-d vectors")
-                    calls = add_all(index, rows, commit, d, log)
+                    log.info(f"adding {rows:,} rows into PostgreSQL, {d}-d vectors")
+                    calls = add_all(index, rows, commit, d)
                 found[key] = rows / sum(c["seconds"] for c in calls)
         return found
     finally:

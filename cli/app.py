@@ -65,9 +65,14 @@ app = typer.Typer(
 
 
 @app.callback()
-def options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log what loads and which caches fill (on stderr).")) -> None:
+def options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also log what loads and which caches fill (on stderr)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log only warnings and errors (no progress lines on stderr)."),
+) -> None:
     """seesay: index images and captions, search both ways, train and benchmark encoders."""
-    install_log_handler(logging.DEBUG if verbose else logging.INFO)
+    if verbose and quiet:
+        raise typer.BadParameter("give --verbose or --quiet, not both", param_hint="--quiet")
+    install_log_handler(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 app.command()(train)
 app.command()(index)

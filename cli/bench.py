@@ -1,10 +1,11 @@
 """`seesay bench quality|encode|index|query|storage|startup`: the benchmarks in benchmarks/, as commands.
 
 Each prints a table (or with --json one JSON object on stdout) and writes NAME.json and
-NAME.png into --out (default benchmarks/results/). Progress lines go to stderr.
+NAME.png into --out (default ./seesay-bench/). Progress is logged (the benchmarks' loggers) to stderr.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -19,10 +20,6 @@ bench_app = typer.Typer(help="Benchmarks: retrieval quality, encoding, index and
 QuickOpt = typer.Option(False, "--quick", help="Small sizes: about a minute on 2 CPU cores.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of tables.")
 OutOpt = typer.Option(DEFAULT_OUT, "--out", help="Folder for NAME.json and NAME.png.")
-
-
-def _logger(as_json: bool):
-    return (lambda _m: None) if as_json else (lambda m: err.print(f"[dim]{m}[/dim]"))
 
 
 def _finish(result: dict[str, Any], name: str, out_dir: Path, as_json: bool, plot, table: Table) -> None:
@@ -68,7 +65,7 @@ def quality_cmd(
         kwargs["train_split_file"] = train_split_file
     models = {k: v for k, v in (("bow-pmi", bow_pmi), ("bow-ratio", bow_ratio)) if v is not None}
     result = quality.run(encoders=encoder, bow_models=models, quick=quick, n_images=n, n_train=n_train,
-                         skip=tuple(skip), log=_logger(as_json), **kwargs)
+                         skip=tuple(skip), **kwargs)
     from retrieval.metrics import RecallResult
 
     scores = {name: RecallResult.from_dict(r) for name, r in result["encoders"].items()}
@@ -100,7 +97,7 @@ def encode_cmd(
     from benchmarks import encode
 
     result = encode.run(encoders=tuple(encoder) or encode.DEFAULT_ENCODERS, quick=quick, n_images=n,
-                        n_captions=captions, batch_size=batch_size, log=_logger(as_json),
+                        n_captions=captions, batch_size=batch_size,
                         **({"data": data} if data is not None else {}))
     table = Table(title="encoding throughput (items/s)")
     for column in ("encoder", "device", "engine img/s", "loader img/s", "bare img/s", "decode-only img/s",
@@ -136,7 +133,7 @@ def index_cmd(
     if unknown:
         raise typer.BadParameter(f"unknown index {unknown[0]!r}; use {', '.join(index_speed.APPROXIMATE)}", param_hint="--index")
     result = index_speed.run(n=n, d=dim, quick=quick, large=large, data=data, indexes=tuple(index),
-                                 refine=tuple(refine), log=_logger(as_json))
+                                 refine=tuple(refine))
     table = Table(title=f"{result['n']:,} × {result['d']} ({result['data']}), k={result['k']}")
     for column in ("index", "build s", "RSS Δ MB", "index MB", "p50 ms", "p99 ms", "QPS", "recall@10", "params"):
         table.add_column(column, justify="left" if column in ("index", "params") else "right")
@@ -189,7 +186,8 @@ def query_cmd(
     if data not in ("clustered", "uniform"):
         raise typer.BadParameter(f"unknown data {data!r}: use clustered or uniform", param_hint="--data")
     result = query.run(n=n, quick=quick, encoders=tuple(encoder) or query.DEFAULT_ENCODERS, queries=queries, k=k,
-                       factories=tuple(factory) or query.DEFAULT_FACTORIES, data=data, log=_logger(as_json))
+                       factories=tuple(factory) or query.DEFAULT_FACTORIES, data=data,
+                       log=logging.getLogger(query.__name__).info)
     table = Table(title=f"text → image, {result['n_items']:,} images, {result['encoder']} (ms per query)")
     for column in ("index", "stage", "p50 ms", "p99 ms", "mean ms", f"recall@{result['k']}"):
         table.add_column(column, justify="left" if column in ("index", "stage") else "right")
@@ -216,7 +214,7 @@ def storage_cmd(
     from benchmarks import storage
 
     result = storage.run(n=n, quick=quick, commit=commit, dim=dim, queries=queries, pg_rows=pg_rows,
-                         directory=work_dir, log=_logger(as_json))
+                         directory=work_dir)
     add, search, pg = result["add"], result["search"], result["postgresql"]
     table = Table(title=f"storage: {result['n']:,} vectors of dim {dim}, {commit:,} per commit")
     table.add_column("measure")
@@ -250,7 +248,7 @@ def startup_cmd(
     """Start-up: wall and CPU time of `seesay search --index DIR "text"` in fresh processes, and of a file of queries."""
     from benchmarks import startup
 
-    result = startup.run(index, encoder, runs, queries, log=_logger(as_json))
+    result = startup.run(index, encoder, runs, queries)
     table = Table(title="start-up: fresh processes (seconds; CPU = user + sys)")
     for column in ("what", "wall s", "CPU s", "runs (wall)"):
         table.add_column(column, justify="left" if column == "what" else "right")

@@ -60,20 +60,19 @@ def train(
     val = None
     if val_split or val_split_file:
         val = read_data(data, images, val_split, val_split_file, quiet=as_json, allow_outside_images=allow_outside_images)
-    log = (lambda _m: None) if as_json else (lambda m: err.print(m, markup=False, highlight=False))
     shared = dict(epochs=epochs, batch_size=batch_size, loss=loss, seed=seed, image_top=image_top, text_top=text_top,
                   patience=patience, **({} if lr is None else {"lr": lr}))
     if encoder.partition(":")[0] == "openclip" or (Path(encoder) / "encoder.json").is_file():
         from retrieval.training.openclip_finetune import finetune_openclip
 
         config = FinetuneConfig(**shared, flip=flip, lock_image=lock_image, layer_decay=layer_decay)
-        _saved(encoder, finetune_openclip(encoder, dataset, val, out, config, resume=resume, log=log), as_json)
+        _saved(encoder, finetune_openclip(encoder, dataset, val, out, config, resume=resume), as_json)
     elif encoder.partition(":")[0] == "towers":
         from retrieval.training import train_encoder
 
         config = TrainConfig(**shared, head=head, embed_dim=embed_dim, flip="maps" if flip and flip_maps else flip,
                              image_backbones=image_backbones, max_captions=max_captions, hubness_tau=hubness_tau)
-        _saved(encoder, train_encoder(encoder, dataset, val, out, config, resume=resume, log=log), as_json)
+        _saved(encoder, train_encoder(encoder, dataset, val, out, config, resume=resume), as_json)
     elif encoder in KIND_TO_THETA:
         bow = BowConfig(theta=KIND_TO_THETA[encoder], colours=colours, objects=objects, colour_weight=colour_weight,
                         min_count=min_count, alpha=alpha)

@@ -5,16 +5,26 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from cli.app import app
 from helpers import needs_flickr8k
 
 
 
+def _invoke(args: list[str], out: Path, *options: str) -> Result:
+    """`seesay [OPTIONS] bench ARGS --json --out OUT`, which must succeed."""
+    result = CliRunner().invoke(app, [*options, "bench", *args, "--json", "--out", str(out)])
+    assert result.exit_code == 0, (result.stdout, result.stderr, repr(result.exception))
+    return result
+
+
 def _run(args: list[str], out: Path) -> dict:
-    result = CliRunner().invoke(app, ["bench", *args, "--json", "--out", str(out)])
-    assert result.exit_code == 0, (result.stdout, repr(result.exception))
+    return _payload(_invoke(args, out), args, out)
+
+
+def _payload(result: Result, args: list[str], out: Path) -> dict:
+    """A bench command's JSON (stdout holds it alone), checked against the files it wrote into `out`."""
     payload = json.loads(result.stdout)
     name = args[0]
     assert (out / f"{name}.json").is_file() and (out / f"{name}.png").stat().st_size > 0
@@ -37,8 +47,10 @@ def test_bench_index_tiny(tmp_path: Path) -> None:
 
 
 def test_bench_query_tiny(tmp_path: Path) -> None:
-    r = _run(["query", "--n", "500", "--queries", "10", "--encoder", "test-colour:8",
-              "--factory", "IVF16,Flat", "--factory", "Flat"], tmp_path)
+    args = ["query", "--n", "500", "--queries", "10", "--encoder", "test-colour:8", "--factory", "IVF16,Flat", "--factory", "Flat"]
+    result = _invoke(args, tmp_path, "--quiet")
+    assert result.stderr == ""  # --quiet: no progress lines
+    r = _payload(result, args, tmp_path)
     assert r["n_items"] == 500 and r["encoder"] == "test-colour:8" and r["factory"] == "IVF16,Flat"
     assert 0 < r["query_p50_ms"] <= r["query_p99_ms"]
     assert set(r["stages"]) == {"encode_text", "search", "fetch_sql"}
@@ -121,8 +133,10 @@ def test_bench_query_rejects_unknown_data(tmp_path: Path) -> None:
 
 
 def test_bench_storage_tiny(tmp_path: Path) -> None:
-    r = _run(["storage", "--n", "6000", "--commit", "1000", "--dim", "32", "--queries", "50", "--pg-rows", "2000",
-              "--dir", str(tmp_path)], tmp_path)
+    args = ["storage", "--n", "6000", "--commit", "1000", "--dim", "32", "--queries", "50", "--pg-rows", "2000", "--dir", str(tmp_path)]
+    result = _invoke(args, tmp_path)
+    assert "adding 6,000 vectors of dim 32" in result.stderr  # progress is logged on stderr, beside the JSON
+    r = _payload(result, args, tmp_path)
     add, search = r["add"], r["search"]
     assert r["n"] == 6000 and len(add["per_commit_seconds"]) == 6 and add["segments"] == 6
     assert add["vector_bytes"] == 6000 * 32 * 4 and add["bytes_written"] >= add["vector_bytes"]
@@ -137,7 +151,7 @@ def test_bench_storage_tiny(tmp_path: Path) -> None:
 def test_bench_ondisk_tiny(tmp_path: Path) -> None:
     from benchmarks import ondisk
 
-    r = ondisk.run(n=3000, dim=32, factory="IVF16,SQ8", first=1024, commit=500, queries=30, truth=30, nprobe=4, directory=tmp_path, log=lambda _: None)
+    r = ondisk.run(n=3000, dim=32, factory="IVF16,SQ8", first=1024, commit=500, queries=30, truth=30, nprobe=4, directory=tmp_path)
     assert r["identical_ids"] and r["recall_at_10"]["ram"] == r["recall_at_10"]["mmap"] > 0.3
     assert r["part_bytes"] > 3000 * 32  # one part holds every SQ8 code
     for mode in ("ram", "mmap"):

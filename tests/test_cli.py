@@ -149,7 +149,10 @@ def test_train_towers_from_the_cli_then_eval_it(shapes, tmp_path):
     (tmp_path / "val.txt").write_text("\n".join(names[::4]))
     out = tmp_path / "towers"
     args = ("train", "--encoder", "towers", "--data", shapes, "--val-split-file", tmp_path / "val.txt", "--out", out)
-    summary = json.loads(run(*args, "--epochs", 2, "--batch-size", 8, "--embed-dim", 32, "--no-flip", "--json"))
+    trained = runner.invoke(app, [str(a) for a in (*args, "--epochs", 2, "--batch-size", 8, "--embed-dim", 32, "--no-flip", "--json")])
+    assert trained.exit_code == 0, (trained.stderr, repr(trained.exception))
+    summary = json.loads(trained.stdout)  # stdout holds the JSON alone; the trainer's progress is logged on stderr
+    assert "caching frozen-tower features" in trained.stderr and "epoch=2" in trained.stderr, trained.stderr
     assert Path(summary["out"]) == out and (out / "encoder.json").is_file()
     metrics = json.loads(run("eval", "--encoder", out, "--data", shapes, "--json"))
     assert metrics["n_images"] == 24 and 0 <= metrics["t2i"]["R@1"] <= 100

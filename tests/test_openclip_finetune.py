@@ -102,10 +102,10 @@ def test_full_finetuning_lowers_loss_raises_dev_recall_resumes_and_reloads(tiny,
     spec, ckpt, train, dev, cache = tiny
     out = tmp_path / "model"
     config = FinetuneConfig(epochs=2, image_top=-1, text_top=-1, **QUICK)
-    finetune_openclip(spec, train, dev, out, config, cache_dir=cache, log=lambda m: None)
+    finetune_openclip(spec, train, dev, out, config, cache_dir=cache)
     assert [e["epoch"] for e in _log(out)] == [1, 2]
     finetune_openclip(spec, train, dev, out, FinetuneConfig(**{**config.__dict__, "epochs": 6}), resume=True,
-                      cache_dir=cache, log=lambda m: None)
+                      cache_dir=cache)
     log = _log(out)
     assert [e["epoch"] for e in log] == [1, 2, 3, 4, 5, 6]  # epochs 1-2 were not trained again
     assert log[-1]["loss"] < 0.6 * log[0]["loss"], [e["loss"] for e in log]
@@ -133,7 +133,7 @@ def test_frozen_parts_stay_as_they_were(tiny, tmp_path, mode):
     spec, ckpt, train, dev, cache = tiny
     settings = dict(lock_image=True, text_top=1) if mode == "lit" else dict(image_top=1, text_top=0)
     out = finetune_openclip(spec, train, dev, tmp_path / "m", FinetuneConfig(epochs=1, **QUICK, **settings),
-                            cache_dir=cache, log=lambda m: None)
+                            cache_dir=cache)
     base = torch.load(ckpt, weights_only=True)
     tuned = torch.load(out / "open_clip.pt", weights_only=True)
     changed = {k for k in base if not torch.equal(base[k], tuned[k])}
@@ -155,12 +155,12 @@ def test_bad_images_are_skipped_and_other_settings_or_encoders_refused(tiny, tmp
     records = train.records[:18] + [Record("gone.png", tmp_path / "gone.png", ["a ghost"]), Record("broken.png", broken, ["junk"])]
     out = tmp_path / "m"
     config = FinetuneConfig(epochs=1, image_top=1, text_top=1, **QUICK)
-    finetune_openclip(spec, Dataset(records), None, out, config, cache_dir=cache, log=lambda m: None)
+    finetune_openclip(spec, Dataset(records), None, out, config, cache_dir=cache)
     skipped = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["skipped"]
     assert [s.split(":")[0] for s in skipped] == ["gone.png", "broken.png"]
     with pytest.raises(TrainingError, match="image_top"):
         finetune_openclip(spec, Dataset(records), None, out, FinetuneConfig(**{**config.__dict__, "epochs": 2, "image_top": 2}),
-                          resume=True, cache_dir=cache, log=lambda m: None)
+                          resume=True, cache_dir=cache)
     with pytest.raises(TrainingError, match="fine-tunes openclip"):
         finetune_openclip("test-colour:8", train, None, tmp_path / "x", config, cache_dir=cache)
 
@@ -171,12 +171,12 @@ def test_a_non_finite_loss_stops_and_keeps_the_last_good_epoch(tiny, tmp_path, m
     spec, _, train, dev, cache = tiny
     out = tmp_path / "m"
     config = FinetuneConfig(epochs=1, image_top=1, text_top=1, **QUICK)
-    finetune_openclip(spec, train, dev, out, config, cache_dir=cache, log=lambda m: None)
+    finetune_openclip(spec, train, dev, out, config, cache_dir=cache)
     good = (out / "open_clip.pt").read_bytes()
     monkeypatch.setattr(losses, "infonce", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(TrainingError, match="nan.*last good checkpoint"):
         finetune_openclip(spec, train, dev, out, FinetuneConfig(**{**config.__dict__, "epochs": 3}), resume=True,
-                          cache_dir=cache, log=lambda m: None)
+                          cache_dir=cache)
     assert (out / "open_clip.pt").read_bytes() == good
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 0
 
@@ -222,7 +222,7 @@ root, out, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 open_clip.add_model_config(root / "seesay-tiny.json")
 train = Dataset(shape_images(root / "train", 3, seed=0).records[:40])
 config = FinetuneConfig(epochs=2, batch_size=batch, lr=1e-3, warmup_epochs=0.5, patience=None, image_top=1, text_top=1, flip=False)
-finetune_openclip(f"openclip:seesay-tiny@{root / 'tiny.pt'}", train, None, out, config, cache_dir=root / "cache", log=lambda m: None)
+finetune_openclip(f"openclip:seesay-tiny@{root / 'tiny.pt'}", train, None, out, config, cache_dir=root / "cache")
 """
 
 

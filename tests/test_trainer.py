@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from helpers import logged
 from retrieval.datasets import Dataset, Record
 from retrieval.encoders.registry import load_encoder
 from retrieval.errors import EncoderError
@@ -133,7 +134,7 @@ def test_training_improves_recall_and_resumes(shapes, tmp_path):
     out = tmp_path / "model"
     # Heads only, no query bank (TrainConfig's defaults, the shipped recipe, also train tower blocks and add one).
     kw = dict(batch_size=10, lr=5e-3, embed_dim=64, image_top=0, text_top=0, flip=False, hubness_tau=None, cache_dir=cache,
-              warmup_epochs=0.0, log=lambda m: None)
+              warmup_epochs=0.0)
     train_encoder("towers", ds, ds, out, epochs=1, **kw)
     assert len((out / "train_log.jsonl").read_text().splitlines()) == 1
     train_encoder("towers", ds, ds, out, epochs=3, resume=True, **kw)
@@ -156,10 +157,12 @@ def test_unreadable_images_are_skipped_and_reported(shapes, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     records = ds.records[:12] + [Record("gone.jpg", tmp_path / "gone.jpg", ["a ghost"]), Record("broken.jpg", broken, ["junk"])]
-    out = train_encoder("towers", Dataset(records), None, tmp_path / "m", epochs=1, batch_size=8, embed_dim=32,
-                        image_top=0, text_top=0, flip=False, hubness_tau=None, cache_dir=cache, log=lambda m: None)
+    with logged("retrieval.training") as messages:
+        out = train_encoder("towers", Dataset(records), None, tmp_path / "m", epochs=1, batch_size=8, embed_dim=32,
+                            image_top=0, text_top=0, flip=False, hubness_tau=None, cache_dir=cache)
     first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert any("gone.jpg" in p for p in first["skipped"]) and any("broken.jpg" in p for p in first["skipped"])
+    assert any("gone.jpg" in m for m in messages) and any(m.startswith("epoch=1") for m in messages), messages  # logged too
     assert load_encoder(out).dim == 32
 
 
@@ -168,7 +171,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(shapes, tmp_path, monkeyp
 
     ds, cache = shapes
     out = tmp_path / "m"
-    kw = dict(batch_size=10, embed_dim=32, image_top=0, text_top=0, flip=False, cache_dir=cache, log=lambda m: None)
+    kw = dict(batch_size=10, embed_dim=32, image_top=0, text_top=0, flip=False, cache_dir=cache)
     trainer.train_encoder("towers", ds, ds, out, epochs=1, **kw)
     good = (out / "heads.pt").read_bytes()
     monkeypatch.setattr(losses, "infonce", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
@@ -183,7 +186,7 @@ def test_checkpoint_of_another_architecture_is_refused(shapes, tmp_path):
 
     ds, cache = shapes
     out = tmp_path / "m"
-    kw = dict(batch_size=10, image_top=0, text_top=0, flip=False, cache_dir=cache, log=lambda m: None)
+    kw = dict(batch_size=10, image_top=0, text_top=0, flip=False, cache_dir=cache)
     train_encoder("towers", ds, None, out, epochs=1, embed_dim=32, **kw)
     with pytest.raises(TrainingError, match="embed_dim"):
         train_encoder("towers", ds, None, out, epochs=2, embed_dim=48, resume=True, **kw)
@@ -211,7 +214,7 @@ def test_two_backbones_mirrored_maps_and_a_query_bank(shapes, tmp_path):
     ds, cache = shapes
     out = train_encoder("towers", ds, ds, tmp_path / "m", epochs=2, batch_size=10, embed_dim=32, image_top=0, text_top=0,
                         image_backbones="lite0,lite2",
-                        flip="maps", max_captions=2, hubness_tau=0.1, cache_dir=cache, log=lambda m: None)
+                        flip="maps", max_captions=2, hubness_tau=0.1, cache_dir=cache)
     enc = load_encoder(out)
     assert enc.cfg["image_backbones"] == ["lite0", "lite2"] and enc.cfg["image_in"] == 2560
     assert enc.dim == 33 and enc.querybank.images.shape == (24, 32) and enc.querybank.texts.shape == (48, 32)
@@ -285,8 +288,7 @@ torch.set_num_threads(1)
 root, out, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 pairs = pickle.loads((root / "pairs.pkl").read_bytes())  # made once: rewriting the images would race between ranks
 train_encoder("towers", pairs, None, out, epochs=2, batch_size=batch, lr=5e-3, embed_dim=32,
-              image_top=0, text_top=0, flip=False, hubness_tau=None, warmup_epochs=0.5, cache_dir=root / "cache",
-              log=lambda m: None)
+              image_top=0, text_top=0, flip=False, hubness_tau=None, warmup_epochs=0.5, cache_dir=root / "cache")
 """
 
 

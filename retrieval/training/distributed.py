@@ -10,6 +10,7 @@ whole batch. The temperature's gradient is already complete on every rank and is
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import torch
@@ -40,7 +41,8 @@ def init_distributed(device: str | torch.device | None = None) -> Ranks:
     """Join torchrun's process group when WORLD_SIZE > 1 (nccl on GPUs, gloo on CPUs); else one process.
 
     The device: `device` when given; under torchrun the GPU of LOCAL_RANK (or the CPU);
-    otherwise `runtime.default_device()`.
+    otherwise `runtime.default_device()`. Ranks other than 0 log only warnings and errors, so a
+    run's progress reads once.
     """
     import torch.distributed as dist
 
@@ -57,6 +59,8 @@ def init_distributed(device: str | torch.device | None = None) -> Ranks:
         chosen = torch.device("cpu")
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
+    if dist.get_rank() != 0:
+        logging.getLogger("retrieval.training").setLevel(logging.WARNING)
     return Ranks(dist.get_rank(), dist.get_world_size(), chosen)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from retrieval.cache import cache_dir as seesay_cache
 from retrieval.image_batches import bad_images, image_batches
 from retrieval.backbones import efficientnet as effnet
 from retrieval.backbones import sentence
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -53,7 +56,7 @@ def save(obj: object, path: Path) -> None:
 
 def image_features(
     paths: Sequence[Path], depth: int, flip: bool = False, cache_dir: Path | None = None,
-    batch_size: int = 16, log=print, device: torch.device | None = None,
+    batch_size: int = 16, device: torch.device | None = None,
     backbone: str = "lite0", decoded: int | None = None,
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """(N, C, H, W) fp16 maps of `backbone` below its top `depth` blocks (of the mirrored images with `flip`)
@@ -82,7 +85,7 @@ def image_features(
             bad.update((i, str(err)) for i, err in bad_images(paths, start, reasons).items())
             done = start + len(x)
             if done % (batch_size * 32) == 0 or done == len(paths):
-                log(f"  {backbone} features {done}/{len(paths)} ({done / (time.time() - t0):.1f} img/s)")
+                log.info(f"  {backbone} features {done}/{len(paths)} ({done / (time.time() - t0):.1f} img/s)")
     if feats is None:
         feats = torch.zeros((0, 1), dtype=torch.float16)
     save({"feats": feats, "bad": {str(k): v for k, v in bad.items()}}, path)
@@ -91,7 +94,7 @@ def image_features(
 
 def text_features(
     texts: Sequence[str], text_model: str, depth: int, cache_dir: Path | None = None,
-    batch_size: int = 256, log=print,
+    batch_size: int = 256,
 ) -> dict[str, torch.Tensor]:
     """Token states below the top `depth` layers: {"hidden": (T, D) fp16, "offsets": (N+1,)}.
 
@@ -118,7 +121,7 @@ def text_features(
             for j, i in enumerate(idx):
                 rows[i] = h[j, : int(mask[j].sum())].half()
             if (s // batch_size) % 20 == 0:
-                log(f"  text features {s + len(idx)}/{len(texts)} ({(s + len(idx)) / (time.time() - t0):.0f} captions/s)")
+                log.info(f"  text features {s + len(idx)}/{len(texts)} ({(s + len(idx)) / (time.time() - t0):.0f} captions/s)")
         lengths = torch.tensor([len(r) for r in rows])
         offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(lengths, 0)

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -46,6 +46,8 @@ __all__ = ["CHECKPOINT", "FinetuneConfig", "TrainingError", "evaluate", "finetun
 CHECKPOINT = "checkpoint.pt"
 RESUMABLE_CHANGES = ("epochs", "patience")  # settings a resumed run may change
 
+log = logging.getLogger(__name__)
+
 
 # ----------------------------------------------------------------------------- data
 
@@ -54,17 +56,17 @@ class _Split(PairSplit):
     """A dataset split as the frozen bottoms' outputs: images (N, V, ...) and captions (ragged)."""
 
     def __init__(self, ds: Dataset, enc: OpenClipEncoder, towers: Towers, views: int, model_key: str,
-                 cache: Path, log: Callable[[str], None], name: str) -> None:
+                 cache: Path, name: str) -> None:
         records, self.problems = captioned(ds)
-        images, bad = self._images(enc, towers.image, [r.image_path for r in records], views, model_key, cache, log)
+        images, bad = self._images(enc, towers.image, [r.image_path for r in records], views, model_key, cache)
         keep = self._keep(records, bad, name)
         self.images = images[keep]
         self.n_views = int(self.images.shape[1])
-        self.tokens, self.offsets = self._texts(enc, towers.text, model_key, cache, log)
+        self.tokens, self.offsets = self._texts(enc, towers.text, model_key, cache)
 
     @staticmethod
     def _images(enc: OpenClipEncoder, tower: ImageTower, paths: list[Path], views: int, model_key: str,
-                cache: Path, log: Callable[[str], None]) -> tuple[torch.Tensor, dict[int, str]]:
+                cache: Path) -> tuple[torch.Tensor, dict[int, str]]:
         """(N, V, ...) bottom outputs (fp16; uint8 pixels when the whole tower trains) and {index: reason}."""
         mode = "pixels" if tower.full else ("locked" if tower.locked else f"cut{tower.cut}")
         path = cache / f"img-{mode}-v{views}-{cache_key([model_key, mode, views, [file_id(p) for p in paths]])}.pt"
@@ -83,7 +85,7 @@ class _Split(PairSplit):
             if feats is None:
                 feats = torch.zeros((len(paths), *out.shape[1:]), dtype=out.dtype)
             feats[start : start + len(x)] = out
-            log(f"  image inputs {start + len(x)}/{len(paths)} ({(start + len(x)) / (time.time() - t0):.1f} img/s)")
+            log.info(f"  image inputs {start + len(x)}/{len(paths)} ({(start + len(x)) / (time.time() - t0):.1f} img/s)")
         feats = feats if feats is not None else torch.zeros((0, views), dtype=torch.float16)
         if not tower.full:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,8 +93,8 @@ class _Split(PairSplit):
                 torch.save({"feats": feats, "bad": {str(k): v for k, v in bad.items()}}, tmp)
         return feats, bad
 
-    def _texts(self, enc: OpenClipEncoder, tower: TextTower, model_key: str, cache: Path,
-               log: Callable[[str], None]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _texts(self, enc: OpenClipEncoder, tower: TextTower, model_key: str,
+               cache: Path) -> tuple[torch.Tensor, torch.Tensor]:
         """Ragged bottom outputs of every caption, concatenated (T, ...), and their offsets (N+1,)."""
         key = cache_key([model_key, tower.cut, tower.full, hashlib.sha1("\n".join(self.captions).encode()).hexdigest()])
         path = cache / f"txt-{'ids' if tower.full else f'cut{tower.cut}'}-{key}.pt"
@@ -104,7 +106,7 @@ class _Split(PairSplit):
             tokens = enc.tokenizer(self.captions[s : s + 256]).to(enc.device)
             with runtime.autocast(enc.device):
                 rows += [r.cpu() if tower.full else r.half().cpu() for r in tower.bottom(tokens)]
-        log(f"  caption inputs {len(rows)}")
+        log.info(f"  caption inputs {len(rows)}")
         offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(torch.tensor([len(r) for r in rows]), 0)
         data = {"rows": torch.cat([r.reshape(len(r), -1) for r in rows]), "offsets": offsets}
@@ -159,31 +161,31 @@ def base_encoder(spec: str | Path) -> tuple[OpenClipEncoder, dict[str, str]]:
 
 def finetune_openclip(spec: str | Path, train: Dataset, val: Dataset | None, out: Path,
                       config: FinetuneConfig = FinetuneConfig(), *, resume: bool = False,
-                      cache_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
+                      cache_dir: Path | None = None) -> Path:
     """Fine-tune the open_clip model `spec` on `train`, select on `val`, save to `out` (returned).
 
     `out` is then a seesay encoder directory (the best epoch by validation RSUM; the last one
     without `val`) and `out/checkpoint.pt` the last finished epoch, which `resume=True`
     continues. Unreadable images are skipped and listed in the log; a non-finite loss stops
-    with TrainingError, keeping the last good checkpoint and best model.
+    with TrainingError, keeping the last good checkpoint and best model. Progress is logged
+    (`logging`, rank 0 only under torchrun).
     """
     config.check()
     ranks = distributed.init_distributed()
-    say = log if ranks.main else (lambda _msg: None)
     torch.manual_seed(config.seed)
     enc, base = base_encoder(spec)
     enc.device = ranks.device
     model = enc.model.to(ranks.device)
     towers = Towers(model, ImageTower(model, config.image_top, config.lock_image), TextTower(model, config.text_top))
     groups = param_groups(model, towers.image, towers.text, config.lr, config.layer_decay, config.weight_decay)
-    tr, va, skipped = _splits(train, val, enc, towers, config, base, cache_dir, say)
+    tr, va, skipped = _splits(train, val, enc, towers, config, base, cache_dir)
     settings = {**dataclasses.asdict(config), "base": base, "train_images": len(tr.records),
                 "val_images": len(va.records) if va else 0}
     opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    run = _Run(Path(out), settings, towers, opt, resume, say)
+    run = _Run(Path(out), settings, towers, opt, resume)
     if va is not None and not run.progress.history:
         run.baseline = evaluate(towers, va, enc)
-        say(f"before training: val R@1 i2t={run.baseline.i2t['R@1']:.1f} t2i={run.baseline.t2i['R@1']:.1f}"
+        log.info(f"before training: val R@1 i2t={run.baseline.i2t['R@1']:.1f} t2i={run.baseline.t2i['R@1']:.1f}"
             f" rsum={run.baseline.rsum:.1f}")
     wrapped = distributed.wrap(towers, ranks, find_unused=config.loss == "vse")  # the hinge leaves the temperature unused
     schedule = Schedule(len(tr.batches(config.batch_size * ranks.world, config.seed, 0)), config.epochs, config.warmup_epochs)
@@ -196,7 +198,7 @@ def finetune_openclip(spec: str | Path, train: Dataset, val: Dataset | None, out
 
     for epoch in range(run.progress.start_epoch, config.epochs):
         if run.progress.stop_early(config.patience, va is not None):
-            say(f"early stop: no validation RSUM gain for {config.patience} epochs")
+            log.info(f"early stop: no validation RSUM gain for {config.patience} epochs")
             break
         towers.train()
         entry = train_one_epoch(wrapped, tr.batches(config.batch_size * ranks.world, config.seed, epoch), inputs, loss, opt,
@@ -210,32 +212,31 @@ def finetune_openclip(spec: str | Path, train: Dataset, val: Dataset | None, out
 
 
 def _splits(train: Dataset, val: Dataset | None, enc: OpenClipEncoder, towers: Towers, config: FinetuneConfig,
-            base: dict[str, str], cache_dir: Path | None, say: Callable[[str], None]) -> tuple[_Split, _Split | None, list[str]]:
+            base: dict[str, str], cache_dir: Path | None) -> tuple[_Split, _Split | None, list[str]]:
     """The training and validation splits as the frozen bottoms' outputs, and what was skipped (logged here)."""
     cache = Path(cache_dir) if cache_dir else seesay_cache("features", "openclip")
     model_key = cache_key([base["sha256"], enc.model_cfg])
-    say(f"preparing inputs below the trained blocks (train {len(train.records)} images)")
-    tr = _Split(train, enc, towers, 2 if config.flip else 1, model_key, cache, say, "train")
-    va = _Split(val, enc, towers, 1, model_key, cache, say, "val") if val is not None and val.records else None
+    log.info(f"preparing inputs below the trained blocks (train {len(train.records)} images)")
+    tr = _Split(train, enc, towers, 2 if config.flip else 1, model_key, cache, "train")
+    va = _Split(val, enc, towers, 1, model_key, cache, "val") if val is not None and val.records else None
     skipped = tr.problems + (va.problems if va else [])
     for p in skipped[:20]:
-        say(f"  {p}")
+        log.info(f"  {p}")
     return tr, va, skipped
 
 
 class _Run:
     """The run's state across epochs and processes: its progress, the checkpoint and the saved model."""
 
-    def __init__(self, out: Path, settings: dict, towers: Towers, opt: torch.optim.Optimizer, resume: bool,
-                 say: Callable[[str], None]) -> None:
-        self.out, self.settings, self.towers, self.opt, self.say = out, settings, towers, opt, say
+    def __init__(self, out: Path, settings: dict, towers: Towers, opt: torch.optim.Optimizer, resume: bool) -> None:
+        self.out, self.settings, self.towers, self.opt = out, settings, towers, opt
         self.ckpt = out / CHECKPOINT
         self.progress = Progress()
         self.baseline: RecallResult | None = None  # validation recall before training
         if resume and self.ckpt.is_file():
             self._resume()
         elif self.ckpt.is_file():
-            say(f"{out} holds an earlier run; starting afresh (pass resume=True to continue it)")
+            log.info(f"{out} holds an earlier run; starting afresh (pass resume=True to continue it)")
 
     def _resume(self) -> None:
         state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
@@ -248,7 +249,7 @@ class _Run:
         self.opt.load_state_dict(state["optimizer"])
         self.progress = Progress.from_checkpoint(state)
         self.baseline = RecallResult(**state["baseline"]) if state["baseline"] else None
-        self.say(f"resumed from {self.ckpt} after epoch {state['epoch'] + 1}")
+        log.info(f"resumed from {self.ckpt} after epoch {state['epoch'] + 1}")
 
     def where_good(self) -> str:
         best = f" and the best model is in {self.out}" if (self.out / "encoder.json").is_file() else ""
@@ -268,7 +269,7 @@ class _Run:
             torch.save({"trained": trained, "optimizer": self.opt.state_dict(), "settings": self.settings,
                         **self.progress.state(epoch), "baseline": self.baseline and self.baseline.to_dict()}, tmp)
         write_log(self.out, self.progress.history, skipped)
-        self.say(describe(entry, improved and result is not None))
+        log.info(describe(entry, improved and result is not None))
 
     def _save_model(self, enc: OpenClipEncoder, entry: dict) -> None:
         base = self.settings["base"]

@@ -12,6 +12,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 from retrieval.datasets import SHARED_FLICKR8K
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the trainer's progress, on stderr
     from retrieval.datasets import load_dataset
     from retrieval.training.trainer import train_encoder
 

@@ -8,8 +8,8 @@ layers (or the sentence embedding). The frozen parts run once; their outputs are
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -18,13 +18,15 @@ from retrieval.backbones import efficientnet as effnet
 from retrieval.training import features as feats
 from retrieval.training.data import PairSplit, captioned
 
+log = logging.getLogger(__name__)
+
 IMAGE_CACHE_DEPTH = 4  # the map entering each backbone's last four blocks (Lite0: 192×7×7, Lite2: 208×9×9)
 
 
 class TowersSplit(PairSplit):
     """Cached features of one dataset split, restricted to images that decoded."""
 
-    def __init__(self, ds: Dataset, cfg: dict, flip: bool | str, cache_dir: Path | None, log: Callable, name: str,
+    def __init__(self, ds: Dataset, cfg: dict, flip: bool | str, cache_dir: Path | None, name: str,
                  device: torch.device, max_captions: int | None = None) -> None:
         records, self.problems = captioned(ds, max_captions)
         paths = [r.image_path for r in records]
@@ -32,14 +34,14 @@ class TowersSplit(PairSplit):
         maps, bad = [], {}
         for backbone in backbones:
             fmap, backbone_bad = image_views(paths, backbone, effnet.decode_size(backbones), cfg["image_top"], flip,
-                                             cache_dir, log, device)
+                                             cache_dir, device)
             maps.append(fmap)
             bad.update(backbone_bad)
         keep = self._keep(records, bad, name)
         self.images = [m[keep] for m in maps]  # per backbone: (N, V, ...)
         self.n_views = int(self.images[0].shape[1])
         self.text_top = cfg["text_top"]
-        self.text = feats.text_features(self.captions, cfg["text_model"], cfg["text_top"], cache_dir=cache_dir, log=log)
+        self.text = feats.text_features(self.captions, cfg["text_model"], cfg["text_top"], cache_dir=cache_dir)
 
     def image_batch(self, idx, view, device) -> list[torch.Tensor]:
         """One float input per backbone for images `idx` in views `view`."""
@@ -73,7 +75,7 @@ def split_vectors(heads: torch.nn.Module, split: TowersSplit, device: torch.devi
 
 
 def image_views(paths: list, backbone: str, decoded: int, image_top: int, flip: bool | str, cache_dir: Path | None,
-                log: Callable, device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
+                device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
     """(N, V, ...) cached inputs of one backbone's trained part: the plain view, plus a mirrored one with `flip`.
 
     flip=True encodes the mirrored images (a second one-off caching pass); flip="maps" mirrors the
@@ -81,7 +83,7 @@ def image_views(paths: list, backbone: str, decoded: int, image_top: int, flip: 
     pretrained networks are close to mirror-equivariant, having been trained on mirrored images).
     """
     depth = max(IMAGE_CACHE_DEPTH, image_top)
-    kw = {"cache_dir": cache_dir, "log": log, "device": device, "backbone": backbone, "decoded": decoded}
+    kw = {"cache_dir": cache_dir, "device": device, "backbone": backbone, "decoded": decoded}
     fmap, bad = feats.image_features(paths, depth, flip=False, **kw)
     views = [fmap]
     if flip == "maps":
@@ -89,10 +91,10 @@ def image_views(paths: list, backbone: str, decoded: int, image_top: int, flip: 
     elif flip:
         views.append(feats.image_features(paths, depth, flip=True, **kw)[0])
     fmap = torch.stack(views, dim=1)
-    return _lift_images(fmap, backbone, depth, image_top, log, cache_dir, device), bad
+    return _lift_images(fmap, backbone, depth, image_top, cache_dir, device), bad
 
 
-def _lift_images(fmap: torch.Tensor, backbone: str, depth: int, image_top: int, log: Callable, cache_dir: Path | None,
+def _lift_images(fmap: torch.Tensor, backbone: str, depth: int, image_top: int, cache_dir: Path | None,
                  device: torch.device) -> torch.Tensor:
     """Run the frozen blocks between the cache depth and the trained top once (pooled when image_top is 0)."""
     if image_top == depth:
@@ -103,7 +105,7 @@ def _lift_images(fmap: torch.Tensor, backbone: str, depth: int, image_top: int, 
         return torch.load(path, weights_only=True)
     out = _run_frozen(fmap, backbone, depth, image_top, device)
     feats.save(out, path)
-    log(f"  lifted image features to {'pooled' if image_top == 0 else f'depth {image_top}'}")
+    log.info(f"  lifted image features to {'pooled' if image_top == 0 else f'depth {image_top}'}")
     return out
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import random
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -38,10 +39,12 @@ __all__ = ["CHECKPOINT", "TrainConfig", "TrainingError", "evaluate", "train_enco
 
 CHECKPOINT = "checkpoint.pt"
 
+log = logging.getLogger(__name__)
+
 
 def train_encoder(spec: str, train: Dataset, val: Dataset | None, out: Path, config: TrainConfig | None = None, *,
                   resume: bool = False, cache_dir: Path | None = None, device: str | None = None,
-                  log: Callable[[str], None] = print, **settings: Any) -> Path:
+                  **settings: Any) -> Path:
     """Train `spec` (`towers` or `towers:TEXT_MODEL_DIR`) on `train`, select on `val`, save to `out`.
 
     The settings are `config` (default: `TrainConfig()`, the shipped model's recipe) with
@@ -49,7 +52,7 @@ def train_encoder(spec: str, train: Dataset, val: Dataset | None, out: Path, con
     with `load_encoder(out)` (best epoch by validation RSUM; the last epoch when `val` is None).
     `out/checkpoint.pt` holds the last finished epoch for `resume=True`. With `hubness_tau` the
     saved model gets a query bank from the training pairs; validation recall is logged with and
-    without it. Images that are missing or unreadable are skipped and reported; a non-finite loss
+    without it. Progress is logged (`logging`, rank 0 only under torchrun). Images that are missing or unreadable are skipped and reported; a non-finite loss
     stops training with TrainingError, keeping the last good checkpoint and best model.
     """
     if spec.partition(":")[0] != KIND:
@@ -60,16 +63,15 @@ def train_encoder(spec: str, train: Dataset, val: Dataset | None, out: Path, con
     ranks = distributed.init_distributed(device)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    say = log if ranks.main else (lambda _msg: None)
     runtime.keep_freed_memory()
     # Building the encoder validates the text model and makes fresh heads; its cfg is the saved model's config.
     base = TowersEncoder({**DEFAULT_CONFIG, **parse_spec(spec), **config.model_config()}, spec=spec, device=ranks.device)
     cfg, heads = base.cfg, base.heads.to(ranks.device)
-    tr, va, skipped = _splits(train, val, cfg, config, cache_dir, say, ranks.device)
+    tr, va, skipped = _splits(train, val, cfg, config, cache_dir, ranks.device)
     opt = torch.optim.AdamW(param_groups(heads, config.lr, config.top_lr_scale, config.weight_decay),
                             lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     schedule = Schedule(len(tr.batches(config.batch_size * ranks.world, config.seed, 0)), config.epochs, config.warmup_epochs)
-    progress = _start(out, resume, cfg, heads, opt, say)
+    progress = _start(out, resume, cfg, heads, opt)
     if ranks.device.type == "cuda":
         tr.pin()
     model = distributed.wrap(heads, ranks, find_unused=config.loss == "vse")  # the hinge leaves the temperature unused
@@ -83,7 +85,7 @@ def train_encoder(spec: str, train: Dataset, val: Dataset | None, out: Path, con
     record = _record(spec, config, tr, va)
     for epoch in range(progress.start_epoch, config.epochs):
         if progress.stop_early(config.patience, va is not None):
-            say(f"early stop: no validation RSUM gain for {config.patience} epochs")
+            log.info(f"early stop: no validation RSUM gain for {config.patience} epochs")
             break
         heads.train()
         entry = train_one_epoch(model, tr.batches(config.batch_size * ranks.world, config.seed, epoch), inputs, loss, opt,
@@ -91,25 +93,25 @@ def train_encoder(spec: str, train: Dataset, val: Dataset | None, out: Path, con
         improved = progress.record(entry, evaluate(heads, va, ranks.device) if va is not None else None)
         if ranks.main:
             _save_epoch(out, spec, cfg, heads, opt, progress, record, epoch, improved, skipped if epoch == progress.start_epoch else None)
-            say(describe(entry, improved and va is not None))
+            log.info(describe(entry, improved and va is not None))
     if ranks.main:
         plot_curves(out / CURVE, progress.history)
         if config.hubness_tau:
-            _attach_querybank(out, tr, va, config.hubness_tau, config.seed, say)
+            _attach_querybank(out, tr, va, config.hubness_tau, config.seed)
     return out
 
 
 def _splits(train: Dataset, val: Dataset | None, cfg: dict, config: TrainConfig, cache_dir: Path | None,
-            say: Callable[[str], None], device: torch.device) -> tuple[TowersSplit, TowersSplit | None, list[str]]:
+            device: torch.device) -> tuple[TowersSplit, TowersSplit | None, list[str]]:
     """The training and validation splits as cached features, and what was skipped (logged here)."""
-    say(f"caching frozen-tower features (train {len(train.records)} images)")
-    tr = TowersSplit(train, cfg, config.flip, cache_dir, say, "train", device, config.max_captions)
-    va = TowersSplit(val, cfg, False, cache_dir, say, "val", device) if val is not None and val.records else None
+    log.info(f"caching frozen-tower features (train {len(train.records)} images)")
+    tr = TowersSplit(train, cfg, config.flip, cache_dir, "train", device, config.max_captions)
+    va = TowersSplit(val, cfg, False, cache_dir, "val", device) if val is not None and val.records else None
     skipped = tr.problems + (va.problems if va else [])
     for p in skipped[:20]:
-        say(f"  {p}")
+        log.info(f"  {p}")
     if skipped:
-        say(f"  {len(skipped)} image(s) skipped or without captions")
+        log.info(f"  {len(skipped)} image(s) skipped or without captions")
     return tr, va, skipped
 
 
@@ -142,14 +144,13 @@ def _record(spec: str, config: TrainConfig, tr: TowersSplit, va: TowersSplit | N
             "train_images": len(tr.records), "val_images": len(va.records) if va else 0}
 
 
-def _start(out: Path, resume: bool, cfg: dict, heads: TowerHeads, opt: torch.optim.Optimizer,
-           say: Callable[[str], None]) -> Progress:
+def _start(out: Path, resume: bool, cfg: dict, heads: TowerHeads, opt: torch.optim.Optimizer) -> Progress:
     """A fresh record, or the one of `out`'s checkpoint (weights and optimiser restored) with `resume`."""
     path = out / CHECKPOINT
     if not path.is_file():
         return Progress()
     if not resume:
-        say(f"{out} holds an earlier run; starting afresh (pass resume=True to continue it)")
+        log.info(f"{out} holds an earlier run; starting afresh (pass resume=True to continue it)")
         return Progress()
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("cfg") != cfg:
@@ -158,7 +159,7 @@ def _start(out: Path, resume: bool, cfg: dict, heads: TowerHeads, opt: torch.opt
                             "use another --out or drop --resume")
     load_heads_state(heads, state["heads"], str(path))
     opt.load_state_dict(state["optimizer"])
-    say(f"resumed from {path} after epoch {state['epoch'] + 1}")
+    log.info(f"resumed from {path} after epoch {state['epoch'] + 1}")
     return Progress.from_checkpoint(state)
 
 
@@ -183,7 +184,7 @@ def _save_epoch(out: Path, spec: str, cfg: dict, heads: TowerHeads, opt: torch.o
     write_log(out, progress.history, skipped)
 
 
-def _attach_querybank(out: Path, tr: TowersSplit, va: TowersSplit | None, tau: float, seed: int, say: Callable) -> None:
+def _attach_querybank(out: Path, tr: TowersSplit, va: TowersSplit | None, tau: float, seed: int) -> None:
     """Re-save the best model in `out` with a query bank from the training pairs; log validation recall with it."""
     from retrieval.encoders import querybank as qb
     from retrieval.evaluation import cross_modal_recall
@@ -200,6 +201,6 @@ def _attach_querybank(out: Path, tr: TowersSplit, va: TowersSplit | None, tau: f
         gallery_t = enc.querybank.with_bias(texts.numpy(), "caption")
         r = cross_modal_recall(enc, gallery_i, gallery_t, va.text_to_image)
         enc.cfg["train"].update({"hub_val_i2t_R@1": r.i2t["R@1"], "hub_val_t2i_R@1": r.t2i["R@1"], "hub_val_rsum": r.rsum})
-        say(f"with hubness correction (tau {tau}): val i2t R@1 {r.i2t['R@1']:.2f} t2i R@1 {r.t2i['R@1']:.2f} "
+        log.info(f"with hubness correction (tau {tau}): val i2t R@1 {r.i2t['R@1']:.2f} t2i R@1 {r.t2i['R@1']:.2f} "
             f"rsum {r.rsum:.1f}")
     enc.save(out)
