@@ -233,6 +233,8 @@ def storage_cmd(
         table.add_row("PostgreSQL add (rows/s)", f"skipped: {pg['skipped']}", "≥ 20,000")
     else:
         table.add_row(f"PostgreSQL add (rows/s), {dim}-d vectors / 4-d", f"{pg['rows_per_s']:,.0f} / {pg['rows_only_per_s']:,.0f}", "≥ 20,000")
+        if pg.get("rows_per_cpu_s") and pg.get("rows_only_per_cpu_s"):
+            table.add_row("the same per CPU second (seesay + the server)", f"{pg['rows_per_cpu_s']:,.0f} / {pg['rows_only_per_cpu_s']:,.0f}", "")
     _finish(result, storage.NAME, out_dir, as_json, storage.plot, table)
 
 

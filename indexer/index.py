@@ -164,6 +164,7 @@ class Index:
         self._ids: dict[int, np.ndarray] = {}  # item ids of segments, by id, for deletes
         self._params: dict[str, int] = {}
         self._retired: set[int] = set()  # segments the open write transaction retires
+        self._recorded: list[SegmentRow] = []  # and those it records
         self._merger = None if read_only else Merger(_background_merge(self), str(directory))
 
     # ----- opening -----
@@ -517,7 +518,7 @@ class Index:
         files and records them through the session.
         """
         self.check_writable(action)
-        self._retired = set()
+        self._retired, self._recorded = set(), []
         with self._db.writing() as (session, manifest):
             rows = store.list_segments(session)
             remove_segments(self.directory, keep={row.id for row in rows})  # a crashed writer's files
@@ -584,7 +585,10 @@ class Index:
             self._append(session, manifest, segments, "caption", vectors[fresh], caption_ids)
             manifest.n_images += len(image_ids)
             manifest.n_captions += len(caption_ids)
-        self._merger.kick()
+        # The committed segments are known here: start the merge thread only when the policy
+        # has work (most commits leave it none, and a look costs a snapshot of the database).
+        if compaction.plan([row for row in segments if row.id not in self._retired] + self._recorded):
+            self._merger.kick()
         return added
 
     @staticmethod
@@ -638,7 +642,9 @@ class Index:
             segment_id = manifest.next_segment
             manifest.next_segment += 1
             write_segment(self.directory, SET_NAMES[kind], segment_id, vectors, ids, part)
-            session.add(SegmentRow(id=segment_id, kind=kind, rows=len(ids), dead=0, first_id=int(ids[0]), part=part is not None))
+            row = SegmentRow(id=segment_id, kind=kind, rows=len(ids), dead=0, first_id=int(ids[0]), part=part is not None)
+            session.add(row)
+            self._recorded.append(row)
 
     def _live(self, session: Session, name: str, rows: list[SegmentRow]) -> tuple[np.ndarray, np.ndarray]:
         """The (ids, vectors) of `rows` that are not tombstoned, by ascending id."""
@@ -830,22 +836,19 @@ def _insert(
     if not positions:
         return np.zeros(0, dtype=np.int64)
     ids = store.reserve_ids(session, len(positions)) if given is None else given[positions].tolist()
-    now = store.utcnow()
-    values = [
-        {
-            "id": item_id,
-            "kind": row.kind,
-            "source_id": row.source_id,
-            "path": row.path,
-            "text": row.text,
-            "image_item_id": image_item_id(row),
-            "split": row.split,
-            "hash": row.hash,
-            "created_at": now,
-        }
-        for item_id, row in zip(ids, (rows[i] for i in positions))
-    ]
-    store.insert_items(session, values)
+    chosen = [rows[i] for i in positions]
+    columns = {
+        "id": ids,
+        "kind": [row.kind for row in chosen],
+        "source_id": [row.source_id for row in chosen],
+        "path": [row.path for row in chosen],
+        "text": [row.text for row in chosen],
+        "image_item_id": list(map(image_item_id, chosen)),
+        "split": [row.split for row in chosen],
+        "hash": [row.hash for row in chosen],
+        "created_at": [store.utcnow()] * len(chosen),
+    }
+    store.insert_items(session, columns)
     for i, item_id in zip(positions, ids):
         added.ids[i] = item_id
     return np.array(ids, dtype=np.int64)

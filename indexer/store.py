@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    Index,
     UniqueConstraint,
     create_engine,
     delete,
@@ -60,15 +61,23 @@ class ItemRow(Base):
     __table_args__ = (
         UniqueConstraint("kind", "hash"),
         CheckConstraint("kind IN ('image', 'caption')", name="item_kind"),
+        # Only captions point at an image: images (NULL here) stay out of this index, which halves
+        # its upkeep on adds; `image_item_id IN (...)` implies NOT NULL, so both databases use it.
+        Index(
+            "ix_items_image_item_id",
+            "image_item_id",
+            postgresql_where=text("image_item_id IS NOT NULL"),
+            sqlite_where=text("image_item_id IS NOT NULL"),
+        ),
         {"sqlite_autoincrement": True},  # never reuse the id of a deleted item
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(8))
-    source_id: Mapped[str] = mapped_column(String, index=True)
+    source_id: Mapped[str] = mapped_column(String)  # nothing looks items up by it: no index to keep up
     path: Mapped[str | None] = mapped_column(String)
     text: Mapped[str | None] = mapped_column(Text)
-    image_item_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"), index=True)
+    image_item_id: Mapped[int | None] = mapped_column(ForeignKey("items.id"))
     split: Mapped[str | None] = mapped_column(String(32))
     hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -426,36 +435,40 @@ def take_ids(session: Session, n: int) -> list[int]:
     return ids
 
 
-def insert_items(session: Session, values: list[dict]) -> None:
-    """Insert item rows (ids included) in bulk: COPY on PostgreSQL, one executemany elsewhere."""
-    if not values:
+def insert_items(session: Session, columns: dict[str, Sequence]) -> None:
+    """Insert item rows (ids included) given column by column, all of one length, in bulk:
+    one COPY on PostgreSQL, one executemany elsewhere."""
+    n = len(next(iter(columns.values()), ()))
+    if not n:
         return
     if session.bind.dialect.name == "postgresql":
-        columns = list(values[0])
         cursor = session.connection().connection.cursor()
         with cursor.copy(f"COPY items ({', '.join(columns)}) FROM STDIN") as copy:
-            copy.write(_copy_text([[row[c] for row in values] for c in columns]))
+            copy.write(_copy_text(list(columns.values())))
         return
-    session.execute(insert(ItemRow.__table__), values)
+    names = list(columns)
+    session.execute(insert(ItemRow.__table__), [dict(zip(names, row)) for row in zip(*columns.values())])
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_text(columns: list[list]) -> str:
+def _copy_text(columns: list[Sequence]) -> str:
     """COPY's text format for rows given column by column (each column escaped by one
     str.translate, then the rows joined): a few C-level passes instead of psycopg's
     write_row per row."""
     return "".join(line + "\n" for line in map("\t".join, zip(*map(_copy_column, columns))))
 
 
-def _copy_column(column: list) -> list[str]:
+def _copy_column(column: Sequence) -> list[str]:
     """One column's values as COPY text: None is NULL, datetimes go as naive UTC (the columns are
-    timestamps without time zone, which seesay reads back as UTC). The values are joined with
-    NUL, which PostgreSQL text cannot hold, escaped at once and split again."""
+    timestamps without time zone, which seesay reads back as UTC), each distinct one formatted
+    once (a commit stamps all its rows alike). The values are joined with NUL, which PostgreSQL
+    text cannot hold, escaped at once and split again."""
     present = [v for v in column if v is not None]
-    if any(isinstance(v, datetime) for v in present):
-        present_text = [(v.astimezone(timezone.utc).replace(tzinfo=None) if v.tzinfo else v).isoformat(" ") for v in present]
+    if present and isinstance(present[0], datetime):  # a column holds one type
+        stamps = {v: (v.astimezone(timezone.utc).replace(tzinfo=None) if v.tzinfo else v).isoformat(" ") for v in set(present)}
+        present_text = list(map(stamps.__getitem__, present))
     else:
         present_text = list(map(str, present))
     escaped = "\x00".join(present_text).translate(_COPY_ESCAPES).split("\x00") if present_text else []
