@@ -60,18 +60,23 @@ def unit_chunk(seed: int, n: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def add_all(index: Index, n: int, commit: int, dim: int) -> list[dict[str, float]]:
-    """Add n image rows with random vectors, `commit` per call; per call: items, seconds, bytes written."""
+def add_all(
+    index: Index, n: int, commit: int, dim: int, server_cpu: Callable[[], float] = lambda: 0.0
+) -> list[dict[str, float]]:
+    """Add n image rows with random vectors, `commit` per call; per call: items, seconds, CPU seconds of the
+    adding thread and of the process (merge threads too), `server_cpu`'s (a database server's CPU clock)
+    and bytes written."""
     calls = []
     for start in range(0, n, commit):
         count = min(commit, n - start)
         rows = [NewItem("image", f"item{i}", f"{i:016x}") for i in range(start, start + count)]
         vectors = unit_chunk(start, count, dim)
-        before, began, cpu = written_bytes(), time.perf_counter(), time.thread_time()
+        served, before = server_cpu(), written_bytes()
+        began, cpu, process = time.perf_counter(), time.thread_time(), time.process_time()
         index.add_vectors(rows, vectors)
-        calls.append(
-            {"items": count, "seconds": time.perf_counter() - began, "cpu": time.thread_time() - cpu, "bytes": written_bytes() - before}
-        )
+        seconds, cpu, process = time.perf_counter() - began, time.thread_time() - cpu, time.process_time() - process
+        written = written_bytes() - before
+        calls.append({"items": count, "seconds": seconds, "cpu": cpu, "process_cpu": process, "server_cpu": server_cpu() - served, "bytes": written})
         if len(calls) % 10 == 0:
             log.info(f"added {start + count:,} of {n:,}")
     return calls
@@ -189,10 +194,9 @@ def postgres_rates(rows: int, commit: int, dim: int) -> dict[str, Any]:
             for key, d in (("rows_per_s", dim), ("rows_only_per_s", 4)):
                 with Index.create(work / key, _artefact(d), db_url=server.new_database()) as index:
                     log.info(f"adding {rows:,} rows into PostgreSQL, {d}-d vectors")
-                    client, serving = time.process_time(), server.cpu_seconds()
-                    calls = add_all(index, rows, commit, d)
-                    cpu = time.process_time() - client + server.cpu_seconds() - serving
+                    calls = add_all(index, rows, commit, d, server.cpu_seconds)
                 found[key] = rows / sum(c["seconds"] for c in calls)
+                cpu = sum(c["process_cpu"] + c["server_cpu"] for c in calls)
                 found[key.replace("_per_s", "_per_cpu_s")] = rows / cpu if cpu > 0 else None
         return found
     finally:

@@ -573,16 +573,16 @@ class Index:
             images = [i for i, row in enumerate(rows) if row.kind == "image"]
             indexed = store.ids_by_hash(session, "image", [rows[i].hash for i in images])
             fresh = self._fresh(rows, images, indexed, added)
-            image_ids = _insert(session, rows, fresh, added, lambda row: None, given)
-            self._append(session, manifest, segments, "image", vectors[fresh], image_ids)
+            image_ids = _insert(session, rows, fresh, added, [None] * len(fresh), given)
+            self._append(session, manifest, segments, "image", _take(vectors, fresh), image_ids)
             captions = [i for i, row in enumerate(rows) if row.kind == "caption"]
             owners = store.ids_by_hash(session, "image", [rows[i].image_hash for i in captions])
             indexed = store.ids_by_hash(session, "caption", [rows[i].hash for i in captions])
             fresh = self._fresh(rows, captions, indexed, added)
             added.orphaned = [i for i in fresh if rows[i].image_hash not in owners]
             fresh = [i for i in fresh if rows[i].image_hash in owners]
-            caption_ids = _insert(session, rows, fresh, added, lambda row: owners[row.image_hash], given)
-            self._append(session, manifest, segments, "caption", vectors[fresh], caption_ids)
+            caption_ids = _insert(session, rows, fresh, added, [owners[rows[i].image_hash] for i in fresh], given)
+            self._append(session, manifest, segments, "caption", _take(vectors, fresh), caption_ids)
             manifest.n_images += len(image_ids)
             manifest.n_captions += len(caption_ids)
         # The committed segments are known here: start the merge thread only when the policy
@@ -594,6 +594,9 @@ class Index:
     @staticmethod
     def _fresh(rows: Sequence[NewItem], positions: list[int], indexed: dict[str, int], added: Added) -> list[int]:
         """Positions whose hash is neither indexed nor repeated earlier; the rest are marked existing."""
+        hashes = [rows[i].hash for i in positions]
+        if len(set(hashes)) == len(hashes) and indexed.keys().isdisjoint(hashes):  # the usual case, at C speed
+            return list(positions)
         seen = set(indexed)
         fresh = []
         for i in positions:
@@ -829,10 +832,11 @@ def _insert(
     rows: Sequence[NewItem],
     positions: list[int],
     added: Added,
-    image_item_id: Callable[[NewItem], int | None],
+    image_item_ids: list[int | None],
     given: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Insert the rows at `positions` under their `given` ids, else ids reserved from the database; returns the ids."""
+    """Insert the rows at `positions` (pointing at `image_item_ids`, one per position) under their `given`
+    ids, else ids reserved from the database; returns the ids."""
     if not positions:
         return np.zeros(0, dtype=np.int64)
     ids = store.reserve_ids(session, len(positions)) if given is None else given[positions].tolist()
@@ -843,7 +847,7 @@ def _insert(
         "source_id": [row.source_id for row in chosen],
         "path": [row.path for row in chosen],
         "text": [row.text for row in chosen],
-        "image_item_id": list(map(image_item_id, chosen)),
+        "image_item_id": image_item_ids,
         "split": [row.split for row in chosen],
         "hash": [row.hash for row in chosen],
         "created_at": [store.utcnow()] * len(chosen),
@@ -852,6 +856,13 @@ def _insert(
     for i, item_id in zip(positions, ids):
         added.ids[i] = item_id
     return np.array(ids, dtype=np.int64)
+
+
+def _take(vectors: np.ndarray, positions: list[int]) -> np.ndarray:
+    """The rows of `vectors` at `positions` (ascending): a view when they are one run, as in most adds."""
+    if positions and positions[-1] - positions[0] == len(positions) - 1:
+        return vectors[positions[0] : positions[-1] + 1]
+    return vectors[positions]
 
 
 def _check_given_ids(rows: Sequence[NewItem], ids: np.ndarray, directory: Path) -> None:

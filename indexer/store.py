@@ -292,14 +292,17 @@ def ids_by_hash(session: Session, kind: str, hashes: Sequence[str]) -> dict[str,
         # statistics, made PostgreSQL scan the table once per list (seconds per commit).
         # The hashes go as one newline-joined string split by the server: adapting a list of
         # thousands of strings as an array parameter cost more than the query.
-        wanted = sorted(set(hashes))
-        if any("\n" in h for h in wanted):
+        wanted = set(hashes)
+        if not wanted:
+            return {}
+        joined = "\n".join(wanted)
+        if joined.count("\n") != len(wanted) - 1:
             raise SeesayError("a content hash holds a line break")
         query = text(
             "SELECT i.hash, i.id FROM items i JOIN unnest(string_to_array(:hashes, E'\\n')) AS h(hash) ON i.hash = h.hash "
             "WHERE i.kind = :kind"
         )
-        return {row.hash: row.id for row in session.execute(query, {"hashes": "\n".join(wanted), "kind": kind})} if wanted else {}
+        return {found_hash: item_id for found_hash, item_id in session.execute(query, {"hashes": joined, "kind": kind})}
     found: dict[str, int] = {}
     for chunk in _chunks(list(set(hashes))):
         query = select(ItemRow.hash, ItemRow.id).where(ItemRow.kind == kind, ItemRow.hash.in_(chunk))
@@ -457,7 +460,7 @@ def _copy_text(columns: list[Sequence]) -> str:
     """COPY's text format for rows given column by column (each column escaped by one
     str.translate, then the rows joined): a few C-level passes instead of psycopg's
     write_row per row."""
-    return "".join(line + "\n" for line in map("\t".join, zip(*map(_copy_column, columns))))
+    return "\n".join(map("\t".join, zip(*map(_copy_column, columns)))) + "\n"
 
 
 def _copy_column(column: Sequence) -> list[str]:
@@ -465,7 +468,10 @@ def _copy_column(column: Sequence) -> list[str]:
     timestamps without time zone, which seesay reads back as UTC), each distinct one formatted
     once (a commit stamps all its rows alike). The values are joined with NUL, which PostgreSQL
     text cannot hold, escaped at once and split again."""
-    present = [v for v in column if v is not None]
+    nulls = list(column).count(None)
+    if nulls == len(column):
+        return ["\\N"] * nulls
+    present = [v for v in column if v is not None] if nulls else column
     if present and isinstance(present[0], datetime):  # a column holds one type
         stamps = {v: (v.astimezone(timezone.utc).replace(tzinfo=None) if v.tzinfo else v).isoformat(" ") for v in set(present)}
         present_text = list(map(stamps.__getitem__, present))
@@ -474,7 +480,7 @@ def _copy_column(column: Sequence) -> list[str]:
     escaped = "\x00".join(present_text).translate(_COPY_ESCAPES).split("\x00") if present_text else []
     if len(escaped) != len(present_text):
         raise SeesayError("text with a NUL character cannot be stored in PostgreSQL")
-    if len(present) == len(column):
+    if not nulls:
         return escaped
     rest = iter(escaped)
     return ["\\N" if v is None else next(rest) for v in column]
