@@ -35,7 +35,7 @@ def assert_same_queries(model_dir: Path, encoder, atol: float = 1e-6) -> None:
     light = load_text_queries(model_dir)
     assert light is not None and light.dim == encoder.dim and light.digest == encoder.digest
     for texts, cross_modal in ((real_captions(), True), (ODD, False)):  # apart: the long one pads only its own batch
-        want = encoder.encode_text_queries(texts, cross_modal)
+        want = encoder.as_queries(encoder.encode_texts(texts), cross_modal)  # float32, as stored captions
         got = light.encode_text_queries(texts, cross_modal)
         assert got.shape == want.shape and got.dtype == np.float32
         assert np.abs(got - want).max() < atol, np.abs(got - want).max()
@@ -66,6 +66,31 @@ def test_trained_towers_of_other_shapes_answer_identically(tmp_path, monkeypatch
             p.add_(0.05 * torch.randn_like(p))
     saved = encoder.save(tmp_path / "model")
     assert_same_queries(saved, load_encoder(saved))
+
+
+def test_bfloat16_queries_stay_close_to_float32_and_the_setting_is_honoured(tmp_path, monkeypatch):
+    """Where the CPU multiplies bfloat16 natively, a query runs a bfloat16 copy of the text side (runtime.cpu_query_dtype)."""
+    import torch
+
+    from retrieval.encoders.towers import TowersEncoder
+    from retrieval.errors import SeesayError
+
+    torch.manual_seed(0)
+    encoder = TowersEncoder({"embed_dim": 32, "text_top": 1, "zeroshot_weight": 0.3}, device=torch.device("cpu"))
+    texts = real_captions(8)
+    exact = encoder.as_queries(encoder.encode_texts(texts), True)
+    monkeypatch.setenv("SEESAY_QUERY_PRECISION", "float32")
+    assert np.array_equal(encoder.encode_text_queries(texts, True), exact)
+    monkeypatch.setenv("SEESAY_QUERY_PRECISION", "bfloat16")
+    rows = encoder.encode_text_queries(texts, True)
+    assert rows.dtype == np.float32 and rows.shape == exact.shape
+    assert not np.array_equal(rows, exact), "the bfloat16 copy was not used"
+    assert (rows * exact).sum(axis=1).min() > 0.999
+    assert np.array_equal(encoder.encode_texts(texts), encoder.encode_texts(texts))  # stored vectors: still float32
+    assert np.abs(encoder.as_queries(encoder.encode_texts(texts), True) - exact).max() == 0
+    monkeypatch.setenv("SEESAY_QUERY_PRECISION", "half")
+    with pytest.raises(SeesayError, match="SEESAY_QUERY_PRECISION"):
+        encoder.encode_text_queries(texts, True)
 
 
 @pytest.mark.slow

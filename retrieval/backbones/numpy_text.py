@@ -54,7 +54,10 @@ def supports(folder: str | Path) -> bool:
 
 
 def linear(x: np.ndarray, w: Weights, name: str) -> np.ndarray:
-    return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+    """x @ W.T + b over the last axis, as one 2-D matrix product: numpy runs a stacked (B, L, H) @ (H, O)
+    as B separate products (measured: 64 captions of 20 tokens through 768 → 3072, 204 ms stacked, 73 ms as one)."""
+    weight = w[f"{name}.weight"]
+    return (x.reshape(-1, x.shape[-1]) @ weight.T).reshape(*x.shape[:-1], weight.shape[0]) + w[f"{name}.bias"]
 
 
 def layer_norm(x: np.ndarray, w: Weights, name: str, eps: float) -> np.ndarray:

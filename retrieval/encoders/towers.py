@@ -153,6 +153,7 @@ class TowersEncoder(TorchImageEncoder):
         self.heads = heads.to(self.device).eval()
         self.querybank: qb.QueryBank | None = None
         self.cfg["hubness_tau"] = None  # until set_querybank
+        self._query_side: tuple | None = None  # (dtype, text model, heads) copies for queries, made on the first one
         self._spec = spec or KIND
 
     def _zeroshot_prompts(self) -> torch.Tensor | None:
@@ -221,32 +222,53 @@ class TowersEncoder(TorchImageEncoder):
                  for (_, model), fmap in zip(self.image_models, maps)]
         return self._mix(v, torch.stack(probs).mean(dim=0) @ self.class_vecs)
 
-    @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256, progress: bool = False) -> np.ndarray:
+        return self._encode_texts(texts, batch_size, self.st, self.heads)
+
+    def encode_text_queries(self, texts: Sequence[str], cross_modal: bool) -> np.ndarray:
+        """Search rows of text queries; on the CPU in `runtime.cpu_query_dtype()` (bfloat16 where native).
+
+        Stored caption vectors (`encode_texts`) stay float32; a query runs a bfloat16 copy of the
+        text side, made on the first query, where the CPU multiplies bfloat16 natively.
+        """
+        dtype = runtime.cpu_query_dtype() if self.device.type == "cpu" else torch.float32
+        if dtype == torch.float32:
+            return super().encode_text_queries(texts, cross_modal)
+        if self._query_side is None or self._query_side[0] != dtype:
+            heads = copy.deepcopy(self.heads)
+            if heads.text_top is not None:
+                heads.text_top.to(dtype)
+            self._query_side = (dtype, copy.deepcopy(self.st).to(dtype), heads)
+        _, st, heads = self._query_side
+        return self.as_queries(self._encode_texts(list(texts), 256, st, heads), cross_modal)
+
+    @torch.no_grad()
+    def _encode_texts(self, texts: Sequence[str], batch_size: int, st, heads: TowerHeads) -> np.ndarray:
+        """Captions → (n, dim) float32 rows through the text model `st` and `heads` (the encoder's, or a query copy)."""
         runtime.keep_freed_memory()
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         texts = [str(t) for t in texts]
         for s in range(0, len(texts), batch_size):
             chunk = texts[s : s + batch_size]
             with runtime.autocast(self.device):
-                v = self._text_vectors(chunk, batch_size)
+                v = self._text_vectors(chunk, batch_size, st, heads)
             v = v.float().cpu().numpy()
             out[s : s + len(chunk)] = v if self.querybank is None else self.querybank.with_bias(v, "caption")
         return out
 
-    def _text_vectors(self, texts: list[str], batch_size: int) -> torch.Tensor:
-        """Unit rows of one chunk of captions (mixed with MiniLM's own embeddings when zero-shot is on)."""
+    def _text_vectors(self, texts: list[str], batch_size: int, st, heads: TowerHeads) -> torch.Tensor:
+        """Unit rows of one chunk of captions (mixed with the text model's own embeddings when zero-shot is on)."""
         n_top = self.cfg["text_top"]
         if n_top:
-            h, mask = sentence.hidden_below(self.st, texts, n_top)
-            v = self.heads.text(h, mask)
+            h, mask = sentence.hidden_below(st, texts, n_top)
+            v = heads.text(h, mask)
             if self.class_vecs is None:
                 return v
-            frozen = sentence.bert_parts(self.st)[1][-n_top:]
-            plain = sentence.mean_pool(sentence.run_layers(frozen, h, mask, sentence.relative_bias(self.st)), mask)
+            frozen = sentence.bert_parts(st)[1][-n_top:]
+            plain = sentence.mean_pool(sentence.run_layers(frozen, h, mask, sentence.relative_bias(st)), mask)
             return self._mix(v, plain)
-        emb = sentence.sentence_embeddings(self.st, texts, batch_size).to(self.device)
-        v = self.heads.text(emb)
+        emb = sentence.sentence_embeddings(st, texts, batch_size).to(self.device)
+        v = heads.text(emb)
         return v if self.class_vecs is None else self._mix(v, emb)
 
     def config(self) -> dict[str, Any]:
