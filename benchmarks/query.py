@@ -122,7 +122,7 @@ def time_factory(
             t0 = time.perf_counter()
             engine.search_texts([text], "image", k)
             t1 = time.perf_counter()
-            vector = collection.encoder.encode_texts([text])
+            vector = collection.encoder.encode_text_queries([text], cross_modal=True)  # as the engine encodes a query
             t2 = time.perf_counter()
             _, ids = index.search("image", vector, k)
             t3 = time.perf_counter()
