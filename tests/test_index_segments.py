@@ -220,16 +220,40 @@ def test_a_background_merge_blocks_neither_the_next_commit_nor_deletes(tmp_path:
         assert not set(first[:3] + first[-2:]) & set(index.search("image", queries, 400)[1].ravel().tolist())
 
 
-def test_a_merge_whose_group_was_retired_meanwhile_changes_nothing(tmp_path: Path, db_url) -> None:
+def test_a_merge_whose_group_was_retired_meanwhile_changes_nothing(tmp_path: Path, db_url, monkeypatch) -> None:
+    """A merge that finds its group retired when it swaps its segment in changes nothing. The merge lock
+    normally rules this out; here it is bypassed (as a writer that does not see it would) and the
+    first merge is held mid-write while another writer merges the same segments."""
+    import contextlib
+    import threading
+
+    import indexer.index as index_module
+
+    started, release = threading.Event(), threading.Event()
+    real_write = index_module.write_merged
+
+    def held_write(*args, **kwargs):
+        if not started.is_set():  # only the first merge waits
+            started.set()
+            assert release.wait(60)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(index_module, "write_merged", held_write)
+    monkeypatch.setattr(index_module, "merge_lock", lambda directory, wait=True: contextlib.nullcontext(True))
     rng = np.random.default_rng(5)
     directory = tmp_path / "idx"
     with Index.create(directory, artefact, db_url=db_url) as index, Index.open(directory, db_url=db_url) as other:
         for commit in range(3):
             add_images(index, rng, 20 * commit, 20)
         generation = index.info().generation
-        _, segments, dead = index._db.snapshot()
+        merged: list[int] = []
+        first = threading.Thread(target=lambda: merged.append(index.compact(everything=True)))
+        first.start()
+        assert started.wait(60)
         assert other.compact(everything=True) == 3  # another writer merges them first
-        assert index._merge([s for s in segments if s.kind == "image"], dead) == 0
+        release.set()
+        first.join(60)
+        assert merged == [0]
         assert index.info().segments["image"] == 1 and index.info().generation == generation + 1
         assert len(assert_consistent(directory)["image"]) == 60
 
