@@ -2,9 +2,9 @@
 
     python -m benchmarks.hubness --model retrieval/models/towers-flickr8k --seeds 0,1 [--save-seed 0] [--tau 0.1]
 
-Encodes the dev split once (plain vectors), then for each seed draws a bank of training
-images and captions (`retrieval.training.hubness.encode_pool`), adds each dev item's bias
-coordinate and scores both directions as the index would. `--save-seed` writes that seed's
+Encodes the dev split once (plain vectors, `retrieval.evaluation.embed`), then for each seed
+draws a bank of training images and captions (`retrieval.training.hubness.encode_pool`), adds
+each dev item's bias coordinate and scores both directions as the index would. `--save-seed` writes that seed's
 bank into the model directory (how the shipped default's bank was made). Prints a table and
 writes JSON to --out.
 """
@@ -23,9 +23,8 @@ from retrieval.encoders import querybank as qb
 
 def main(argv: list[str] | None = None) -> None:
     from retrieval.datasets import load_dataset
-    from retrieval.embedding import encode_captions, encode_image_files
     from retrieval.encoders import load_encoder
-    from retrieval.evaluation import cross_modal_recall
+    from retrieval.evaluation import cross_modal_recall, embed
     from retrieval.metrics import recall_at_k
     from retrieval.training.hubness import encode_pool, save_bank
 
@@ -41,14 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     csv = args.data / "captions.csv"
     train = load_dataset(csv, split_file=args.data / "splits" / "train.txt")
-    dev = [r for r in load_dataset(csv, split_file=args.data / "splits" / "dev.txt").records if r.captions]
     enc = load_encoder(args.model)
     enc.set_querybank(None)
     t0 = time.time()
-    images, kept, _ = encode_image_files(enc, [r.image_path for r in dev], 32)
-    dev = [dev[i] for i in kept]
-    texts = encode_captions(enc, [c for r in dev for c in r.captions])
-    owner = np.repeat(np.arange(len(dev)), [len(r.captions) for r in dev])
+    dev = embed(enc, load_dataset(csv, split_file=args.data / "splits" / "dev.txt").records, 32)  # plain vectors
+    images, texts, owner = dev.image_vecs, dev.text_vecs, dev.owner
     plain = recall_at_k(images, texts, owner)
     saved = {"dev_images": images, "dev_texts": texts, "dev_owner": owner}
     rows = [{"bank_seed": None, "i2t_R@1": plain.i2t["R@1"], "t2i_R@1": plain.t2i["R@1"], "rsum": plain.rsum}]
@@ -70,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"saved bank seed {seed} in {args.model}", flush=True)
         enc.set_querybank(None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": str(args.model), "tau": args.tau, "dev_images": len(dev), "rows": rows,
+    args.out.write_text(json.dumps({"model": str(args.model), "tau": args.tau, "dev_images": len(images), "rows": rows,
                                     "plain": {"i2t": plain.i2t, "t2i": plain.t2i}}, indent=1))
 
 
