@@ -4,30 +4,37 @@
    IVF factory (default IVF1024,SQ8): the first commit (65,536 vectors) trains it once, later
    commits of 8,192 are added into the trained index, the policy's merges concatenate their
    inverted lists, and `compact` leaves one segment whose FAISS part holds all N.
-2. Two fresh processes answer the same queries (nprobe 16, k 10), each importing the same
-   modules first: "in RAM" reads that part with `faiss.read_index` (lists copied into the
-   process, as FAISS loads an index by default); "memory-mapped" opens the seesay index
+   Before that compaction, `faiss.contrib.ondisk.merge_ondisk` also merges the segments' parts
+   into one index whose lists are an `OnDiskInvertedLists` file (FAISS's own on-disk layout).
+2. Three fresh processes answer the same queries (nprobe 16, k 10), each importing the same
+   modules first: "in RAM" reads the compacted part with `faiss.read_index` (lists copied into
+   the process, as FAISS loads an index by default); "memory-mapped" opens the seesay index
    read-only, which serves every part through `IO_FLAG_MMAP_IFC` (the OS pages lists in as
-   they are searched). Each reports /proc/self/status VmRSS, RssAnon (memory only the process
+   they are searched); "ondisk" reads the merge_ondisk index (its lists file mapped). Each reports /proc/self/status VmRSS, RssAnon (memory only the process
    holds) and RssFile (file pages mapped in: page cache, which the kernel may drop and read
    again) after the imports, after loading and after the queries.
-3. recall@10 of both against exact search on the first `truth` queries (they search the same
+3. recall@10 of each against exact search on the first `truth` queries (they search the same
    codes, so it is equal by construction; the script checks the ids are identical).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
+import faiss
 import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
 
 from benchmarks.report import machine
 from benchmarks.storage import _artefact
@@ -43,6 +50,7 @@ import json, sys, time
 import numpy as np
 import faiss
 from indexer import Index
+from benchmarks.ondisk import stdout_to_stderr
 
 def rss():
     fields = {}
@@ -60,6 +68,11 @@ if mode == "ram":
     index = faiss.read_index(where)
     faiss.extract_index_ivf(index).nprobe = int(nprobe)
     search = lambda q: index.search(q, 10)[1]
+elif mode == "ondisk":
+    with stdout_to_stderr():  # FAISS prints where it found the .ivfdata file
+        index = faiss.read_index(where, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    faiss.extract_index_ivf(index).nprobe = int(nprobe)
+    search = lambda q: index.search(q, 10)[1]
 else:
     index = Index.open(where, read_only=True).load()
     index.set_search_params(nprobe=int(nprobe))
@@ -73,6 +86,37 @@ report["searched"] = rss()
 np.save(ids_path, ids)
 print(json.dumps(report))
 """
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send what C/C++ code writes to file descriptor 1 to stderr meanwhile: FAISS 1.15 prints a line
+    to stdout when it builds or reads `OnDiskInvertedLists`, which would break a JSON report there.
+    Both sides' buffers are flushed first and last, so nothing crosses over later."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def build_ondisk(parts: list[Path], folder: Path) -> Path:
+    """`faiss.contrib.ondisk.merge_ondisk` of the IVF `parts` into one index whose inverted lists are an
+    `OnDiskInvertedLists` file beside it (folder/merged.ivfdata): FAISS's own on-disk layout, for comparison."""
+    template = faiss.read_index(str(parts[0]))
+    template.reset()
+    folder.mkdir()
+    target = folder / "merged.faiss"
+    with stdout_to_stderr():
+        merge_ondisk(template, [str(p) for p in parts], str(folder / "merged.ivfdata"))
+        faiss.write_index(template, str(target))
+    return target
 
 
 def clustered(seed: int, n: int, dim: int) -> np.ndarray:
@@ -145,6 +189,11 @@ def run(
             index.wait_for_merges()
             result["build_s"] = time.perf_counter() - began
             began = time.perf_counter()
+            parts = sorted(work / "index" / name for name in index.info().files if name.endswith(".faiss"))
+            ondisk = build_ondisk(parts, work / "ondisk")
+            result["merge_ondisk_s"] = time.perf_counter() - began
+            result["merge_ondisk_parts"] = len(parts)
+            began = time.perf_counter()
             index.compact(everything=True)
             result["compact_s"] = time.perf_counter() - began
             files = index.info().files
@@ -155,15 +204,19 @@ def run(
         log.info(f"in RAM and memory-mapped: {queries} queries each in a fresh process")
         result["ram"] = probe("ram", part, work / "queries.npy", work / "ram.npy", nprobe)
         result["mmap"] = probe("mmap", work / "index", work / "queries.npy", work / "mmap.npy", nprobe)
-        ram_ids, mmap_ids = np.load(work / "ram.npy"), np.load(work / "mmap.npy")
+        result["ondisk"] = probe("ondisk", ondisk, work / "queries.npy", work / "ondisk.npy", nprobe)
+        ram_ids, mmap_ids, ondisk_ids = (np.load(work / f"{mode}.npy") for mode in ("ram", "mmap", "ondisk"))
         log.info(f"exact top-10 of {truth} queries")
         exact = exact_top(q[:truth], spans, dim, 10)
-        result["recall_at_10"] = {"ram": recall(ram_ids[:truth], exact), "mmap": recall(mmap_ids[:truth], exact)}
+        found = {"ram": ram_ids, "mmap": mmap_ids, "ondisk": ondisk_ids}
+        result["recall_at_10"] = {mode: recall(ids[:truth], exact) for mode, ids in found.items()}
         result["identical_ids"] = bool((ram_ids == mmap_ids).all())
+        result["ondisk_identical_ids"] = bool((ram_ids == ondisk_ids).all())
         for key in ("VmRSS", "RssAnon"):
-            result[f"{key}_mmap_over_ram"] = result["mmap"]["searched"][key] / result["ram"]["searched"][key]
-            grown = {mode: result[mode]["searched"][key] - result[mode]["imported"][key] for mode in ("ram", "mmap")}
-            result[f"{key}_growth_mmap_over_ram"] = grown["mmap"] / grown["ram"]  # the index's own memory, past the imports
+            grown = {mode: result[mode]["searched"][key] - result[mode]["imported"][key] for mode in found}
+            for mode in ("mmap", "ondisk"):
+                result[f"{key}_{mode}_over_ram"] = result[mode]["searched"][key] / result["ram"]["searched"][key]
+                result[f"{key}_growth_{mode}_over_ram"] = grown[mode] / grown["ram"]  # the index's own memory, past the imports
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -186,17 +239,20 @@ def main() -> None:
     print(f"{result['n']:,} × {result['dim']} in {result['factory']}, nprobe {result['nprobe']}, {result['queries']} queries; "
           f"part file {result['part_bytes'] / mib:,.0f} MiB")
     print(f"{'':12} {'VmRSS':>9} {'RssAnon':>9} {'RssFile':>9}  (MiB: after imports / load / queries)")
-    for mode in ("ram", "mmap"):
+    for mode in ("ram", "mmap", "ondisk"):
         for stage in ("imported", "loaded", "searched"):
             r = result[mode][stage]
             print(f"{mode + ' ' + stage:12} {r['VmRSS'] / mib:9,.0f} {r['RssAnon'] / mib:9,.0f} {r['RssFile'] / mib:9,.0f}")
     recall10 = result["recall_at_10"]
-    print(f"recall@10 (first {args.truth} queries): in RAM {recall10['ram']:.3f}, memory-mapped {recall10['mmap']:.3f}; "
-          f"identical ids: {result['identical_ids']}")
-    for label, suffix in (("after the queries", "mmap_over_ram"), ("growth past the imports", "growth_mmap_over_ram")):
-        print(f"{label}, memory-mapped / in RAM: VmRSS {result['VmRSS_' + suffix]:.2f}, RssAnon {result['RssAnon_' + suffix]:.2f}")
-    print(f"build {result['build_s']:.0f} s, compact {result['compact_s']:.0f} s; "
-          f"search {result['ram']['search_s']:.1f} s in RAM, {result['mmap']['search_s']:.1f} s mapped")
+    print(f"recall@10 (first {args.truth} queries): in RAM {recall10['ram']:.3f}, memory-mapped {recall10['mmap']:.3f}, "
+          f"OnDiskInvertedLists {recall10['ondisk']:.3f}; identical ids: mapped {result['identical_ids']}, "
+          f"on disk {result['ondisk_identical_ids']}")
+    for mode, name in (("mmap", "memory-mapped"), ("ondisk", "OnDiskInvertedLists")):
+        for label, key in (("after the queries", f"{mode}_over_ram"), ("growth past the imports", f"growth_{mode}_over_ram")):
+            print(f"{name} / in RAM, {label}: VmRSS {result['VmRSS_' + key]:.2f}, RssAnon {result['RssAnon_' + key]:.2f}")
+    print(f"build {result['build_s']:.0f} s, merge_ondisk of {result['merge_ondisk_parts']} parts {result['merge_ondisk_s']:.1f} s, "
+          f"compact {result['compact_s']:.0f} s; search {result['ram']['search_s']:.1f} s in RAM, {result['mmap']['search_s']:.1f} s mapped, "
+          f"{result['ondisk']['search_s']:.1f} s OnDiskInvertedLists")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))

@@ -15,9 +15,15 @@
    vectors (the whole add) and with 4-d ones (the rows' cost: COPY, look-ups, commit), per second of
    wall time and per CPU second of this process and the server's together (the wall rate of an
    unloaded machine, fsync waits aside: on a shared one the wall rate is the machine's load).
+
+Each row's content hash is a sha256 hex digest, as seesay's own adds store (`--hashes content`), so
+the database's unique (kind, hash) index takes inserts at random places, as it does in use: each commit
+then dirties a page of that index per row, once the index has more pages than a commit has rows.
+`--hashes sequential` numbers them instead (appends at the index's end), as this benchmark did before.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import tempfile
@@ -34,6 +40,7 @@ from indexer.items import BuiltBy
 NAME = "storage"
 log = logging.getLogger(__name__)
 SIZES = {"full": 1_000_000, "quick": 40_000}
+HASHES = ("content", "sequential")
 
 
 def written_bytes() -> int:
@@ -60,8 +67,13 @@ def unit_chunk(seed: int, n: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def item_hash(i: int, hashes: str) -> str:
+    """Row i's content hash: a sha256 hex digest ("content"), or i in hex ("sequential")."""
+    return hashlib.sha256(f"item{i}".encode()).hexdigest() if hashes == "content" else f"{i:016x}"
+
+
 def add_all(
-    index: Index, n: int, commit: int, dim: int, server_cpu: Callable[[], float] = lambda: 0.0
+    index: Index, n: int, commit: int, dim: int, server_cpu: Callable[[], float] = lambda: 0.0, hashes: str = "content"
 ) -> list[dict[str, float]]:
     """Add n image rows with random vectors, `commit` per call; per call: items, seconds, CPU seconds of the
     adding thread and of the process (merge threads too), `server_cpu`'s (a database server's CPU clock)
@@ -69,7 +81,7 @@ def add_all(
     calls = []
     for start in range(0, n, commit):
         count = min(commit, n - start)
-        rows = [NewItem("image", f"item{i}", f"{i:016x}") for i in range(start, start + count)]
+        rows = [NewItem("image", f"item{i}", item_hash(i, hashes)) for i in range(start, start + count)]
         vectors = unit_chunk(start, count, dim)
         served, before = server_cpu(), written_bytes()
         began, cpu, process = time.perf_counter(), time.thread_time(), time.process_time()
@@ -102,17 +114,22 @@ def run(
     k: int = 10,
     pg_rows: int | None = None,
     directory: Path | None = None,
+    hashes: str = "content",
 ) -> dict[str, Any]:
+    if hashes not in HASHES:
+        raise ValueError(f"hashes must be one of {', '.join(HASHES)}, not {hashes!r}")
     n = n or SIZES["quick" if quick else "full"]
     pg_rows = pg_rows if pg_rows is not None else (20_000 if quick else 100_000)
     window = 100_000 if n >= 1_000_000 else max(commit, n // 10)
     work = Path(tempfile.mkdtemp(prefix="seesay-storage-", dir=directory))
-    result: dict[str, Any] = {"benchmark": NAME, "quick": quick, "machine": machine(), "n": n, "commit": commit, "dim": dim, "rate_window": window}
+    result: dict[str, Any] = {
+        "benchmark": NAME, "quick": quick, "machine": machine(), "n": n, "commit": commit, "dim": dim, "rate_window": window, "hashes": hashes,
+    }
     try:
         with Index.create(work / "index", _artefact(dim)) as index:
             log.info(f"adding {n:,} vectors of dim {dim}, {commit:,} per commit, into {work / 'index'}")
             before = written_bytes()
-            calls = add_all(index, n, commit, dim)
+            calls = add_all(index, n, commit, dim, hashes=hashes)
             began = time.perf_counter()
             index.wait_for_merges()  # the background merges still running after the last add
             drain_s = time.perf_counter() - began
@@ -146,7 +163,7 @@ def run(
             if not queries:  # the comparison loads every vector (about 2n·dim·4 bytes at its peak): skippable
                 result["search"] = {"skipped": "--queries 0"}
                 index.close()
-                return {**result, "postgresql": postgres_rates(pg_rows, commit, dim)}
+                return {**result, "postgresql": postgres_rates(pg_rows, commit, dim, hashes)}
             q = unit_chunk(-1 % 2**32, queries, dim)
             log.info(f"searching {queries:,} queries over {result['add']['segments']} segments")
             began = time.perf_counter()
@@ -173,11 +190,11 @@ def run(
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["postgresql"] = postgres_rates(pg_rows, commit, dim)
+    result["postgresql"] = postgres_rates(pg_rows, commit, dim, hashes)
     return result
 
 
-def postgres_rates(rows: int, commit: int, dim: int) -> dict[str, Any]:
+def postgres_rates(rows: int, commit: int, dim: int, hashes: str = "content") -> dict[str, Any]:
     """Rows/s adding `rows` image rows (and vectors) in `commit`-row calls into a temporary PostgreSQL server:
     of wall time, and of CPU time (this process's and the server's processes' together), which is what the
     adds cost whatever else the machine runs."""
@@ -194,7 +211,7 @@ def postgres_rates(rows: int, commit: int, dim: int) -> dict[str, Any]:
             for key, d in (("rows_per_s", dim), ("rows_only_per_s", 4)):
                 with Index.create(work / key, _artefact(d), db_url=server.new_database()) as index:
                     log.info(f"adding {rows:,} rows into PostgreSQL, {d}-d vectors")
-                    calls = add_all(index, rows, commit, d, server.cpu_seconds)
+                    calls = add_all(index, rows, commit, d, server.cpu_seconds, hashes)
                 found[key] = rows / sum(c["seconds"] for c in calls)
                 cpu = sum(c["process_cpu"] + c["server_cpu"] for c in calls)
                 found[key.replace("_per_s", "_per_cpu_s")] = rows / cpu if cpu > 0 else None

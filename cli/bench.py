@@ -209,14 +209,17 @@ def storage_cmd(
     queries: int = typer.Option(1000, "--queries", help="Queries compared, segmented against merged (0 skips it, and its memory)."),
     pg_rows: Optional[int] = typer.Option(None, "--pg-rows", help="Rows added into PostgreSQL (default 100k, --quick 20k; 0 skips)."),
     work_dir: Optional[Path] = typer.Option(None, "--dir", help="Folder for the temporary index (default the system's temporary folder)."),
+    hashes: str = typer.Option("content", "--hashes", help="Rows' hashes: sha256 digests as real adds store (content), or numbers in order (sequential)."),
 ) -> None:
     """Storage: bytes written and add rate as the index grows, segmented = merged search, PostgreSQL rows/s."""
     from benchmarks import storage
 
+    if hashes not in storage.HASHES:
+        raise typer.BadParameter(f"use {' or '.join(storage.HASHES)}", param_hint="--hashes")
     result = storage.run(n=n, quick=quick, commit=commit, dim=dim, queries=queries, pg_rows=pg_rows,
-                         directory=work_dir)
+                         directory=work_dir, hashes=hashes)
     add, search, pg = result["add"], result["search"], result["postgresql"]
-    table = Table(title=f"storage: {result['n']:,} vectors of dim {dim}, {commit:,} per commit")
+    table = Table(title=f"storage: {result['n']:,} vectors of dim {dim}, {commit:,} per commit, {hashes} hashes")
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("target", justify="right")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,7 +158,40 @@ def test_bench_ondisk_tiny(tmp_path: Path) -> None:
 
     r = ondisk.run(n=3000, dim=32, factory="IVF16,SQ8", first=1024, commit=500, queries=30, truth=30, nprobe=4, directory=tmp_path)
     assert r["identical_ids"] and r["recall_at_10"]["ram"] == r["recall_at_10"]["mmap"] > 0.3
+    assert r["ondisk_identical_ids"] and r["recall_at_10"]["ondisk"] == r["recall_at_10"]["ram"] and r["merge_ondisk_parts"] > 1
     assert r["part_bytes"] > 3000 * 32  # one part holds every SQ8 code
-    for mode in ("ram", "mmap"):
+    for mode in ("ram", "mmap", "ondisk"):
         assert set(r[mode]["searched"]) == {"VmRSS", "RssAnon", "RssFile"} and r[mode]["searched"]["VmRSS"] > 0
     assert not list(tmp_path.glob("seesay-ondisk-*"))
+
+
+_MERGE_ONDISK = """
+import json, sys
+from pathlib import Path
+import faiss, numpy as np
+from benchmarks.ondisk import build_ondisk, stdout_to_stderr
+folder = Path(sys.argv[1])
+x = np.random.default_rng(0).standard_normal((2000, 16)).astype("float32")
+trained = faiss.index_factory(16, "IVF8,SQ8", faiss.METRIC_INNER_PRODUCT)
+trained.train(x)
+for s in range(2):
+    part = faiss.clone_index(trained)
+    part.add_with_ids(x[s * 1000 : (s + 1) * 1000], np.arange(s * 1000, (s + 1) * 1000))
+    faiss.write_index(part, str(folder / f"p{s}.faiss"))
+print("before", flush=True)
+merged = build_ondisk([folder / "p0.faiss", folder / "p1.faiss"], folder / "merged")
+with stdout_to_stderr():
+    read = faiss.read_index(str(merged), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+print(json.dumps({"ntotal": read.ntotal}))
+"""
+
+
+def test_merge_ondisk_keeps_faiss_lines_off_stdout(tmp_path: Path) -> None:
+    """FAISS prints a line to stdout when it builds or reads OnDiskInvertedLists: it goes to stderr instead,
+    and what Python printed before and after stays on stdout, in order."""
+    done = subprocess.run([sys.executable, "-c", _MERGE_ONDISK, str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first == "before" and json.loads(second) == {"ntotal": 2000}
+    assert "resizing" in done.stderr and "ondisk filename" in done.stderr  # FAISS's own lines, diverted
