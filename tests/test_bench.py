@@ -130,6 +130,12 @@ def test_bench_index_rejects_bad_options(tmp_path: Path) -> None:
         assert "--data" in result.output or "--index" in result.output
 
 
+def test_bench_storage_rejects_unknown_hashes(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["bench", "storage", "--n", "100", "--hashes", "random", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--hashes" in result.output
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_query_rejects_unknown_data(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "query", "--n", "100", "--data", "gaussian", "--out", str(tmp_path)])
     assert result.exit_code == 2

@@ -1,5 +1,6 @@
 """kill -9 at random points of an add and of a merge: the index reopens at its last committed state,
-and rerunning the add ends with exactly the expected items."""
+and rerunning the add ends with exactly the expected items. Flat indexes (vectors only) and IVF ones,
+whose adds train the index once and whose merges move FAISS inverted lists between part files."""
 from __future__ import annotations
 
 import signal
@@ -19,6 +20,7 @@ from indexer.items import BuiltBy
 DIM = 32
 ITEMS, COMMIT = 2_000, 100  # 20 commits: the size-tiered policy merges during the add too
 MERGED = 1_200  # items of the indexes whose merge is killed
+IVF = "IVF4,Flat"  # trained by the first commit; searches probe every list, so results are exact
 REPO = Path(__file__).resolve().parent.parent
 
 WORKER = textwrap.dedent(
@@ -83,14 +85,14 @@ def reopens_consistent(directory: Path) -> dict[str, list[int]]:
     return assert_consistent(directory)
 
 
-def kill_during_adds(tmp_path: Path, new_db_url, kills: int) -> None:
+def kill_during_adds(tmp_path: Path, new_db_url, kills: int, factory: str = "Flat") -> None:
     rng = np.random.default_rng(7)
     calibration = tmp_path / "whole"
-    Index.create(calibration, artefact, db_url=new_db_url()).close()
+    Index.create(calibration, artefact, factory=factory, db_url=new_db_url()).close()
     duration = timed_work(calibration, "add")  # to know where in an add to kill it
     for trial in range(kills):
         directory = tmp_path / f"idx{trial}"
-        Index.create(directory, artefact, db_url=new_db_url()).close()
+        Index.create(directory, artefact, factory=factory, db_url=new_db_url()).close()
         killed_work(directory, "add", kill_after=float(rng.uniform(0, duration)))
         sql = reopens_consistent(directory)
         assert len(sql["image"]) % COMMIT == 0 and len(sql["caption"]) == len(sql["image"])  # whole commits only
@@ -101,16 +103,18 @@ def kill_during_adds(tmp_path: Path, new_db_url, kills: int) -> None:
             assert sorted(item.source_id for item in index.items(sql["image"])) == sorted(f"img{i}" for i in range(ITEMS))
 
 
-def kill_during_merges(tmp_path: Path, new_db_url, kills: int) -> None:
+def kill_during_merges(tmp_path: Path, new_db_url, kills: int, factory: str = "Flat") -> None:
     rng = np.random.default_rng(8)
     queries = rng.standard_normal((5, DIM)).astype(np.float32)
     duration = None
     for trial in range(kills + 1):
         directory = tmp_path / f"idx{trial}"
-        Index.create(directory, artefact, db_url=new_db_url()).close()
+        Index.create(directory, artefact, factory=factory, db_url=new_db_url()).close()
         work(directory, "add", items=MERGED)  # a segment per kind per commit, below the policy's fan-out
         with Index.open(directory) as index:
             ids = assert_consistent(directory)["image"]
+            parts = [name for name in index.info().files if name.endswith(".faiss")]
+            assert len(parts) > 2 if factory != "Flat" else not parts  # an IVF merge moves lists between part files
             index.delete(ids[::7])
             before = reopens_consistent(directory)
             expected = index.search("caption", queries, 10)[1]
@@ -142,3 +146,13 @@ def test_kill_during_add_20_times(tmp_path: Path, new_db_url) -> None:
 @pytest.mark.slow
 def test_kill_during_merge_20_times(tmp_path: Path, new_db_url) -> None:
     kill_during_merges(tmp_path, new_db_url, 20)
+
+
+@pytest.mark.slow  # 40-100 s with two kills on a loaded machine: IVF runs only in the slow set
+def test_kill_during_ivf_add_20_times(tmp_path: Path, new_db_url) -> None:
+    kill_during_adds(tmp_path, new_db_url, 20, IVF)
+
+
+@pytest.mark.slow
+def test_kill_during_ivf_merge_20_times(tmp_path: Path, new_db_url) -> None:
+    kill_during_merges(tmp_path, new_db_url, 20, IVF)
