@@ -288,10 +288,12 @@ def set_paths(session: Session, paths: dict[int, str]) -> None:
 def ids_by_hash(session: Session, kind: str, hashes: Sequence[str]) -> dict[str, int]:
     """Item ids of `kind` whose hash is among `hashes`, as seen by `session`."""
     if session.bind.dialect.name == "postgresql":
-        # One query joining an array: IN lists of hundreds, planned before the table has
-        # statistics, made PostgreSQL scan the table once per list (seconds per commit).
-        # The hashes go as one newline-joined string split by the server: adapting a list of
-        # thousands of strings as an array parameter cost more than the query.
+        # One query over an array of the hashes, probing the unique (kind, hash) index once per hash
+        # (LATERAL ... LIMIT 1 keeps PostgreSQL from turning it into a join it may plan as a hash of
+        # every item of the kind: with statistics from when the table was small it did, and each
+        # commit then read the whole table). IN lists of hundreds did worse still. The hashes go as
+        # one newline-joined string split by the server: adapting a list of thousands of strings
+        # as an array parameter cost more than the query.
         wanted = set(hashes)
         if not wanted:
             return {}
@@ -299,8 +301,8 @@ def ids_by_hash(session: Session, kind: str, hashes: Sequence[str]) -> dict[str,
         if joined.count("\n") != len(wanted) - 1:
             raise SeesayError("a content hash holds a line break")
         query = text(
-            "SELECT i.hash, i.id FROM items i JOIN unnest(string_to_array(:hashes, E'\\n')) AS h(hash) ON i.hash = h.hash "
-            "WHERE i.kind = :kind"
+            "SELECT h.hash, i.id FROM unnest(string_to_array(:hashes, E'\\n')) AS h(hash) "
+            "JOIN LATERAL (SELECT id FROM items WHERE kind = :kind AND hash = h.hash LIMIT 1) AS i ON true"
         )
         return {found_hash: item_id for found_hash, item_id in session.execute(query, {"hashes": joined, "kind": kind})}
     found: dict[str, int] = {}
