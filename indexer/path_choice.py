@@ -24,6 +24,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
+from types import ModuleType
 from typing import Iterator, Sequence
 
 # Times per path before a choice; the best of them counts (load only ever adds time).
@@ -161,11 +162,25 @@ def _blas_pools():
     return ThreadpoolController().select(user_api="blas")
 
 
+def _loaded_torch() -> ModuleType | None:
+    """The torch module if an import of it has finished, else None.
+
+    Python lists a module in `sys.modules` as its import starts: while another thread (a
+    server's request loading an encoder) is still importing torch, the module found there
+    lacks most of its names, `get_num_threads` among them.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or getattr(getattr(torch, "__spec__", None), "_initializing", False):
+        return None
+    return torch
+
+
 class _SerialMode:
     """torch's and the BLAS libraries' thread counts are process-wide: the first serial
     search to start sets them to 1 and the last to finish restores them, so searches in
     parallel threads (the server's) neither undo each other's setting nor leave it behind.
-    torch is only touched once something has imported it (the storage engine does not need it)."""
+    torch is only touched once something has imported it (the storage engine does not need it),
+    and only once that import has finished (`_loaded_torch`)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -175,7 +190,7 @@ class _SerialMode:
 
     def torch_threads_configured(self) -> int:
         """torch's thread count as set outside serial searches (0 while torch is not loaded)."""
-        torch = sys.modules.get("torch")
+        torch = _loaded_torch()
         with self.lock:
             if self.users and self.torch_threads is not None:
                 return self.torch_threads
@@ -191,7 +206,7 @@ class _SerialMode:
         with self.lock:
             if not self.users:
                 self.blas_limit = _blas_pools().limit(limits=1)
-            torch = sys.modules.get("torch")
+            torch = _loaded_torch()
             if torch is not None and self.torch_threads is None:
                 self.torch_threads = torch.get_num_threads()
                 torch.set_num_threads(1)

@@ -1,6 +1,11 @@
 """seesay's exact search returns FAISS flat's top-k (ties aside), whichever path it takes."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path as FilePath
+
 import faiss
 import numpy as np
 import pytest
@@ -312,3 +317,34 @@ def test_serial_searches_in_parallel_threads_restore_the_thread_counts() -> None
         for found in pool.map(lambda i: search.search(q, 10, paths[i % len(paths)]), range(24)):
             _same_topk(found, ref)
     assert torch.get_num_threads() == before and machine_key() == key
+
+
+
+RACE_SCRIPT = """
+import sys, threading
+from indexer.path_choice import Path, machine_key, parallel_threads, threads_for
+assert "torch" not in sys.modules
+importer = threading.Thread(target=lambda: __import__("torch"))
+importer.start()
+while "torch" not in sys.modules:
+    pass
+reads = 0
+while importer.is_alive():  # torch is half-imported meanwhile
+    machine_key(), parallel_threads()
+    with threads_for(Path("faiss", serial=True)):
+        pass
+    reads += 1
+import torch
+assert machine_key()[2] == torch.get_num_threads() > 0, machine_key()
+print(reads)
+"""
+
+
+def test_thread_settings_read_while_another_thread_imports_torch() -> None:
+    """A server's first request can import torch while other requests search: the half-imported
+    module Python lists meanwhile must read as 'torch not loaded', not fail the search."""
+    root = FilePath(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", RACE_SCRIPT], cwd=root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.strip()) > 0  # searches ran during the import

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch  # noqa: F401  loaded before the servers' threads: indexer.path_choice reads a half-imported torch otherwise
 import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
