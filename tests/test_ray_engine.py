@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ray_cluster import RAY_ENV, local_cluster, processes_with  # sets Ray's environment first
+from retrieval.distributed.local_cluster import RAY_ENV, local_cluster, processes_with  # sets Ray's environment first
 from retrieval.collection import Collection
 from retrieval.demo_data import COLOURS, SHAPES, SIZES, captions_for, draw_shape
 from retrieval.distributed.jobfolder import JobFolder

@@ -1,4 +1,7 @@
-"""A Ray cluster of a head and worker nodes on 127.0.0.1, started and stopped by the tests that need one.
+"""A Ray cluster of a head and worker nodes on 127.0.0.1, started and stopped by the tests and benchmarks that need one.
+
+It starts where a loaded machine makes `ray.init()` fail (a raylet that misses a fixed
+start-up wait aborts). Import it before Ray.
 
 Importing this module sets the environment every node and driver of such a cluster needs,
 before Ray itself is imported (some of it is read at import time):
@@ -30,7 +33,7 @@ RAY_ENV = {
 }
 os.environ.update(RAY_ENV)
 
-NODE_MEMORY = 96 * 1024 * 1024  # object store per node: the tests move kilobytes
+NODE_MEMORY = 96 * 1024 * 1024  # object store per node by default: the tests move kilobytes
 
 
 def _free_port() -> int:
@@ -39,7 +42,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node_args(cpus: int, session_dir: str) -> dict:
+def _node_args(cpus: int, session_dir: str, object_store: int = NODE_MEMORY) -> dict:
     """Arguments of a new node whose agents' ports are chosen and recorded in `session_dir` before it starts.
 
     A raylet waits a fixed 15 s for its agents to record their ports, and aborts when a
@@ -66,7 +69,7 @@ def _node_args(cpus: int, session_dir: str) -> dict:
     os.makedirs(session_dir, exist_ok=True)
     for argument, name in ports.items():
         persist_port(session_dir, node_id, name, chosen[argument])
-    return {"node_ip_address": "127.0.0.1", "num_cpus": cpus, "object_store_memory": NODE_MEMORY, "node_id": node_id, **chosen}
+    return {"node_ip_address": "127.0.0.1", "num_cpus": cpus, "object_store_memory": object_store, "node_id": node_id, **chosen}
 
 
 STARTUP_PATIENCE = 10  # Ray's fixed 30 s for a node to register becomes 300 s
@@ -92,14 +95,15 @@ def _patient() -> Iterator[None]:
 
 
 class LocalCluster:
-    """A head (1 CPU) and worker nodes (`cpus` each) on 127.0.0.1; `address` is what `--address` takes."""
+    """A head (1 CPU) and worker nodes (`cpus` each, `object_store` bytes of object store each) on 127.0.0.1;
+    `address` is what `--address` takes."""
 
-    def __init__(self, workers: int = 2, cpus: int = 2) -> None:
+    def __init__(self, workers: int = 2, cpus: int = 2, object_store: int = NODE_MEMORY) -> None:
         from ray.cluster_utils import Cluster
 
         import ray._common.utils
 
-        self.cpus = cpus
+        self.cpus, self.object_store = cpus, object_store
         session = f"session_seesay_tests_{os.getpid()}_{time.time_ns()}"
         head_dir = os.path.join(ray._common.utils.get_default_ray_temp_dir(), session)
         with _patient():
@@ -126,7 +130,7 @@ class LocalCluster:
 
     def add_worker(self):
         with _patient():
-            node = self._cluster.add_node(**_node_args(self.cpus, self.session_dir))
+            node = self._cluster.add_node(**_node_args(self.cpus, self.session_dir, self.object_store))
         self.workers.append(node)
         return node
 
@@ -154,9 +158,9 @@ def processes_with(text: str) -> list[int]:
 
 
 @contextmanager
-def local_cluster(workers: int = 2, cpus: int = 2) -> Iterator[LocalCluster]:
+def local_cluster(workers: int = 2, cpus: int = 2, object_store: int = NODE_MEMORY) -> Iterator[LocalCluster]:
     """A LocalCluster for the block; afterwards none of its processes is left running."""
-    cluster = LocalCluster(workers, cpus)
+    cluster = LocalCluster(workers, cpus, object_store)
     session = cluster.session_dir
     try:
         yield cluster
