@@ -20,7 +20,9 @@ from retrieval.errors import EncoderError
 
 WEIGHTS = "querybank.pt"
 DEFAULT_TAU = 0.1
-IMAGE_BANK = 2000  # training images: the queries that caption galleries are normalised against
+# Training images: the queries that caption galleries are normalised against. All 6,000 of Flickr8k train's images
+# rather than 2,000 raised the default's dev image→text R@1 from 41.5 to 42.2 (text→image 33.2 either way; RESULTS).
+IMAGE_BANK = 6000
 TEXT_BANK = 10000  # training captions: the queries that image galleries are normalised against
 
 
