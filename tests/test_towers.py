@@ -105,8 +105,11 @@ def test_shipped_default_and_fast_load_and_encode(tmp_path, alias):
     assert np.abs(imgs[:, -1]).max() < 1.0  # the bias, shifted to stay near 0
     cross = enc.as_queries(txt, cross_modal=True) @ imgs.T
     np.testing.assert_allclose(cross, txt[:, :-1] @ imgs[:, :-1].T - imgs[:, -1][None, :], atol=1e-5)
-    # Only the trained parts ship (heads, and the bank's 12,000 fp16 vectors), never the pretrained towers.
-    assert sum(p.stat().st_size for p in folder.iterdir()) < 120_000_000
+    # Only the trained parts ship (heads, and the bank's vectors in fp16), never the pretrained towers.
+    assert sorted(p.name for p in folder.iterdir()) == ["encoder.json", "heads.pt", "querybank.pt"]
+    bank_vectors = (len(enc.querybank.images) + len(enc.querybank.texts)) * enc.querybank.dim
+    assert (folder / "querybank.pt").stat().st_size < 2 * bank_vectors + 100_000
+    assert (folder / "heads.pt").stat().st_size < 70_000_000  # MPNet alone is 438 MB, Lite2 37 MB
 
 
 def test_image_preprocessing_scales_pixels_as_efficientnet_lite_expects():
