@@ -147,14 +147,16 @@ class TowersEncoder(TorchImageEncoder):
         self.image_models = [(effnet.native_size(n), effnet.load_backbone(n, str(self.device))) for n in backbones]
         self.image_transform = effnet.preprocess(effnet.decode_size(backbones))
         self.class_vecs = self._zeroshot_prompts()
-        if heads is None:
-            layers = sentence.bert_parts(self.st)[1] if self.cfg["text_top"] else None
-            heads = TowerHeads(self.cfg, [m for _, m in self.image_models], layers, sentence.relative_bias(self.st))
-        self.heads = heads.to(self.device).eval()
+        self.heads = (heads if heads is not None else self.fresh_heads()).to(self.device).eval()
         self.querybank: qb.QueryBank | None = None
         self.cfg["hubness_tau"] = None  # until set_querybank
         self._query_side: tuple | None = None  # (dtype, text model, heads) copies for queries, made on the first one
         self._spec = spec or KIND
+
+    def fresh_heads(self) -> TowerHeads:
+        """Untrained heads for this encoder's towers and config (their initialisation draws on torch's RNG)."""
+        layers = sentence.bert_parts(self.st)[1] if self.cfg["text_top"] else None
+        return TowerHeads(self.cfg, [m for _, m in self.image_models], layers, sentence.relative_bias(self.st))
 
     def _zeroshot_prompts(self) -> torch.Tensor | None:
         """The text model's class-prompt vectors when zero-shot coordinates are mixed in.

@@ -61,12 +61,14 @@ def train_encoder(spec: str, train: Dataset, val: Dataset | None, out: Path, con
     config.check()
     out = Path(out)
     ranks = distributed.init_distributed(device)
+    runtime.keep_freed_memory()
+    # Building the encoder validates the text model; its cfg is the saved model's config.
+    base = TowersEncoder({**DEFAULT_CONFIG, **parse_spec(spec), **config.model_config()}, spec=spec, device=ranks.device)
+    # Seeded after the towers load: loading a model that this process has not cached yet draws on torch's RNG,
+    # so heads made before it started from a point that depended on what the process had loaded earlier.
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    runtime.keep_freed_memory()
-    # Building the encoder validates the text model and makes fresh heads; its cfg is the saved model's config.
-    base = TowersEncoder({**DEFAULT_CONFIG, **parse_spec(spec), **config.model_config()}, spec=spec, device=ranks.device)
-    cfg, heads = base.cfg, base.heads.to(ranks.device)
+    cfg, heads = base.cfg, base.fresh_heads().to(ranks.device)
     tr, va, skipped = _splits(train, val, cfg, config, cache_dir, ranks.device)
     opt = torch.optim.AdamW(param_groups(heads, config.lr, config.top_lr_scale, config.weight_decay),
                             lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
