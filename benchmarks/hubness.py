@@ -28,14 +28,13 @@ def main(argv: list[str] | None = None) -> None:
     from retrieval.metrics import recall_at_k
     from retrieval.training.hubness import encode_pool, save_bank
 
-    root = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--data", type=Path, default=SHARED_FLICKR8K)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--tau", type=float, default=qb.DEFAULT_TAU)
     p.add_argument("--save-seed", type=int, default=None)
-    p.add_argument("--out", type=Path, default=root / "benchmarks" / "results" / "hubness.json")
+    p.add_argument("--out", type=Path, default=Path("seesay-bench") / "hubness.json")
     p.add_argument("--vectors", type=Path, default=None, help="also save the dev and bank vectors here (.npz)")
     args = p.parse_args(argv)
     csv = args.data / "captions.csv"

@@ -20,11 +20,12 @@ over its own stored vectors, so a fast approximate index cannot hide a poor one.
 from __future__ import annotations
 
 import csv
+import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from retrieval.engine import QueryEngine
 from retrieval.errors import SeesayError
 
 NAME = "query"
+log = logging.getLogger(__name__)
 DEFAULT_ENCODERS = ("default", "zeroshot")
 FLICKR_CAPTIONS = FLICKR / "captions.csv"
 WORDS = "a dog runs on the grass man in red shirt riding bike two children play near water girl jumps".split()
@@ -49,7 +51,7 @@ DEFAULT_FACTORIES = ("IVF1024,Flat", "Flat")
 CENTRES = 1024
 
 
-def pick_encoder(specs: Sequence[str], log: Callable[[str], None]) -> Encoder:
+def pick_encoder(specs: Sequence[str]) -> Encoder:
     """The first encoder of `specs` that loads; SeesayError listing why each failed otherwise."""
     reasons = []
     for spec in specs:
@@ -57,7 +59,7 @@ def pick_encoder(specs: Sequence[str], log: Callable[[str], None]) -> Encoder:
             return load_encoder(spec)
         except Exception as exc:  # any failure to load: try the next, and say why
             reasons.append(f"{spec}: {exc}")
-            log(f"encoder {spec} not available: {exc}")
+            log.info(f"encoder {spec} not available: {exc}")
     raise SeesayError("no encoder available for the query benchmark: " + "; ".join(reasons))
 
 
@@ -101,10 +103,10 @@ def _centres(dim: int, data: str, seed: int) -> np.ndarray | None:
 
 def time_factory(
     root: Path, encoder: Encoder, n: int, factory: str, texts: Sequence[str], warm: Sequence[str],
-    k: int, seed: int, data: str, log: Callable[[str], None],
+    k: int, seed: int, data: str,
 ) -> dict[str, Any]:
     """Build one synthetic index, then time single text queries end to end and by stage."""
-    log(f"building a synthetic {n:,}-image {factory} index with encoder {encoder.spec} (dim {encoder.dim})")
+    log.info(f"building a synthetic {n:,}-image {factory} index with encoder {encoder.spec} (dim {encoder.dim})")
     start = time.perf_counter()
     build_synthetic(root, encoder, n, factory, seed, data).close()
     build_s = time.perf_counter() - start
@@ -115,7 +117,7 @@ def time_factory(
         engine.search_texts(list(warm), "image", k)  # load the vectors, warm the encoder
         for text in warm:
             engine.search_texts([text], "image", k)
-        log(f"timing {len(texts)} queries end to end and by stage")
+        log.info(f"timing {len(texts)} queries end to end and by stage")
         count = len(texts)
         total, encode, search, fetch = (np.empty(count) for _ in range(4))
         for i, text in enumerate(texts):
@@ -172,18 +174,17 @@ def run(
     data: str = "clustered",
     workdir: Path | None = None,
     seed: int = 0,
-    log: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
     """Time text → image queries on a synthetic index of each factory; the first is the headline."""
     n = n or (10_000 if quick else 100_000)
     count = queries or (50 if quick else 300)
-    encoder = pick_encoder(encoders, log)
+    encoder = pick_encoder(encoders)
     texts = query_texts(count + 10, seed)
     warm, texts = texts[:10], texts[10:]
     root = Path(tempfile.mkdtemp(prefix="bench-query-", dir=workdir))
     try:
         by_factory = {
-            factory: time_factory(root / f"index-{i}", encoder, n, factory, texts, warm, k, seed, data, log)
+            factory: time_factory(root / f"index-{i}", encoder, n, factory, texts, warm, k, seed, data)
             for i, factory in enumerate(factories)
         }
     finally:

@@ -5,7 +5,6 @@ NAME.png into --out (default ./seesay-bench/). Progress is logged (the benchmark
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -186,8 +185,7 @@ def query_cmd(
     if data not in ("clustered", "uniform"):
         raise typer.BadParameter(f"unknown data {data!r}: use clustered or uniform", param_hint="--data")
     result = query.run(n=n, quick=quick, encoders=tuple(encoder) or query.DEFAULT_ENCODERS, queries=queries, k=k,
-                       factories=tuple(factory) or query.DEFAULT_FACTORIES, data=data,
-                       log=logging.getLogger(query.__name__).info)
+                       factories=tuple(factory) or query.DEFAULT_FACTORIES, data=data)
     table = Table(title=f"text → image, {result['n_items']:,} images, {result['encoder']} (ms per query)")
     for column in ("index", "stage", "p50 ms", "p99 ms", "mean ms", f"recall@{result['k']}"):
         table.add_column(column, justify="left" if column in ("index", "stage") else "right")
