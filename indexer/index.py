@@ -6,7 +6,7 @@ Layout of DIR (format version 2):
   index.json                 {"format": "seesay-index", "version": 2, "db_url": null | URL}
   encoder/                   the encoder's saved folder, kept as an opaque artefact for the layer above
   meta.sqlite                items, segments, tombstones and manifest (unless another db_url was given)
-  images.sS.{npy,ids.npy[,faiss]}, captions.sS.{...}   immutable segments (see indexer.segments)
+  images.sS.{npy,ids.npy,hashes.npy[,faiss]}, captions.sS.{...}   immutable segments (see indexer.segments)
 
 Every write runs in one SQL transaction that holds the manifest lock. An add inserts its
 rows, writes one new segment per kind it touches and records it in the `segments` table;
@@ -14,7 +14,10 @@ a delete removes the rows and records tombstones; a merge writes one segment fro
 and retires them. The commit makes the change visible at once; a crash before it leaves
 files no committed segment names, which the next writer removes. Readers load only the
 segments of one committed state, and keep loaded segments across states (they never change).
-Format 1 (one set of files per generation) is migrated on the first writable open.
+Content hashes are looked up in the segments' key tables (`indexer.hash_keys`), not in a
+database index, and kept unique per kind under the write lock.
+Formats 1 (one set of files per generation) and 2 (no key tables; a unique (kind, hash)
+index in the database) are migrated on the first writable open (`indexer.migrate`).
 """
 from __future__ import annotations
 
@@ -31,13 +34,13 @@ import faiss
 import numpy as np
 from sqlalchemy.orm import Session
 
-from indexer import compaction, store
+from indexer import compaction, hash_keys, store
 from indexer import db_url as db_url_rules
 from indexer.errors import IndexExistsError, IndexMismatchError, ItemNotFoundError, SeesayError
 from indexer.files import write_atomic
 from indexer.items import Added, BuiltBy, EncoderInfo, IndexInfo, Item, NewItem
 from indexer.merging import Merger, alive, merge_lock, remove_dead_staging, staging
-from indexer.migrate import migrate_v1
+from indexer.migrate import migrate_v1, migrate_v2
 from indexer.segments import (
     SEGMENT_FILE,
     Loaded,
@@ -47,6 +50,7 @@ from indexer.segments import (
     load_segment,
     make_part,
     read_ids,
+    read_keys,
     read_template,
     read_vectors,
     remove_segments,
@@ -58,7 +62,7 @@ from indexer.store import Manifest, SegmentRow, Store
 from indexer.vectors import VectorSet, build, faiss_reason, is_flat, read_or_fail, training_need
 
 FORMAT = "seesay-index"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 INDEX_JSON = "index.json"
 ENCODER_DIR = "encoder"
 DEFAULT_DB = "meta.sqlite"
@@ -82,10 +86,10 @@ def _read_index_json(directory: Path, read_only: bool) -> dict:
         version = meta["version"]
     except (ValueError, KeyError, TypeError) as exc:
         raise SeesayError(f"{path} is not a valid seesay index file: {exc}") from exc
-    if meta.get("format") == FORMAT and version == 1:
+    if meta.get("format") == FORMAT and version in (1, 2):
         if read_only:
             raise SeesayError(
-                f"{directory}: index format version 1 must be migrated to version {FORMAT_VERSION} first: "
+                f"{directory}: index format version {version} must be migrated to version {FORMAT_VERSION} first: "
                 f"run `seesay compact --index {directory}` once"
             )
         return meta
@@ -162,6 +166,7 @@ class Index:
         self._sets: dict[str, SegmentSet] | None = None
         self._segments: dict[int, VectorSet] = {}  # loaded segments by id: immutable, kept across states
         self._ids: dict[int, np.ndarray] = {}  # item ids of segments, by id, for deletes
+        self._keys: dict[int, np.ndarray] = {}  # hash key tables of segments, by id (memory-mapped)
         self._params: dict[str, int] = {}
         self._retired: set[int] = set()  # segments the open write transaction retires
         self._recorded: list[SegmentRow] = []  # and those it records
@@ -231,7 +236,7 @@ class Index:
     @classmethod
     def open(cls, directory: str | Path, read_only: bool = False, db_url: str | None = None) -> "Index":
         """Open an existing index; writable opens also clear what a crashed writer left,
-        and migrate an index of format version 1.
+        and migrate an index of format version 1 or 2.
 
         `db_url` may repeat the recorded database URL with its password; naming another
         database is an error (the URL is chosen when the index is made).
@@ -249,6 +254,8 @@ class Index:
         db = Store(db_url or (db_url_rules.with_password(recorded) if recorded else default_db_url(directory)))
         if meta["version"] == 1:
             migrate_v1(directory, db, SET_NAMES)
+        if meta["version"] in (1, 2):
+            migrate_v2(directory, db, SET_NAMES)
             _write_index_json(directory, recorded)
         index = cls(directory, db, read_only, db_url=recorded)
         if not read_only:
@@ -401,7 +408,34 @@ class Index:
 
     def ids_by_hash(self, kind: str, hashes: Sequence[str]) -> dict[str, int]:
         """Committed item ids of `kind` whose content hash is among `hashes`."""
-        return self._db.ids_by_hash(kind, hashes)
+        for _ in range(_LOAD_ATTEMPTS):
+            with self._db.session() as session:
+                try:
+                    return self._find(session, store.list_segments(session), kind, hashes)
+                except FileNotFoundError:  # a merge retired a segment after the listing: list again
+                    continue
+        raise SeesayError(f"index {self.directory} kept changing while looking up hashes; try again")
+
+    def _find(self, session: Session, segments: Sequence[SegmentRow], kind: str, hashes: Sequence[str]) -> dict[str, int]:
+        """Ids of items of `kind` in `segments` whose hash is among `hashes`: the segments' key
+        tables give candidates, which the rows' stored hashes (read by id through `session`) confirm."""
+        wanted = list(set(hashes))
+        if not wanted:
+            return {}
+        mine = [row for row in segments if row.kind == kind]
+        self._keys = {row.id: self._keys[row.id] for row in segments if row.id in self._keys}
+        for row in mine:
+            if row.id not in self._keys:
+                self._keys[row.id] = read_keys(self.directory, SET_NAMES[row.kind], row.id)
+        positions, ids = hash_keys.candidates([self._keys[row.id] for row in mine], hash_keys.keys_of(wanted))
+        if not len(ids):
+            return {}
+        stored = store.hashes_by_id(session, kind, ids.tolist())
+        found: dict[str, int] = {}
+        for position, item_id in zip(positions.tolist(), ids.tolist()):
+            if stored.get(item_id) == wanted[position]:
+                found[wanted[position]] = item_id
+        return found
 
     def vectors(self, kind: str, ids: Sequence[int]) -> np.ndarray:
         """Stored vectors of items of `kind`, by id, as an (n, dim) float32 array."""
@@ -459,8 +493,9 @@ class Index:
         for kind, name in SET_NAMES.items():
             held, live_ids = 0, []
             for row in (r for r in rows if r.kind == kind):
-                vectors_path, ids_path, part_path = segment_paths(self.directory, name, row.id)
-                missing = [path for path in (vectors_path, ids_path, *([part_path] if row.part else [])) if not path.is_file()]
+                vectors_path, ids_path, part_path, keys_path = segment_paths(self.directory, name, row.id)
+                wanted = (vectors_path, ids_path, keys_path, *([part_path] if row.part else []))
+                missing = [path for path in wanted if not path.is_file()]
                 if missing:
                     problems += [f"{path} is missing" for path in missing]
                     continue
@@ -570,19 +605,22 @@ class Index:
         if not rows:
             return added
         with self._writing("add") as (session, manifest, segments):
+            # Hashes are looked up in the segments committed before this transaction took the
+            # write lock, and in this add's own rows: no other writer adds meanwhile.
             images = [i for i, row in enumerate(rows) if row.kind == "image"]
-            indexed = store.ids_by_hash(session, "image", [rows[i].hash for i in images])
+            indexed = self._find(session, segments, "image", [rows[i].hash for i in images])
             fresh = self._fresh(rows, images, indexed, added)
             image_ids = _insert(session, rows, fresh, added, [None] * len(fresh), given)
-            self._append(session, manifest, segments, "image", _take(vectors, fresh), image_ids)
+            self._append(session, manifest, segments, "image", _take(vectors, fresh), image_ids, [rows[i].hash for i in fresh])
             captions = [i for i, row in enumerate(rows) if row.kind == "caption"]
-            owners = store.ids_by_hash(session, "image", [rows[i].image_hash for i in captions])
-            indexed = store.ids_by_hash(session, "caption", [rows[i].hash for i in captions])
+            owners = {rows[i].hash: int(item_id) for i, item_id in zip(fresh, image_ids)}
+            owners.update(self._find(session, segments, "image", [h for i in captions if (h := rows[i].image_hash) is not None and h not in owners]))
+            indexed = self._find(session, segments, "caption", [rows[i].hash for i in captions])
             fresh = self._fresh(rows, captions, indexed, added)
             added.orphaned = [i for i in fresh if rows[i].image_hash not in owners]
             fresh = [i for i in fresh if rows[i].image_hash in owners]
             caption_ids = _insert(session, rows, fresh, added, [owners[rows[i].image_hash] for i in fresh], given)
-            self._append(session, manifest, segments, "caption", _take(vectors, fresh), caption_ids)
+            self._append(session, manifest, segments, "caption", _take(vectors, fresh), caption_ids, [rows[i].hash for i in fresh])
             manifest.n_images += len(image_ids)
             manifest.n_captions += len(caption_ids)
         # The committed segments are known here: start the merge thread only when the policy
@@ -608,9 +646,16 @@ class Index:
         return fresh
 
     def _append(
-        self, session: Session, manifest: Manifest, segments: list[SegmentRow], kind: str, vectors: np.ndarray, ids: np.ndarray
+        self,
+        session: Session,
+        manifest: Manifest,
+        segments: list[SegmentRow],
+        kind: str,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        hashes: Sequence[str],
     ) -> None:
-        """Write `vectors` (rows already inserted under `ids`) as a new segment of `kind`.
+        """Write `vectors` (rows already inserted under `ids`, with content `hashes`) as a new segment of `kind`.
 
         A type that needs training is trained by the commit that first brings enough
         vectors, on all of them, and that commit merges them all into its one segment.
@@ -622,10 +667,12 @@ class Index:
         fresh = build(manifest.dim, manifest.factory)
         template = None
         retired: list[SegmentRow] = []
+        keys = hash_keys.table(hash_keys.keys_of(hashes), ids)
         if not fresh.is_trained:
             template = read_template(self.directory, name, mine)
             if template is None and sum(r.rows - r.dead for r in mine) + len(ids) >= training_need(fresh):
-                old_ids, old_vectors = self._live(session, name, mine)
+                old_ids, old_vectors, old_keys = self._live(session, name, mine)
+                keys = hash_keys.merged([(old_keys, []), (keys, [])])
                 ids, vectors = np.concatenate([old_ids, ids]), np.concatenate([old_vectors, vectors])
                 if (np.diff(ids) < 0).any():  # ids reserved before others' adds come below theirs
                     order = np.argsort(ids, kind="stable")
@@ -633,38 +680,47 @@ class Index:
                 template = _trained(fresh, vectors, manifest.factory, name)
                 retired = mine
         part = make_part(manifest.factory, manifest.dim, vectors, ids, template) if template is not None or fresh.is_trained else None
-        self._record(session, manifest, kind, vectors, ids, part, retired)
+        self._record(session, manifest, kind, vectors, ids, part, keys, retired)
 
     def _record(
-        self, session: Session, manifest: Manifest, kind: str, vectors: np.ndarray, ids: np.ndarray, part, retired: list[SegmentRow]
+        self,
+        session: Session,
+        manifest: Manifest,
+        kind: str,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        part,
+        keys: np.ndarray,
+        retired: list[SegmentRow],
     ) -> None:
-        """Write a segment's files and record it in place of `retired` (whose files go after the commit)."""
+        """Write a segment's files (`keys`: its hash key table) and record it in place of `retired` (whose files go after the commit)."""
         store.retire_segments(session, [row.id for row in retired])
         self._retired.update(row.id for row in retired)
         if len(ids):
             segment_id = manifest.next_segment
             manifest.next_segment += 1
-            write_segment(self.directory, SET_NAMES[kind], segment_id, vectors, ids, part)
+            write_segment(self.directory, SET_NAMES[kind], segment_id, vectors, ids, part, keys)
             row = SegmentRow(id=segment_id, kind=kind, rows=len(ids), dead=0, first_id=int(ids[0]), part=part is not None)
             session.add(row)
             self._recorded.append(row)
 
-    def _live(self, session: Session, name: str, rows: list[SegmentRow]) -> tuple[np.ndarray, np.ndarray]:
-        """The (ids, vectors) of `rows` that are not tombstoned, by ascending id."""
+    def _live(self, session: Session, name: str, rows: list[SegmentRow]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The (ids, vectors) of `rows` that are not tombstoned, by ascending id, and their hash key table."""
         dead = store.tombstones(session, [row.id for row in rows])
         ids, vectors = [], []
+        keys = hash_keys.merged((read_keys(self.directory, name, row.id), dead.get(row.id, [])) for row in rows)
         for row in rows:
             segment_ids, segment_vectors = read_ids(self.directory, name, row.id), read_vectors(self.directory, name, row.id)
             keep = ~np.isin(segment_ids, dead.get(row.id, []))
             ids.append(segment_ids[keep])
             vectors.append(np.asarray(segment_vectors[keep]))
         if not ids:
-            return np.zeros(0, dtype=np.int64), np.zeros((0, self._manifest.dim), dtype=np.float32)
+            return np.zeros(0, dtype=np.int64), np.zeros((0, self._manifest.dim), dtype=np.float32), keys
         ids_all, vectors_all = np.concatenate(ids), np.concatenate(vectors)
         if (np.diff(ids_all) > 0).all():  # the usual case: no copy
-            return ids_all, vectors_all
+            return ids_all, vectors_all, keys
         order = np.argsort(ids_all, kind="stable")
-        return ids_all[order], vectors_all[order]
+        return ids_all[order], vectors_all[order], keys
 
     def delete(self, ids: Sequence[int]) -> int:
         """Delete items by id (an image takes its captions along); returns how many went.
@@ -745,7 +801,8 @@ class Index:
             for row in group:
                 ids = read_ids(self.directory, name, row.id)
                 part = segment_paths(self.directory, name, row.id)[2] if row.part else None
-                sources.append(Source(ids, read_vectors(self.directory, name, row.id), ~np.isin(ids, dead.get(row.id, [])), part))
+                live = ~np.isin(ids, dead.get(row.id, []))
+                sources.append(Source(ids, read_vectors(self.directory, name, row.id), live, read_keys(self.directory, name, row.id), part))
             template = None
             if not is_flat(fresh) and all(row.part for row in group):
                 template = fresh if fresh.is_trained else read_template(self.directory, name, group)
@@ -756,7 +813,8 @@ class Index:
             ids = np.concatenate(live)
             order = np.argsort(ids, kind="stable")
             vectors = np.concatenate([np.asarray(s.vectors)[s.live] for s in sources])[order]
-            sources = [Source(ids[order], vectors, np.ones(len(ids), dtype=bool))]
+            keys = hash_keys.merged((s.keys, s.ids[~s.live]) for s in sources)
+            sources = [Source(ids[order], vectors, np.ones(len(ids), dtype=bool), keys)]
         rows = sum(int(s.live.sum()) for s in sources)
         with staging(self.directory) as folder:
             if rows:

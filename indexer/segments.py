@@ -5,6 +5,7 @@ Segment S of the set NAME ("images" or "captions") is, in the index directory:
   NAME.sS.ids.npy   int64 item ids, ascending
   NAME.sS.faiss     the FAISS part over those rows, with the same ids: absent for Flat
                     (the vectors are the index) and before a type that needs training is trained
+  NAME.sS.hashes.npy  the rows' content-hash keys, sorted, with their ids (`indexer.hash_keys`)
 The database's `segments` table names the committed segments; a file of any other
 segment is garbage (a crashed writer's, or a merged one's) that writers remove.
 `SegmentSet` searches the committed segments of one kind as one index: each answers
@@ -23,19 +24,20 @@ from typing import Iterable, Mapping, Sequence
 import faiss
 import numpy as np
 
+from indexer import hash_keys
 from indexer.errors import SeesayError
 from indexer.store import SegmentRow
 from indexer.vectors import VectorSet, build, is_flat, read_or_fail, training_need, tunable
 
 # Rows a merge copies at a time (8 MiB of 512-d float32 vectors).
 _BLOCK = 4096
-SEGMENT_FILE = re.compile(r"^(images|captions)\.s(?P<segment>\d+)\.(npy|ids\.npy|faiss)$")
+SEGMENT_FILE = re.compile(r"^(images|captions)\.s(?P<segment>\d+)\.(npy|ids\.npy|hashes\.npy|faiss)$")
 
 
-def segment_paths(directory: Path, name: str, segment_id: int) -> tuple[Path, Path, Path]:
-    """The (vectors, ids, FAISS part) files of one segment."""
+def segment_paths(directory: Path, name: str, segment_id: int) -> tuple[Path, Path, Path, Path]:
+    """The (vectors, ids, FAISS part, hash keys) files of one segment."""
     stem = directory / f"{name}.s{segment_id}"
-    return Path(f"{stem}.npy"), Path(f"{stem}.ids.npy"), Path(f"{stem}.faiss")
+    return Path(f"{stem}.npy"), Path(f"{stem}.ids.npy"), Path(f"{stem}.faiss"), Path(f"{stem}.hashes.npy")
 
 
 def make_part(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, template: faiss.Index | None) -> faiss.Index | None:
@@ -53,14 +55,17 @@ def make_part(factory: str, dim: int, vectors: np.ndarray, ids: np.ndarray, temp
     return part
 
 
-def write_segment(directory: Path, name: str, segment_id: int, vectors: np.ndarray, ids: np.ndarray, part: faiss.Index | None) -> int:
-    """Write one segment's files (synced to disk) and return the bytes written.
+def write_segment(
+    directory: Path, name: str, segment_id: int, vectors: np.ndarray, ids: np.ndarray, part: faiss.Index | None, keys: np.ndarray
+) -> int:
+    """Write one segment's files (synced to disk) and return the bytes written; `keys` is its hash key table.
 
     They are invisible until the transaction that records the segment commits.
     """
-    vectors_path, ids_path, part_path = segment_paths(directory, name, segment_id)
+    vectors_path, ids_path, part_path, keys_path = segment_paths(directory, name, segment_id)
     written = _save_array(vectors_path, np.ascontiguousarray(vectors, dtype=np.float32))
     written += _save_array(ids_path, np.ascontiguousarray(ids, dtype=np.int64))
+    written += write_keys(keys_path, keys)
     if part is not None:
         written += _save_part(part, part_path)
     fsync_directory(directory)
@@ -77,11 +82,13 @@ def _save_part(part: faiss.Index, path: Path) -> int:
 
 @dataclass
 class Source:
-    """A committed segment as a merge reads it: its ids, its vectors (memory-mapped), which rows live."""
+    """A committed segment as a merge reads it: its ids, its vectors (memory-mapped), which rows live,
+    and its hash key table (which may still hold the dead rows)."""
 
     ids: np.ndarray
     vectors: np.ndarray
     live: np.ndarray
+    keys: np.ndarray
     part: Path | None = None  # its FAISS part's file, if it has one
 
 
@@ -90,7 +97,7 @@ def write_merged(directory: Path, name: str, segment_id: int, sources: Sequence[
     streamed in blocks so memory stays bounded; with `template`, a FAISS part filled from the same
     blocks, or for IVF types from the sources' parts (`merge_parts`). Returns the bytes written.
     The files are synced; nothing records them."""
-    vectors_path, ids_path, part_path = segment_paths(directory, name, segment_id)
+    vectors_path, ids_path, part_path, keys_path = segment_paths(directory, name, segment_id)
     ids = np.concatenate([s.ids[s.live] for s in sources])
     dim = sources[0].vectors.shape[1]
     part = faiss.clone_index(template) if template is not None else None
@@ -113,6 +120,7 @@ def write_merged(directory: Path, name: str, segment_id: int, sources: Sequence[
         os.fsync(handle.fileno())
         written = handle.tell()
     written += _save_array(ids_path, ids)
+    written += write_keys(keys_path, hash_keys.merged((s.keys, s.ids[~s.live]) for s in sources))
     part = part if merged is None else merged
     if part is not None:
         written += _save_part(part, part_path)
@@ -142,6 +150,11 @@ def merge_parts(part: faiss.Index, sources: Sequence[Source]) -> None:
     part.ntotal = into.ntotal
 
 
+def write_keys(path: Path, keys: np.ndarray) -> int:
+    """Write a segment's hash key table to `path`, synced; returns the bytes written."""
+    return _save_array(path, np.ascontiguousarray(keys, dtype=np.int64))
+
+
 def _save_array(path: Path, array: np.ndarray) -> int:
     with open(path, "wb") as handle:
         np.save(handle, array)
@@ -165,6 +178,11 @@ def read_ids(directory: Path, name: str, segment_id: int) -> np.ndarray:
     return np.load(segment_paths(directory, name, segment_id)[1])
 
 
+def read_keys(directory: Path, name: str, segment_id: int) -> np.ndarray:
+    """A segment's hash key table, memory-mapped."""
+    return np.load(segment_paths(directory, name, segment_id)[3], mmap_mode="r")
+
+
 def read_vectors(directory: Path, name: str, segment_id: int) -> np.ndarray:
     """A segment's vectors, memory-mapped."""
     return np.load(segment_paths(directory, name, segment_id)[0], mmap_mode="r")
@@ -172,7 +190,7 @@ def read_vectors(directory: Path, name: str, segment_id: int) -> np.ndarray:
 
 def load_segment(directory: Path, name: str, row: SegmentRow, factory: str, dim: int) -> VectorSet:
     """Read one committed segment; FileNotFoundError if a merge has removed it meanwhile."""
-    vectors_path, ids_path, part_path = segment_paths(directory, name, row.id)
+    vectors_path, ids_path, part_path, _ = segment_paths(directory, name, row.id)
     vectors = read_or_fail(lambda path: np.load(path, mmap_mode="r"), vectors_path)
     ids = read_or_fail(np.load, ids_path)
     if row.part:

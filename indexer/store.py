@@ -20,7 +20,6 @@ from sqlalchemy import (
     String,
     Text,
     Index,
-    UniqueConstraint,
     create_engine,
     delete,
     event,
@@ -59,7 +58,9 @@ class ItemRow(Base):
 
     __tablename__ = "items"
     __table_args__ = (
-        UniqueConstraint("kind", "hash"),
+        # No index on (kind, hash): content hashes are random, and a B-tree over them takes each
+        # commit's rows at random pages (6x the vectors' bytes written at 1M items on SQLite). Hashes
+        # are looked up in the segments' key tables and kept unique by the writer (`Index.add_vectors`).
         CheckConstraint("kind IN ('image', 'caption')", name="item_kind"),
         # Only captions point at an image: images (NULL here) stay out of this index, which halves
         # its upkeep on adds; `image_item_id IN (...)` implies NOT NULL, so both databases use it.
@@ -238,9 +239,9 @@ class Store:
         found: dict[int, list[Item]] = {}
         with self._sessions() as session:
             for chunk in _chunks(sorted(set(image_item_ids))):
-                # Only captions have an image_item_id. Filtering on kind in SQL too makes
-                # SQLite pick the (kind, hash) index and walk every caption: 20 ms instead of
-                # well under 1 ms at 100k captions.
+                # Only captions have an image_item_id; kind is checked here, not in SQL, where it
+                # could steer the planner to an index on kind (format 2's (kind, hash) one walked
+                # every caption: 20 ms instead of well under 1 ms at 100k captions).
                 rows = session.scalars(select(ItemRow).where(ItemRow.image_item_id.in_(chunk)))
                 for row in rows:
                     if row.kind == "caption":
@@ -248,11 +249,6 @@ class Store:
         for captions in found.values():
             captions.sort(key=lambda item: item.id)
         return found
-
-    def ids_by_hash(self, kind: str, hashes: Sequence[str]) -> dict[str, int]:
-        """Committed item ids of `kind` whose hash is among `hashes`."""
-        with self._sessions() as session:
-            return ids_by_hash(session, kind, hashes)
 
     def snapshot(self, attempts: int = 20) -> tuple[Manifest, list[SegmentRow], dict[int, list[int]]]:
         """One committed state: (manifest, segments, tombstoned ids by segment).
@@ -285,30 +281,12 @@ def set_paths(session: Session, paths: dict[int, str]) -> None:
         session.execute(update(ItemRow).where(ItemRow.id == item_id, ItemRow.kind == "image").values(path=path))
 
 
-def ids_by_hash(session: Session, kind: str, hashes: Sequence[str]) -> dict[str, int]:
-    """Item ids of `kind` whose hash is among `hashes`, as seen by `session`."""
-    if session.bind.dialect.name == "postgresql":
-        # One query over an array of the hashes, probing the unique (kind, hash) index once per hash
-        # (LATERAL ... LIMIT 1 keeps PostgreSQL from turning it into a join it may plan as a hash of
-        # every item of the kind: with statistics from when the table was small it did, and each
-        # commit then read the whole table). IN lists of hundreds did worse still. The hashes go as
-        # one newline-joined string split by the server: adapting a list of thousands of strings
-        # as an array parameter cost more than the query.
-        wanted = set(hashes)
-        if not wanted:
-            return {}
-        joined = "\n".join(wanted)
-        if joined.count("\n") != len(wanted) - 1:
-            raise SeesayError("a content hash holds a line break")
-        query = text(
-            "SELECT h.hash, i.id FROM unnest(string_to_array(:hashes, E'\\n')) AS h(hash) "
-            "JOIN LATERAL (SELECT id FROM items WHERE kind = :kind AND hash = h.hash LIMIT 1) AS i ON true"
-        )
-        return {found_hash: item_id for found_hash, item_id in session.execute(query, {"hashes": joined, "kind": kind})}
-    found: dict[str, int] = {}
-    for chunk in _chunks(list(set(hashes))):
-        query = select(ItemRow.hash, ItemRow.id).where(ItemRow.kind == kind, ItemRow.hash.in_(chunk))
-        found.update((row.hash, row.id) for row in session.execute(query))
+def hashes_by_id(session: Session, kind: str, ids: Sequence[int]) -> dict[int, str]:
+    """The content hashes of the items of `kind` among `ids`, by id (primary-key look-ups)."""
+    found: dict[int, str] = {}
+    for chunk in _chunks(sorted(set(ids))):
+        query = select(ItemRow.id, ItemRow.kind, ItemRow.hash).where(ItemRow.id.in_(chunk))
+        found.update((item_id, item_hash) for item_id, item_kind, item_hash in session.execute(query) if item_kind == kind)
     return found
 
 
@@ -331,8 +309,8 @@ def caption_ids_of(session: Session, image_ids: Sequence[int]) -> list[int]:
 
 def delete_ids(session: Session, ids: Sequence[int]) -> None:
     """Delete items by id, captions first so no caption outlives its image mid-transaction."""
-    # Look the kinds up by primary key: `kind = ? AND id IN (...)` makes SQLite walk the
-    # (kind, hash) index over every item of that kind.
+    # Look the kinds up by primary key, then delete by id per kind (no `kind = ?` filter, which
+    # could steer the planner to an index on kind).
     kinds: dict[str, list[int]] = {"caption": [], "image": []}
     for chunk in _chunks(sorted(set(ids))):
         for item_id, kind in session.execute(select(ItemRow.id, ItemRow.kind).where(ItemRow.id.in_(chunk))):

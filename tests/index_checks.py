@@ -9,9 +9,10 @@ import faiss
 import numpy as np
 from sqlalchemy import create_engine, text
 
+from indexer.hash_keys import keys_of
 from indexer.merging import merge_lock
 
-SEGMENT_FILE = re.compile(r"^(images|captions)\.s(\d+)\.(npy|ids\.npy|faiss)$")
+SEGMENT_FILE = re.compile(r"^(images|captions)\.s(\d+)\.(npy|ids\.npy|hashes\.npy|faiss)$")
 
 
 def faiss_ids(index: faiss.Index) -> np.ndarray:
@@ -45,10 +46,11 @@ def _assert_consistent(directory: Path) -> dict[str, list[int]]:
     try:
         with engine.connect() as db:
             n_images, n_captions, next_segment = db.execute(text("SELECT n_images, n_captions, next_segment FROM manifest")).one()
-            sql = {
-                kind: [row[0] for row in db.execute(text("SELECT id FROM items WHERE kind=:k ORDER BY id"), {"k": kind})]
+            hashes = {
+                kind: dict(db.execute(text("SELECT id, hash FROM items WHERE kind=:k ORDER BY id"), {"k": kind}).all())
                 for kind in ("image", "caption")
             }
+            sql = {kind: list(hashes[kind]) for kind in hashes}
             dangling = db.execute(
                 text(
                     "SELECT COUNT(*) FROM items c LEFT JOIN items i ON c.image_item_id = i.id "
@@ -75,7 +77,14 @@ def _assert_consistent(directory: Path) -> dict[str, list[int]]:
         if part:
             index = faiss.read_index(f"{stem}.faiss")
             assert index.d == vectors.shape[1] and sorted(faiss_ids(index).tolist()) == ids.tolist()
-        held[kind].extend(i for i in ids.tolist() if i not in dead.get(segment_id, ()))
+        live = [i for i in ids.tolist() if i not in dead.get(segment_id, ())]
+        held[kind].extend(live)
+        keys = np.load(f"{stem}.hashes.npy")  # sorted keys with their ids: every live row's, maybe dead ones' too
+        assert keys.shape[0] == 2 and (keys[0][1:] >= keys[0][:-1]).all() and set(keys[1].tolist()) <= set(ids.tolist())
+        by_id = dict(zip(keys[1].tolist(), keys[0].tolist()))
+        if live:
+            want = keys_of([hashes[kind].get(i, "") for i in live]).tolist()
+            assert [by_id.get(i) for i in live] == want, f"segment {segment_id}: hash keys disagree with SQL"
     for kind in held:
         assert sorted(held[kind]) == sql[kind], kind
     committed = {row[0] for row in segments}

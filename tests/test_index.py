@@ -95,7 +95,7 @@ def test_create_add_search_and_reopen(built, tmp_path: Path, db_url) -> None:
     assert info.factory == "Flat" and info.metric == "ip" and info.dim == 8
     assert info.db_url.endswith("meta.sqlite") if db_url is None else info.db_url == db_url
     # One segment per kind from the one commit; Flat keeps no FAISS file (the vectors are the index).
-    assert set(info.files) == {f"{name}.{ext}" for name in ("images.s0", "captions.s1") for ext in ("npy", "ids.npy")}
+    assert set(info.files) == {f"{name}.{ext}" for name in ("images.s0", "captions.s1") for ext in ("npy", "ids.npy", "hashes.npy")}
     assert info.segments == {"image": 1, "caption": 1} and info.tombstones == 0
     assert json.loads((directory / "index.json").read_text())["db_url"] == db_url
     assert read_manifest(directory / "encoder")["kind"] == "test-colour"

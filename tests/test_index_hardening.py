@@ -297,7 +297,8 @@ def small_index(tmp_path) -> Path:
 def _current(directory: Path, suffix: str) -> Path:
     """The committed image segment's file ending in `suffix` (one segment: one add)."""
     with Index.open(directory, read_only=True) as index:
-        [name] = [name for name in index.info().files if name.startswith("images.s") and name.endswith(suffix) and not name.endswith(".ids" + suffix)]
+        # "images.sS" + suffix itself, not images.sS.ids.npy or images.sS.hashes.npy
+        [name] = [name for name in index.info().files if name.startswith("images.s") and name.endswith(suffix) and name.count(".") == 1 + suffix.count(".")]
     return directory / name
 
 

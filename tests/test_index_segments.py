@@ -159,7 +159,7 @@ def test_format_1_is_refused_read_only_and_migrated_by_compact(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["segments"] == {"image": 1, "caption": 1}
-    assert json.loads((directory / "index.json").read_text())["version"] == 2
+    assert json.loads((directory / "index.json").read_text())["version"] == 3
     assert not list(directory.glob("*.g*.npy"))
     assert_consistent(directory)
     with Index.open(directory, read_only=True) as reopened:
