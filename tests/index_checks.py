@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 from sqlalchemy import create_engine, text
 
-from indexer.hash_keys import keys_of
+from indexer import hash_keys
 from indexer.merging import merge_lock
 
 SEGMENT_FILE = re.compile(r"^(images|captions)\.s(\d+)\.(npy|ids\.npy|hashes\.npy|faiss)$")
@@ -83,7 +83,7 @@ def _assert_consistent(directory: Path) -> dict[str, list[int]]:
         assert keys.shape[0] == 2 and (keys[0][1:] >= keys[0][:-1]).all() and set(keys[1].tolist()) <= set(ids.tolist())
         by_id = dict(zip(keys[1].tolist(), keys[0].tolist()))
         if live:
-            want = keys_of([hashes[kind].get(i, "") for i in live]).tolist()
+            want = hash_keys.keys_of([hashes[kind].get(i, "") for i in live]).tolist()
             assert [by_id.get(i) for i in live] == want, f"segment {segment_id}: hash keys disagree with SQL"
     for kind in held:
         assert sorted(held[kind]) == sql[kind], kind

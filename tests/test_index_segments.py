@@ -1,4 +1,4 @@
-"""Segments: many commits search exactly like one index, merges, tombstones, the format-1 migration."""
+"""Segments: many commits search exactly like one index, merges, tombstones, hash look-ups, the format-1 and -2 migrations."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, inspect, text
 
-from index_checks import assert_consistent
-from indexer import Index, NewItem
+from index_checks import assert_consistent, database_url
+from indexer import Index, NewItem, hash_keys
 from indexer.compaction import FANOUT, plan, tier
 from indexer.errors import SeesayError
 from indexer.items import BuiltBy
@@ -275,3 +276,100 @@ def test_a_closed_writable_index_is_freed_with_its_loaded_segments(tmp_path: Pat
         assert freed() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("colliding", [False, True])
+def test_hash_lookups_across_segments_merges_and_deletes(tmp_path: Path, db_url, monkeypatch, colliding: bool) -> None:
+    """Hashes are found in every committed segment, before and after merges; a deleted item's hash
+    is free again (and gets a new id). With every key the same (`colliding`), each look-up finds
+    candidates everywhere, which the stored hashes tell apart."""
+    if colliding:
+        monkeypatch.setattr(hash_keys, "keys_of", lambda hashes: np.zeros(len(hashes), dtype=np.int64))
+    rng = np.random.default_rng(5)
+    with Index.create(tmp_path / "idx", artefact, db_url=db_url) as index:
+        for commit in range(FANOUT):  # the 16th commit makes the policy merge them in the background
+            add_images(index, rng, 10 * commit, 10, captions=True)
+        first = index.ids_by_hash("image", ["h0", "h155", "nowhere"])
+        assert set(first) == {"h0", "h155"}
+        index.wait_for_merges()
+        assert index.info().segments["image"] == 1
+        assert index.ids_by_hash("image", ["h0", "h155", "nowhere"]) == first
+        assert index.ids_by_hash("caption", ["c7"]) and not index.ids_by_hash("caption", ["h7"])  # kinds apart
+        again = index.add_vectors(image_rows(0, 3), unit(rng, 3))  # already indexed: nothing stored twice
+        assert again.ids == [None] * 3 and again.existing == [0, 1, 2]
+        index.delete([first["h0"]])  # its caption goes with it
+        assert index.ids_by_hash("image", ["h0"]) == {} and index.ids_by_hash("caption", ["c0"]) == {}
+        back = index.add_vectors(image_rows(0, 1) + [NewItem("caption", "img0", "c0", text="back", image_hash="h0")], unit(rng, 2))
+        assert back.ids[0] > max(first.values()) and index.ids_by_hash("image", ["h0"]) == {"h0": back.ids[0]}
+        assert index.captions_of(back.ids[0])[0].text == "back"
+        # Ten images indexed already, two new; captions of a new one (in this add) and of an indexed one.
+        captions = [NewItem("caption", "img161", "c161", text="new", image_hash="h161"), NewItem("caption", "img155", "x155", text="also", image_hash="h155")]
+        more = index.add_vectors(image_rows(150, 12) + captions, unit(rng, 14))
+        assert more.existing == list(range(10)) and None not in more.ids[10:] and not more.orphaned
+        assert [c.text for c in index.captions_of(more.ids[11])] == ["new"]
+        assert [c.text for c in index.captions_of(first["h155"])] == ["caption 155", "also"]
+        assert index.ids_by_hash("image", ["h155", "h161", "nowhere"]) == {"h155": first["h155"], "h161": more.ids[11]}
+        index.wait_for_merges()
+    assert_consistent(tmp_path / "idx")
+
+
+def to_format_2(directory: Path) -> None:
+    """Make a format-3 index look as format 2 left it: no hash key tables, a unique (kind, hash) constraint."""
+    for path in directory.glob("*.hashes.npy"):
+        path.unlink()
+    url = database_url(directory)
+    if url.startswith("sqlite"):
+        db = sqlite3.connect(directory / "meta.sqlite", isolation_level=None)
+        create, counter = db.execute("SELECT sql FROM sqlite_master WHERE name = 'items'").fetchone()[0], db.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'items'"
+        ).fetchone()[0]
+        indexes = [sql for (sql,) in db.execute("SELECT sql FROM sqlite_master WHERE tbl_name = 'items' AND type = 'index'")]
+        old = create.replace("CREATE TABLE items", "CREATE TABLE items_format_2").rstrip()[:-1] + ", UNIQUE (kind, hash))"
+        db.execute("PRAGMA foreign_keys=OFF")
+        copy = ["INSERT INTO items_format_2 SELECT * FROM items", "DROP TABLE items", "ALTER TABLE items_format_2 RENAME TO items"]
+        for statement in ["BEGIN", old, *copy, *indexes]:
+            db.execute(statement)
+        db.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'items'", (counter,))
+        db.execute("COMMIT")
+        db.close()
+    else:
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE items ADD CONSTRAINT items_kind_hash_key UNIQUE (kind, hash)"))
+        engine.dispose()
+    meta = json.loads((directory / "index.json").read_text())
+    (directory / "index.json").write_text(json.dumps({**meta, "version": 2}))
+
+
+def unique_constraints(directory: Path) -> list:
+    engine = create_engine(database_url(directory))
+    try:
+        return inspect(engine).get_unique_constraints("items")
+    finally:
+        engine.dispose()
+
+
+def test_format_2_is_migrated_to_hash_key_tables(tmp_path: Path, db_url) -> None:
+    rng = np.random.default_rng(6)
+    directory = tmp_path / "idx"
+    queries = unit(rng, 5)
+    with Index.create(directory, artefact, db_url=db_url) as index:
+        add_images(index, rng, 0, 30, captions=True)
+        add_images(index, rng, 30, 30, captions=True)
+        last = index.ids_by_hash("caption", ["c59"])["c59"]  # the largest id given
+        index.delete([index.ids_by_hash("image", ["h59"])["h59"]])  # tombstones; the id counter is past the rows left
+        before = index.search("caption", queries, 7)
+        found = index.ids_by_hash("image", ["h0", "h31"])
+    to_format_2(directory)
+    assert unique_constraints(directory)
+    with pytest.raises(SeesayError, match=r"format version 2 must be migrated.*seesay compact --index"):
+        Index.open(directory, read_only=True)
+    with Index.open(directory) as index:
+        assert json.loads((directory / "index.json").read_text())["version"] == 3
+        assert not unique_constraints(directory)
+        assert index.ids_by_hash("image", ["h0", "h31", "h59"]) == found
+        np.testing.assert_array_equal(index.search("caption", queries, 7)[1], before[1])
+        assert_consistent(directory)
+        again = index.add_vectors(image_rows(0, 1) + image_rows(59, 1), unit(rng, 2))
+        assert again.existing == [0] and again.ids[1] == last + 1  # the deleted one's hash is free, its ids are not
+    assert_consistent(directory)
