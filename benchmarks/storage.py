@@ -16,10 +16,10 @@
    wall time and per CPU second of this process and the server's together (the wall rate of an
    unloaded machine, fsync waits aside: on a shared one the wall rate is the machine's load).
 
-Each row's content hash is a sha256 hex digest, as seesay's own adds store (`--hashes content`), so
-the database's unique (kind, hash) index takes inserts at random places, as it does in use: each commit
-then dirties a page of that index per row, once the index has more pages than a commit has rows.
-`--hashes sequential` numbers them instead (appends at the index's end), as this benchmark did before.
+Each row's content hash is a sha256 hex digest, as seesay's own adds store (`--hashes content`): random
+keys, which a database index on the hashes would take at random places (a page per row once it has more
+pages than a commit has rows: what format 2's unique (kind, hash) index cost). `--hashes sequential`
+numbers them instead, as this benchmark did before; with the segments' hash key tables both should cost alike.
 """
 from __future__ import annotations
 

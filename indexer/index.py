@@ -480,8 +480,9 @@ class Index:
         Always: every committed segment's files are there, hold as many rows as recorded,
         in the index's dimension, and the segments' rows less their tombstones are as many
         as SQL has items of each kind and as the manifest counts. `deep` also reads each
-        FAISS part and checks its count, and that the live stored ids are exactly SQL's
-        ids and that no caption points at a missing image.
+        FAISS part and checks its count, each hash key table against the rows' stored
+        hashes, that the live stored ids are exactly SQL's ids and that no caption points
+        at a missing image.
         """
         problems: list[str] = []
         manifest, rows, dead = self._db.snapshot()
@@ -512,7 +513,9 @@ class Index:
                 gone = dead.get(row.id, [])
                 held += row.rows - len(gone)
                 if deep:
-                    live_ids += np.asarray(ids)[~np.isin(ids, gone)].tolist()
+                    live = np.asarray(ids)[~np.isin(ids, gone)]
+                    live_ids += live.tolist()
+                    problems += self._verify_keys(keys_path, kind, live)
                     if row.part:
                         problems += self._verify_part(part_path, len(ids))
             if not held == counts[kind] == recorded[kind]:
@@ -525,6 +528,21 @@ class Index:
         if dangling:
             problems.append(f"{self._db.display_url}: {dangling} captions point at no image")
         return problems
+
+    def _verify_keys(self, keys_path: Path, kind: str, live: np.ndarray) -> list[str]:
+        """Whether a segment's hash key table holds each of its live rows under the key of the row's stored hash."""
+        try:
+            table = read_or_fail(lambda path: np.load(path, mmap_mode="r"), keys_path)
+        except SeesayError as exc:
+            return [str(exc)]
+        if table.ndim != 2 or table.shape[0] != 2 or table.dtype != np.int64:
+            return [f"{keys_path} holds an array of shape {table.shape} ({table.dtype}), not (2, n) int64"]
+        with self._db.session() as session:
+            stored = store.hashes_by_id(session, kind, live.tolist())
+        expected = hash_keys.table(hash_keys.keys_of([stored.get(i, "") for i in live.tolist()]), live)
+        if not np.array_equal(hash_keys.merged([(table, np.setdiff1d(table[1], live))]), expected):
+            return [f"{keys_path} does not hold the content hashes of its segment's rows"]
+        return []
 
     def _verify_part(self, part_path: Path, rows: int) -> list[str]:
         try:

@@ -310,7 +310,20 @@ def test_hash_lookups_across_segments_merges_and_deletes(tmp_path: Path, db_url,
         assert [c.text for c in index.captions_of(first["h155"])] == ["caption 155", "also"]
         assert index.ids_by_hash("image", ["h155", "h161", "nowhere"]) == {"h155": first["h155"], "h161": more.ids[11]}
         index.wait_for_merges()
+        assert index.verify(deep=True) == []
     assert_consistent(tmp_path / "idx")
+
+
+def test_deep_verify_names_a_wrong_hash_key_table(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    with Index.create(tmp_path / "idx", artefact) as index:
+        add_images(index, rng, 0, 20)
+        assert index.verify(deep=True) == []
+        [path] = (tmp_path / "idx").glob("images.s*.hashes.npy")
+        table = np.load(path)
+        np.save(path, table[:, 1:])  # one row's key lost: its hash could be added twice
+        assert index.verify() == []  # only the deep check reads the table
+        assert index.verify(deep=True) == [f"{path} does not hold the content hashes of its segment's rows"]
 
 
 def to_format_2(directory: Path) -> None:
