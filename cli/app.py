@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import typer
@@ -11,51 +10,14 @@ from cli.bench import bench_app
 from cli.demo import demo
 from cli.evaluate import eval_command
 from cli.index import check, compact, delete, index, info
+from cli.logs import install_log_handler, quiet_libraries
 from cli.maintain import export, prune, update
 from cli.search import search
 from cli.serve import serve
 from cli.train import train
 from retrieval.errors import SeesayError
 
-# What the model libraries print by default: weight-loading and download progress bars,
-# advisory warnings, the tokenizers' fork notice. None of it is the command's output, so
-# it stays off stderr; setting these variables yourself brings it back.
-QUIET_ENV = {
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-QUIET_LOGGERS = ("sentence_transformers", "huggingface_hub", "open_clip", "timm")
-
-
-def quiet_libraries() -> None:
-    """Keep third-party chatter off stderr (before the libraries are imported, which happens lazily)."""
-    for name, value in QUIET_ENV.items():
-        os.environ.setdefault(name, value)
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 quiet_libraries()
-
-# seesay's own loggers: every library module logs through logging.getLogger(__name__).
-SEESAY_LOGGERS = ("retrieval", "indexer", "benchmarks", "cli", "seesay")
-
-
-def install_log_handler(level: int = logging.INFO) -> None:
-    """Show seesay's log records at `level` and above on stderr through rich (stdout stays the command's own, --json)."""
-    from rich.logging import RichHandler
-
-    from cli.common import err
-
-    handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
-    for name in SEESAY_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers = [h for h in logger.handlers if not isinstance(h, RichHandler)] + [handler]
-        logger.setLevel(level)
-        logger.propagate = False
-
 
 app = typer.Typer(
     help="seesay: index images and captions, search both ways, train and benchmark encoders.",

@@ -2,11 +2,8 @@
 from __future__ import annotations
 
 import io
-import logging
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -63,24 +60,3 @@ def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
 def upload(client: TestClient, data: bytes, name: str = "query.png", mime: str = "image/png", **fields):
     """POST an image search with `fields` as form fields."""
     return client.post("/api/search/image", files={"file": (name, data, mime)}, data={k: str(v) for k, v in fields.items()})
-
-
-@contextmanager
-def logged(name: str, level: int = logging.INFO) -> Iterator[list[str]]:
-    """The messages logger `name` (and its children) logs at `level` or above while the block runs.
-
-    The handler sits on that logger itself, so it also sees records that the CLI's handler stops
-    from propagating to the root.
-    """
-    messages: list[str] = []
-    handler = logging.Handler(level)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logger = logging.getLogger(name)
-    before = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(before)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -10,7 +11,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from helpers import logged
 from retrieval.datasets import Dataset, Record
 from retrieval.encoders.registry import load_encoder
 from retrieval.errors import EncoderError
@@ -150,18 +150,19 @@ def test_training_improves_recall_and_resumes(shapes, tmp_path):
     assert vecs.shape == (1, 64) and np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-5)
 
 
-def test_unreadable_images_are_skipped_and_reported(shapes, tmp_path):
+def test_unreadable_images_are_skipped_and_reported(shapes, tmp_path, caplog):
     from retrieval.training.trainer import train_encoder
 
     ds, cache = shapes
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     records = ds.records[:12] + [Record("gone.jpg", tmp_path / "gone.jpg", ["a ghost"]), Record("broken.jpg", broken, ["junk"])]
-    with logged("retrieval.training") as messages:
+    with caplog.at_level(logging.INFO, logger="retrieval.training"):
         out = train_encoder("towers", Dataset(records), None, tmp_path / "m", epochs=1, batch_size=8, embed_dim=32,
                             image_top=0, text_top=0, flip=False, hubness_tau=None, cache_dir=cache)
     first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])
     assert any("gone.jpg" in p for p in first["skipped"]) and any("broken.jpg" in p for p in first["skipped"])
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("retrieval.training")]
     assert any("gone.jpg" in m for m in messages) and any(m.startswith("epoch=1") for m in messages), messages  # logged too
     assert load_encoder(out).dim == 32
 
