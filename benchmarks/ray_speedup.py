@@ -20,7 +20,6 @@ on the same cores is that overhead. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import multiprocessing as mp
 import os
@@ -33,27 +32,12 @@ from pathlib import Path
 from benchmarks.report import machine
 from retrieval.collection import Collection
 from retrieval.datasets import load_dataset
-from retrieval.demo_data import COLOURS, SHAPES, SIZES, captions_for, draw_shape
+from retrieval.demo_data import make_shape_set
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 LOGICAL_CPUS = 4  # two actors, decode and write tasks all schedulable; the cores are what the affinity allows
 ACTORS = 2
-
-
-def make_data(folder: Path, n: int, size: int) -> Path:
-    """`n` shape images of size×size pixels (JPEG) with two captions each; returns the captions CSV."""
-    (folder / "images").mkdir(parents=True)
-    combos = [(c, s, e) for e in SIZES for c in COLOURS for s in SHAPES]
-    rows = []
-    for i in range(n):
-        colour, shape, extent = combos[i % len(combos)]
-        draw_shape(colour, shape, size=size, seed=i, extent=extent).save(folder / "images" / f"{i:05d}.jpg", quality=90)
-        rows += [(f"{i:05d}.jpg", caption) for caption in captions_for(colour, shape, extent)]
-    path = folder / "captions.csv"
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows([("image", "caption"), *rows])
-    return path
 
 
 def train_encoder(data: Path, out: Path) -> Path:
@@ -177,7 +161,7 @@ def main() -> None:
     os.environ.update(ONE_THREAD)
     with tempfile.TemporaryDirectory(prefix="seesay-ray-bench-") as tmp:
         root = Path(tmp)
-        data = make_data(root / "data", args.images, args.size)
+        data = make_shape_set(root / "data", fmt="jpg", size=args.size, count=args.images)
         model = train_encoder(data, root / "model")
         paths = [str(record.image_path) for record in load_dataset(data).records]
         load_before = os.getloadavg()

@@ -39,23 +39,32 @@ def captions_for(colour: str, shape: str, extent: str) -> tuple[str, str]:
     return f"a {extent} {colour} {shape} on a white background", f"the {shape} is {colour} and {extent}"
 
 
-def make_shape_set(directory: Path, copies: int = 3, fmt: str = "png", seed: int = 0) -> Path:
-    """Write copies × colours × shapes images and a captions.csv (2 captions each); return the CSV.
+def make_shape_set(directory: Path, copies: int = 3, fmt: str = "png", seed: int = 0, size: int = 64, count: int | None = None) -> Path:
+    """Write copies × colours × shapes images of size×size pixels and a captions.csv (2 captions each); return the CSV.
 
     Copies of a colour and shape differ in size, and their captions say so: every caption
-    describes one image only (at most len(SIZES) copies).
+    describes one image only (at most len(SIZES) copies). With `count` (instead of `copies`):
+    that many images, through every colour and shape, then every size, in turn (captions
+    repeat after len(SIZES) × colours × shapes images), each drawn with its own jitter.
     """
-    if not 1 <= copies <= len(SIZES):
-        raise ValueError(f"copies must be 1..{len(SIZES)} so that every image has its own captions, got {copies}")
+    combos = [(c, s) for c in range(len(COLOURS)) for s in range(len(SHAPES))]
+    if count is None:
+        if not 1 <= copies <= len(SIZES):
+            raise ValueError(f"copies must be 1..{len(SIZES)} so that every image has its own captions, got {copies}")
+        drawn = [(c, s, i) for c, s in combos for i in range(copies)]
+    elif count < 0:
+        raise ValueError(f"count must be 0 or more, got {count}")
+    else:
+        drawn = [(*combos[n % len(combos)], n // len(combos)) for n in range(count)]
     images = directory / "images"
     images.mkdir(parents=True, exist_ok=True)
+    colours, extents = list(COLOURS), list(SIZES)
     rows = []
-    for c, colour in enumerate(COLOURS):
-        for s, shape in enumerate(SHAPES):
-            for i, extent in zip(range(copies), SIZES):
-                name = f"{colour}_{shape}_{i}.{fmt}"
-                draw_shape(colour, shape, seed=seed * 1000 + 100 * c + 10 * s + i, extent=extent).save(images / name)
-                rows.extend((name, caption) for caption in captions_for(colour, shape, extent))
+    for c, s, i in drawn:
+        colour, shape, extent = colours[c], SHAPES[s], extents[i % len(extents)]
+        name = f"{colour}_{shape}_{i}.{fmt}"
+        draw_shape(colour, shape, size=size, seed=seed * 1000 + 100 * c + 10 * s + i, extent=extent).save(images / name)
+        rows.extend((name, caption) for caption in captions_for(colour, shape, extent))
     path = directory / "captions.csv"
     with path.open("w", newline="") as f:
         writer = csv.writer(f)

@@ -1,6 +1,7 @@
 """The seesay CLI end to end: train → index → search → eval → info, on real files, plus its errors."""
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from typer.testing import CliRunner
 
 from cli.app import app
 from helpers import FLICKR8K, needs_flickr8k
-from retrieval.demo_data import make_shape_set
+from retrieval.demo_data import COLOURS, SIZES, make_shape_set
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -173,6 +174,17 @@ def test_shape_set_captions_each_describe_one_image(tmp_path):
     assert len(rows) == 4 * 3 * 3 * 2 and len(set(captions)) == len(captions)
     with pytest.raises(ValueError, match="copies"):
         make_shape_set(tmp_path / "more", copies=4)
+
+
+def test_a_shape_set_of_any_count_goes_through_every_colour_shape_and_size(tmp_path):
+    from PIL import Image
+
+    rows = list(csv.reader(make_shape_set(tmp_path, fmt="jpg", size=40, count=40).open()))[1:]
+    names = sorted({name for name, _ in rows})
+    assert len(rows) == 2 * 40 and len(names) == 40 and all(name.endswith(".jpg") for name in names)
+    assert {Image.open(tmp_path / "images" / name).size for name in names} == {(40, 40)}
+    extents = {size for size in SIZES for _, caption in rows if size in caption}
+    assert extents == {"small", "medium"} and {c for c in COLOURS for _, caption in rows if c in caption} == set(COLOURS)
 
 
 def test_index_with_factory_auto_and_compact(shapes, model, tmp_path):

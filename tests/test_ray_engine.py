@@ -21,7 +21,7 @@ import pytest
 
 from retrieval.distributed.local_cluster import RAY_ENV, local_cluster, processes_with  # sets Ray's environment first
 from retrieval.collection import Collection
-from retrieval.demo_data import COLOURS, SHAPES, SIZES, captions_for, draw_shape
+from retrieval.demo_data import COLOURS, SHAPES, make_shape_set
 from retrieval.distributed.jobfolder import JobFolder
 
 pytest.importorskip("ray")
@@ -32,22 +32,12 @@ JOB_TIMEOUT_S = 900
 
 
 def write_images(folder: Path, n: int, corrupt: int = 0) -> Path:
-    """`n` shape images (every colour, shape and size in turn, each drawn with its own jitter), two captions each,
-    plus `corrupt` files that are not images; returns the captions CSV."""
-    images = folder / "images"
-    images.mkdir(parents=True)
-    rows = []
-    combos = [(c, s, e) for e in SIZES for c in COLOURS for s in SHAPES]
-    for i in range(n):
-        colour, shape, extent = combos[i % len(combos)]
-        draw_shape(colour, shape, seed=i, extent=extent).save(images / f"{i:04d}.png")
-        rows += [(f"{i:04d}.png", caption) for caption in captions_for(colour, shape, extent)]
+    """`n` shape images (`make_shape_set`), two captions each, plus `corrupt` files that are not images; returns the captions CSV."""
+    path = make_shape_set(folder, count=n)
     for i in range(corrupt):
-        (images / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image at all")
-        rows.append((f"broken{i}.png", f"a broken picture {i}"))
-    path = folder / "captions.csv"
-    with path.open("w", newline="") as f:
-        csv.writer(f).writerows([("image", "caption"), *rows])
+        (folder / "images" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image at all")
+    with path.open("a", newline="") as f:
+        csv.writer(f).writerows((f"broken{i}.png", f"a broken picture {i}") for i in range(corrupt))
     return path
 
 
