@@ -48,7 +48,7 @@ def index(
     batch_size: int = typer.Option(64, help="Images per encoding batch."),
     engine: str = typer.Option("local", "--engine", help="local: embed in this process; ray: on a Ray cluster (pip install 'seesay[ray]')."),
     address: Optional[str] = typer.Option(
-        None, "--address", help="--engine ray: the cluster to join (auto, or HOST:PORT of its head); default: a Ray started on this machine."
+        None, "--address", help="--engine ray: the cluster to join (auto, or HOST:PORT of its head); default: a Ray started on this machine for the run."
     ),
     job_dir: Optional[str] = typer.Option(
         None, "--job-dir",

@@ -41,8 +41,12 @@ def write_images(folder: Path, n: int, corrupt: int = 0) -> Path:
     return path
 
 
-def seesay(*args, **popen) -> subprocess.Popen:
-    env = {**os.environ, **RAY_ENV, "PYTHONPATH": str(ROOT)}
+def seesay(*args, ray_env: bool = True, extra_path: str | None = None, **popen) -> subprocess.Popen:
+    """`seesay ARGS` in a process of its own; `ray_env`: with the environment the test cluster's nodes have;
+    `extra_path`: a folder put on PYTHONPATH after the repository."""
+    env = {**os.environ, **RAY_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), extra_path]))}
+    if not ray_env:
+        env = {name: value for name, value in env.items() if name not in RAY_ENV}
     return subprocess.Popen([sys.executable, "-m", "cli.app", *map(str, args)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -128,6 +132,34 @@ def test_ray_and_single_process_indexing_agree(cluster, data, model, single, tmp
     again = finished(seesay("index", "--engine", "ray", "--address", cluster.address, "--encoder", model,
                             "--data", data, "--index", index, "--json"))
     assert (again["images_added"], again["embedded"], again["images_skipped_existing"]) == (0, 0, 96)
+
+
+AGENT_DELAY_S = 20  # a raylet waits a fixed 15 s for its agents to start, and aborts
+
+
+def slow_agents(folder: Path) -> str:
+    """A folder for PYTHONPATH whose sitecustomize holds back the start of Ray's agents (Python processes
+    the raylet starts) by AGENT_DELAY_S: how they start on a machine busy with other work."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "if sys.argv and sys.argv[0].endswith(('dashboard/agent.py', 'runtime_env/agent/main.py')):\n"
+        f"    time.sleep({AGENT_DELAY_S})\n"
+    )
+    return str(folder)
+
+
+def test_without_an_address_a_local_ray_starts_on_a_busy_machine_and_stops_after_the_job(data, model, single, tmp_path):
+    """What a user on a busy laptop runs: no cluster, no Ray settings, and agents slow to start, where plain
+    `ray.init()` aborts."""
+    index = tmp_path / "ray"
+    process = seesay("index", "--engine", "ray", "--encoder", model, "--data", data, "--index", index, "--json",
+                     ray_env=False, extra_path=slow_agents(tmp_path / "slow"))
+    report = finished(process)
+    assert (report["images_added"], report["captions_added"], report["embedded"]) == (96, 192, 288)
+    ours, theirs = contents(index), contents(single)
+    assert all(ours[kind][0].tolist() == theirs[kind][0].tolist() for kind in ours)
+    assert processes_with(f"session_seesay_{process.pid}_") == []  # its Ray went with it
 
 
 @pytest.mark.parametrize("victim", ["worker node", "actor"])

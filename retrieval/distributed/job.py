@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -98,16 +98,33 @@ def _ray():
 
 def _embed(todo: pa.Table, folder: JobFolder, collection: Collection, address: str | None, actors: int, batch_size: int, progress: bool) -> None:
     """Run the Ray Data job over the rows of `todo`, writing shards into `folder`."""
+    # Ray prints its nodes' news ("(raylet) ...") on stdout, which belongs to --json
+    with _stdout_to_stderr(), _connected(address, actors) as ray:
+        _run_job(ray, todo, folder, collection, actors, batch_size, progress)
+
+
+@contextmanager
+def _connected(address: str | None, actors: int) -> Iterator:
+    """Ray for the block: the one this process has joined already, else the cluster at `address`, else
+    a Ray started on this machine for the block and stopped after it.
+
+    The local Ray is one node with every core (and room for `actors` actors beside the decode
+    and write tasks), started the patient way of `local_cluster`: plain `ray.init()` aborts
+    when a busy machine starts its daemons slowly.
+    """
+    if address is None:
+        from retrieval.distributed.local_cluster import local_cluster  # before Ray: it sets the environment a local Ray needs
     ray = _ray()
-    started_here = not ray.is_initialized()
-    with _stdout_to_stderr():  # Ray prints its nodes' news ("(raylet) ...") on stdout, which belongs to --json
-        if started_here:
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
-        try:
-            _run_job(ray, todo, folder, collection, actors, batch_size, progress)
-        finally:
-            if started_here:
-                ray.shutdown()
+    if ray.is_initialized():
+        yield ray
+        return
+    with ExitStack() as stack:
+        if address is None:
+            cores = max(os.cpu_count() or 1, actors + 2)
+            address = stack.enter_context(local_cluster(workers=0, head_cpus=cores, object_store=None)).address
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        stack.callback(ray.shutdown)
+        yield ray
 
 
 @contextmanager

@@ -1,7 +1,9 @@
-"""A Ray cluster of a head and worker nodes on 127.0.0.1, started and stopped by the tests and benchmarks that need one.
+"""A Ray cluster of a head and worker nodes on 127.0.0.1, started and stopped by whoever needs one:
+`seesay index --engine ray` without `--address` (one node), the tests and the benchmarks.
 
 It starts where a loaded machine makes `ray.init()` fail (a raylet that misses a fixed
-start-up wait aborts). Import it before Ray.
+start-up wait aborts), and where it still cannot start it says what timed out and how long
+it waited. Import it before Ray.
 
 Importing this module sets the environment every node and driver of such a cluster needs,
 before Ray itself is imported (some of it is read at import time):
@@ -9,7 +11,8 @@ before Ray itself is imported (some of it is read at import time):
 - RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 as given, where Ray would otherwise swap in
   the machine's network address, which nodes bound to loopback do not answer;
 - Ray's out-of-memory killer off: it counts the whole machine's memory, so on a shared machine
-  it kills the job's workers for other people's processes.
+  it kills the job's workers for other people's processes;
+- the head's GCS server gets 300 s, not 30, to publish its port.
 Each node also gets its agents' ports recorded before it starts (`_node_args`). And Ray's
 Python side gives a new node a fixed 30 s to register, which a machine busy with other work
 (the tests run at low priority beside it) can miss: `_patient` stretches that wait.
@@ -25,11 +28,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
+from retrieval.errors import SeesayError
+
 RAY_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_memory_monitor_refresh_ms": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_gcs_server_port_wait_time_s": "300",
 }
 os.environ.update(RAY_ENV)
 
@@ -42,7 +48,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _node_args(cpus: int, session_dir: str, object_store: int = NODE_MEMORY) -> dict:
+def _node_args(cpus: int, session_dir: str, object_store: int | None = NODE_MEMORY) -> dict:
     """Arguments of a new node whose agents' ports are chosen and recorded in `session_dir` before it starts.
 
     A raylet waits a fixed 15 s for its agents to record their ports, and aborts when a
@@ -69,7 +75,9 @@ def _node_args(cpus: int, session_dir: str, object_store: int = NODE_MEMORY) -> 
     os.makedirs(session_dir, exist_ok=True)
     for argument, name in ports.items():
         persist_port(session_dir, node_id, name, chosen[argument])
-    return {"node_ip_address": "127.0.0.1", "num_cpus": cpus, "object_store_memory": object_store, "node_id": node_id, **chosen}
+    # Ray takes a new node's id from this variable only (it ignores a `node_id` argument and draws one).
+    node_env = {"RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id}
+    return {"node_ip_address": "127.0.0.1", "num_cpus": cpus, "object_store_memory": object_store, "env_vars": node_env, **chosen}
 
 
 STARTUP_PATIENCE = 10  # Ray's fixed 30 s for a node to register becomes 300 s
@@ -94,22 +102,45 @@ def _patient() -> Iterator[None]:
         node_module.time = real
 
 
-class LocalCluster:
-    """A head (1 CPU) and worker nodes (`cpus` each, `object_store` bytes of object store each) on 127.0.0.1;
-    `address` is what `--address` takes."""
+@contextmanager
+def _starting(what: str) -> Iterator[None]:
+    """Turn a failure to start `what` into one SeesayError naming it, Ray's reason, the time waited and what to do."""
+    started = time.monotonic()
+    try:
+        yield
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        raise SeesayError(
+            f"a local Ray did not start: its {what} failed after {time.monotonic() - started:.0f} s ({reason}); "
+            "a machine this busy starts Ray slowly: try again when it is quieter, or start Ray yourself "
+            "(`ray start --head`) and pass --address auto"
+        ) from exc
 
-    def __init__(self, workers: int = 2, cpus: int = 2, object_store: int = NODE_MEMORY) -> None:
+
+def new_session() -> str:
+    """A fresh session name; every daemon of the cluster started under it names it on its command line."""
+    return f"session_seesay_{os.getpid()}_{time.time_ns()}"
+
+
+class LocalCluster:
+    """A head (`head_cpus`) and worker nodes (`cpus` each) on 127.0.0.1, `object_store` bytes of object
+    store each (None: Ray's default share of memory); `address` is what `--address` takes."""
+
+    def __init__(
+        self, workers: int = 2, cpus: int = 2, object_store: int | None = NODE_MEMORY, head_cpus: int = 1, session: str | None = None,
+    ) -> None:
         from ray.cluster_utils import Cluster
 
         import ray._common.utils
 
         self.cpus, self.object_store = cpus, object_store
-        session = f"session_seesay_tests_{os.getpid()}_{time.time_ns()}"
+        session = session or new_session()
         head_dir = os.path.join(ray._common.utils.get_default_ray_temp_dir(), session)
-        with _patient():
+        with _starting("head node"), _patient():
             self._cluster = Cluster(
                 initialize_head=True,
-                head_node_args={**_node_args(1, head_dir), "include_dashboard": False, "session_name": session},
+                head_node_args={**_node_args(head_cpus, head_dir, object_store), "include_dashboard": False, "session_name": session},
             )
         self.workers = []
         try:
@@ -129,7 +160,7 @@ class LocalCluster:
         return self._cluster.head_node.get_session_dir_path()
 
     def add_worker(self):
-        with _patient():
+        with _starting("worker node"), _patient():
             node = self._cluster.add_node(**_node_args(self.cpus, self.session_dir, self.object_store))
         self.workers.append(node)
         return node
@@ -144,8 +175,11 @@ class LocalCluster:
 
 
 def processes_with(text: str) -> list[int]:
-    """Ids of the processes whose command line contains `text` (Ray names its workers' processes `ray::...`)."""
-    found = []
+    """Ids of the processes whose command line contains `text` (Ray names its workers' processes `ray::...`);
+    none where there is no /proc to read (macOS)."""
+    found: list[int] = []
+    if not Path("/proc").is_dir():
+        return found
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and entry.name != str(os.getpid()):
             try:
@@ -158,17 +192,26 @@ def processes_with(text: str) -> list[int]:
 
 
 @contextmanager
-def local_cluster(workers: int = 2, cpus: int = 2, object_store: int = NODE_MEMORY) -> Iterator[LocalCluster]:
-    """A LocalCluster for the block; afterwards none of its processes is left running."""
-    cluster = LocalCluster(workers, cpus, object_store)
-    session = cluster.session_dir
+def local_cluster(
+    workers: int = 2, cpus: int = 2, object_store: int | None = NODE_MEMORY, head_cpus: int = 1,
+) -> Iterator[LocalCluster]:
+    """A LocalCluster for the block; afterwards, or after it failed to start, none of its processes is left running."""
+    session = new_session()
     try:
-        yield cluster
+        cluster = LocalCluster(workers, cpus, object_store, head_cpus, session)
+        try:
+            yield cluster
+        finally:
+            cluster.shutdown()
     finally:
-        cluster.shutdown()
-        deadline = time.monotonic() + 20
-        while processes_with(session) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for pid in processes_with(session):
-            with suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        _stop_processes(session)
+
+
+def _stop_processes(session: str, grace_s: float = 20) -> None:
+    """Wait `grace_s` for the processes of `session` to end, then kill those left."""
+    deadline = time.monotonic() + grace_s
+    while processes_with(session) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in processes_with(session):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
