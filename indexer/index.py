@@ -589,7 +589,9 @@ class Index:
 
         For writers that number their rows before they have the vectors (a distributed
         job, whose retried batches must recompute the same ids); they pass them to
-        `add_vectors(..., ids=...)` later. Ids reserved and never used stay unused.
+        `add_vectors(..., ids=...)` later. Ids reserved and never used stay unused. SQLite and
+        PostgreSQL only: other databases have no counter seesay can move past unused ids, so
+        there this is a SeesayError rather than ids a later add could give again.
         """
         self.check_writable("reserve ids")
         if n < 0:

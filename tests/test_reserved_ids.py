@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from conftest import ColourMeanEncoder
 from indexer import Index, NewItem
@@ -60,3 +62,20 @@ def test_given_ids_survive_reopening_and_bad_ones_are_refused(tmp_path, db_url):
         assert again.ids == reserved[:1]
         duplicate = index.add_vectors(_rows(["x"]), _vectors(1), ids=reserved[1:])  # same hash: skipped, id unused
         assert duplicate.ids == [None] and duplicate.existing == [0]
+
+
+class OtherDatabase(SQLiteDialect_pysqlite):
+    """SQLite under another name: seesay takes its paths for databases other than SQLite and PostgreSQL."""
+
+    name = "otherdb"
+    supports_statement_cache = True
+
+
+def test_other_databases_refuse_to_reserve_ids_rather_than_risk_giving_them_twice(tmp_path):
+    registry.register("otherdb", __name__, "OtherDatabase")
+    with _new_index(tmp_path / "i", f"otherdb:///{tmp_path / 'meta.db'}") as index:
+        assert index.add_vectors(_rows(["a"]), _vectors(1)).ids == [1]
+        with pytest.raises(SeesayError, match="reserving item ids needs SQLite or PostgreSQL, not otherdb"):
+            index.reserve_ids(2)
+        assert index.add_vectors(_rows(["b"]), _vectors(1, seed=1)).ids == [2]  # and adds go on as before
+        assert index.verify(deep=True) == []
