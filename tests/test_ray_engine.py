@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrieval.distributed.local_cluster import RAY_ENV, local_cluster, processes_with  # sets Ray's environment first
+from retrieval.distributed.local_cluster import RAY_ENV, _starting, local_cluster, processes_with  # sets Ray's environment first
 from retrieval.collection import Collection
 from retrieval.demo_data import COLOURS, SHAPES, make_shape_set
 from retrieval.distributed.jobfolder import JobFolder
+from retrieval.errors import SeesayError
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -160,6 +161,15 @@ def test_without_an_address_a_local_ray_starts_on_a_busy_machine_and_stops_after
     ours, theirs = contents(index), contents(single)
     assert all(ours[kind][0].tolist() == theirs[kind][0].tolist() for kind in ours)
     assert processes_with(f"session_seesay_{process.pid}_") == []  # its Ray went with it
+
+
+def test_a_node_that_does_not_start_is_one_error_saying_which_what_ray_said_and_how_long_it_waited():
+    with pytest.raises(SeesayError) as raised:
+        with _starting("head node"):
+            raise Exception("The current node timed out during startup. This could happen because ...\n(more lines)")
+    message = str(raised.value)
+    assert message.startswith("a local Ray did not start: its head node failed after 0 s (The current node timed out during startup.")
+    assert "\n" not in message and "--address auto" in message
 
 
 @pytest.mark.parametrize("victim", ["worker node", "actor"])

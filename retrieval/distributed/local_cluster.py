@@ -113,7 +113,7 @@ def _starting(what: str) -> Iterator[None]:
         reason = lines[0] if lines else type(exc).__name__
         raise SeesayError(
             f"a local Ray did not start: its {what} failed after {time.monotonic() - started:.0f} s ({reason}); "
-            "a machine this busy starts Ray slowly: try again when it is quieter, or start Ray yourself "
+            "a busy machine can start Ray too slowly: try again when it is quieter, or start Ray yourself "
             "(`ray start --head`) and pass --address auto"
         ) from exc
 
