@@ -6,7 +6,7 @@ tier up; a segment with at least DEAD_FRACTION of its rows deleted is rewritten 
 So each vector is rewritten about once per tier it climbs (log_16 of the collection
 over the commit size: 1.8 times at 1M items added 8,192 at a time), and a kind holds at
 most FANOUT - 1 segments per tier (about 60 at 100M items). The policy's merges run in the
-background of the add that made them due (`indexer.merging`), off the write lock.
+background of the add or delete that made them due (`indexer.merging`), off the write lock.
 """
 from __future__ import annotations
 

@@ -746,8 +746,10 @@ class Index:
         """Delete items by id (an image takes its captions along); returns how many went.
 
         Their rows go at once; their vectors stay in their segments as tombstones, which
-        searches skip, until a merge rewrites those segments (the next add's, or `compact`). Unknown ids are an error
-        naming them, and then nothing is deleted.
+        searches skip, until a merge rewrites those segments: a segment this delete leaves
+        at least `compaction.DEAD_FRACTION` deleted is rewritten at once, in the background
+        (searches ask each segment for k plus its tombstones), others by later merges or
+        `compact`. Unknown ids are an error naming them, and then nothing is deleted.
         """
         ids = [int(i) for i in ids]
         if not ids:
@@ -762,9 +764,13 @@ class Index:
             captions.update(store.caption_ids_of(session, images))
             store.delete_ids(session, images + sorted(captions))
             gone = np.array(images + sorted(captions), dtype=np.int64)
-            store.add_tombstones(session, {row.id: gone[np.isin(gone, self._segment_ids(row))].tolist() for row in segments})
+            dead = {row.id: gone[np.isin(gone, self._segment_ids(row))].tolist() for row in segments}
+            store.add_tombstones(session, dead)
             manifest.n_images -= len(images)
             manifest.n_captions -= len(captions)
+        now = [SegmentRow(id=r.id, kind=r.kind, rows=r.rows, dead=r.dead + len(dead[r.id]), first_id=r.first_id, part=r.part) for r in segments]
+        if compaction.plan(now):
+            self._merger.kick()
         return len(images) + len(captions)
 
     def _segment_ids(self, row: SegmentRow) -> np.ndarray:
