@@ -77,7 +77,7 @@ def test_trained_towers_of_other_shapes_answer_identically(tmp_path, monkeypatch
 
 
 def test_bfloat16_queries_stay_close_to_float32_and_the_setting_is_honoured(tmp_path, monkeypatch):
-    """Where the CPU multiplies bfloat16 natively, a query runs a bfloat16 copy of the text side (runtime.cpu_query_dtype)."""
+    """A query runs a copy of the text side with packed linears, in bfloat16 where the CPU multiplies it natively."""
     import torch
 
     from retrieval.encoders.towers import TowersEncoder
@@ -88,11 +88,11 @@ def test_bfloat16_queries_stay_close_to_float32_and_the_setting_is_honoured(tmp_
     texts = real_captions(8)
     exact = encoder.as_queries(encoder.encode_texts(texts), True)
     monkeypatch.setenv("SEESAY_QUERY_PRECISION", "float32")
-    assert np.array_equal(encoder.encode_text_queries(texts, True), exact)
+    assert np.abs(encoder.encode_text_queries(texts, True) - exact).max() < 1e-5  # float32 products, packed
     monkeypatch.setenv("SEESAY_QUERY_PRECISION", "bfloat16")
     rows = encoder.encode_text_queries(texts, True)
     assert rows.dtype == np.float32 and rows.shape == exact.shape
-    assert not np.array_equal(rows, exact), "the bfloat16 copy was not used"
+    assert np.abs(rows - exact).max() > 1e-4, "the bfloat16 linears were not used"
     assert (rows * exact).sum(axis=1).min() > 0.999
     assert np.array_equal(encoder.as_queries(encoder.encode_texts(texts), True), exact)  # stored vectors: still float32
     monkeypatch.setenv("SEESAY_QUERY_PRECISION", "half")

@@ -88,8 +88,12 @@ def fit(image_vectors: torch.Tensor, text_vectors: torch.Tensor, tau: float = DE
     return QueryBank(images.float(), texts.float(), tau)
 
 
+def query_rows(vectors: np.ndarray, cross_modal: bool) -> np.ndarray:
+    """(n, d) unit query vectors → (n, d + 1) rows [v, −1] (cross-modal: corrected scores) or [v, 0] (plain scores)."""
+    mark = np.full((len(vectors), 1), -1.0 if cross_modal else 0.0, dtype=np.float32)
+    return np.hstack([np.asarray(vectors, dtype=np.float32), mark])
+
+
 def as_queries(vectors: np.ndarray, cross_modal: bool) -> np.ndarray:
-    """Stored-form rows [v, b] → query rows [v, −1] (cross-modal: corrected scores) or [v, 0] (plain scores)."""
-    out = np.array(vectors, dtype=np.float32, copy=True)
-    out[:, -1] = -1.0 if cross_modal else 0.0
-    return out
+    """Stored-form rows [v, b] → query rows [v, −1] or [v, 0] (`query_rows` of v)."""
+    return query_rows(np.asarray(vectors)[:, :-1], cross_modal)
