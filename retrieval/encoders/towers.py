@@ -30,7 +30,7 @@ from retrieval.encoders.torch_image import TorchImageEncoder
 from retrieval.encoders.towers_config import DEFAULT_CONFIG, KIND, VERSION, WEIGHTS
 from retrieval.errors import EncoderError
 from retrieval.backbones import efficientnet as effnet
-from retrieval.backbones import packed_linear
+from retrieval.backbones import query_layers
 from retrieval.backbones import sentence
 
 def parse_spec(spec: str) -> dict[str, Any]:
@@ -240,12 +240,12 @@ class TowersEncoder(TorchImageEncoder):
         return v if self.querybank is None else qb.query_rows(v, cross_modal)
 
     def _query_parts(self) -> tuple[Any, TowerHeads]:
-        """(text model, heads) that queries run: on the CPU, a copy whose linears are oneDNN-packed (`backbones.packed_linear`).
+        """(text model, heads) that queries run: on the CPU, a copy rebuilt by `backbones.query_layers`.
 
-        Made on the first query. One query is a dozen tokens, and its time goes to the linears:
-        packed, and in `runtime.cpu_query_dtype()` (bfloat16 where the CPU multiplies it natively),
-        they take about half the time of torch's float32 ones (RESULTS). Everything else stays
-        float32. The image parts of the heads are shared with the encoder, not copied.
+        Made on the first query. One query is a dozen tokens: its time goes to the linears, run
+        packed and in `runtime.cpu_query_dtype()` (bfloat16 where the CPU multiplies it natively),
+        and to each layer's small ops, fused. Activations stay float32. The image parts of the
+        heads are shared with the encoder, not copied: queries never run them.
         """
         if self.device.type != "cpu":
             return self.st, self.heads
@@ -254,10 +254,10 @@ class TowersEncoder(TorchImageEncoder):
             shared = {id(m): m for m in (self.heads.image_top, self.heads.image_head) if m is not None}
             heads = copy.deepcopy(self.heads, memo=shared)
             st = copy.deepcopy(self.st)
-            packed_linear.pack_linears(st, dtype)
-            packed_linear.pack_linears(heads.text_head, dtype)
-            if heads.text_top is not None:
-                packed_linear.pack_linears(heads.text_top, dtype)
+            config = getattr(getattr(st[0], "auto_model", None), "config", None)
+            for part in (st, heads.text_head, heads.text_top):
+                if part is not None:
+                    query_layers.for_queries(part, dtype, config)
             self._query_side = (dtype, st, heads)
         return self._query_side[1], self._query_side[2]
 
