@@ -50,14 +50,21 @@ def relative_bias(st_model) -> torch.nn.Embedding | None:
     return getattr(getattr(getattr(st_model[0], "auto_model", None), "encoder", None), "relative_attention_bias", None)
 
 
+@lru_cache(maxsize=64)
+def _position_buckets(length: int, num_buckets: int, device: torch.device) -> torch.Tensor:
+    """(L, L) bucketed relative positions, as MPNetEncoder.relative_position_bucket gives them (a query's
+    layers all need the same ones: 0.1 ms each time it was recomputed)."""
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    pos = torch.arange(length, device=device)
+    return MPNetEncoder.relative_position_bucket(pos[None, :] - pos[:, None], num_buckets=num_buckets)
+
+
 def position_bias(table: torch.nn.Embedding | None, hidden: torch.Tensor) -> torch.Tensor | None:
     """(1, heads, L, L) additive bias from MPNet's bucketed relative positions, as MPNetEncoder computes it."""
     if table is None:
         return None
-    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
-
-    pos = torch.arange(hidden.shape[1], device=hidden.device)
-    buckets = MPNetEncoder.relative_position_bucket(pos[None, :] - pos[:, None], num_buckets=table.num_embeddings)
+    buckets = _position_buckets(hidden.shape[1], table.num_embeddings, hidden.device)
     return table(buckets).permute(2, 0, 1).unsqueeze(0).to(hidden.dtype)
 
 
