@@ -9,8 +9,9 @@ one query-key-value product, one `scaled_dot_product_attention`, and the output 
 Measured on 2 cores: MPNet's 13 query layers 22.6 → 14.9 ms in their linears alone, and
 31.6 → 25.4 ms for 12 whole layers (benchmarks/RESULTS.md).
 
-Linear weights may be held in bfloat16 (`dtype`): inputs and outputs stay float32, so only
-the products are rounded. Inference only: nothing here takes a gradient.
+Weights may be held in bfloat16 (`dtype`); a `PackedLinear` returns its input's dtype, so a
+float32 model can run bfloat16 products alone, or a bfloat16 copy run bfloat16 throughout.
+Inference only: nothing here takes a gradient.
 """
 from __future__ import annotations
 

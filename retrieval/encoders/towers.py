@@ -243,9 +243,9 @@ class TowersEncoder(TorchImageEncoder):
         """(text model, heads) that queries run: on the CPU, a copy rebuilt by `backbones.query_layers`.
 
         Made on the first query. One query is a dozen tokens: its time goes to the linears, run
-        packed and in `runtime.cpu_query_dtype()` (bfloat16 where the CPU multiplies it natively),
-        and to each layer's small ops, fused. Activations stay float32. The image parts of the
-        heads are shared with the encoder, not copied: queries never run them.
+        packed, and to each layer's small ops, fused; all of it in `runtime.cpu_query_dtype()`
+        (bfloat16 where the CPU multiplies it natively). The pooled vector and the head are
+        float32. The image parts of the heads are shared with the encoder, not copied.
         """
         if self.device.type != "cpu":
             return self.st, self.heads
@@ -253,7 +253,9 @@ class TowersEncoder(TorchImageEncoder):
         if self._query_side is None or self._query_side[0] != dtype:
             shared = {id(m): m for m in (self.heads.image_top, self.heads.image_head) if m is not None}
             heads = copy.deepcopy(self.heads, memo=shared)
-            st = copy.deepcopy(self.st)
+            st = copy.deepcopy(self.st).to(dtype)
+            if heads.text_top is not None:
+                heads.text_top.to(dtype)
             config = getattr(getattr(st[0], "auto_model", None), "config", None)
             for part in (st, heads.text_head, heads.text_top):
                 if part is not None:
