@@ -95,6 +95,9 @@ def test_bfloat16_queries_stay_close_to_float32_and_the_setting_is_honoured(tmp_
     assert np.abs(rows - exact).max() > 1e-4, "the bfloat16 linears were not used"
     assert (rows * exact).sum(axis=1).min() > 0.999
     assert np.array_equal(encoder.as_queries(encoder.encode_texts(texts), True), exact)  # stored vectors: still float32
+    with torch.no_grad():  # more training after queries were made: queries follow the new weights
+        encoder.heads.text_head.proj.weight.mul_(-1)
+    assert np.abs(encoder.encode_text_queries(texts, True) - encoder.as_queries(encoder.encode_texts(texts), True)).max() < 0.01
     monkeypatch.setenv("SEESAY_QUERY_PRECISION", "half")
     with pytest.raises(SeesayError, match="SEESAY_QUERY_PRECISION"):
         encoder.encode_text_queries(texts, True)

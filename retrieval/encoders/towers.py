@@ -151,7 +151,7 @@ class TowersEncoder(TorchImageEncoder):
         self.heads = (heads if heads is not None else self.fresh_heads()).to(self.device).eval()
         self.querybank: qb.QueryBank | None = None
         self.cfg["hubness_tau"] = None  # until set_querybank
-        self._query_side: tuple | None = None  # (dtype, text model, heads) that CPU queries run (`_query_parts`)
+        self._query_side: tuple | None = None  # (key, text model, heads) that CPU queries run (`_query_parts`)
         self._spec = spec or KIND
 
     def fresh_heads(self) -> TowerHeads:
@@ -249,8 +249,11 @@ class TowersEncoder(TorchImageEncoder):
         """
         if self.device.type != "cpu":
             return self.st, self.heads
-        dtype = runtime.cpu_query_dtype()
-        if self._query_side is None or self._query_side[0] != dtype:
+        # The copy is remade when the precision changes or the weights it copied do (the heads after
+        # more training: every in-place update bumps a tensor's version counter).
+        key = (runtime.cpu_query_dtype(), id(self.st), id(self.heads), tuple(p._version for p in self.heads.parameters()))
+        dtype = key[0]
+        if self._query_side is None or self._query_side[0] != key:
             shared = {id(m): m for m in (self.heads.image_top, self.heads.image_head) if m is not None}
             heads = copy.deepcopy(self.heads, memo=shared)
             st = copy.deepcopy(self.st).to(dtype)
@@ -260,7 +263,7 @@ class TowersEncoder(TorchImageEncoder):
             for part in (st, heads.text_head, heads.text_top):
                 if part is not None:
                     query_layers.for_queries(part, dtype, config)
-            self._query_side = (dtype, st, heads)
+            self._query_side = (key, st, heads)
         return self._query_side[1], self._query_side[2]
 
     @torch.no_grad()
