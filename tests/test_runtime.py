@@ -33,3 +33,25 @@ def test_autocast_is_bfloat16_on_cuda_only():
     if torch.cuda.is_available():
         with runtime.autocast(torch.device("cuda")):
             assert (torch.ones(2, 2, device="cuda") @ torch.ones(2, 2, device="cuda")).dtype == torch.bfloat16
+
+
+def test_a_query_takes_only_the_cores_nothing_else_is_running_on(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.setattr(runtime, "running_tasks", lambda: 1)  # only the query itself
+    assert runtime.query_threads() == 2
+    monkeypatch.setattr(runtime, "running_tasks", lambda: 4)  # three others on four cores: one is free
+    assert runtime.query_threads() == 1
+    monkeypatch.setattr(runtime, "running_tasks", lambda: 9)
+    assert runtime.query_threads() == 1
+    monkeypatch.setattr(runtime, "running_tasks", lambda: None)  # no /proc: torch's own count
+    assert runtime.query_threads() == 2
+
+
+def test_running_tasks_reads_a_count_and_torch_threads_restores_the_setting():
+    running = runtime.running_tasks()
+    assert running is None or running >= 1  # this test itself is running
+    before = torch.get_num_threads()
+    with runtime.torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before

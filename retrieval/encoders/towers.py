@@ -236,7 +236,8 @@ class TowersEncoder(TorchImageEncoder):
         vectors (`encode_texts`) come from the float32 model.
         """
         st, heads = self._query_parts()
-        v = self._text_rows(list(texts), 256, st, heads)
+        with runtime.torch_threads(runtime.query_threads() if self.device.type == "cpu" else torch.get_num_threads()):
+            v = self._text_rows(list(texts), 256, st, heads)
         return v if self.querybank is None else qb.query_rows(v, cross_modal)
 
     def _query_parts(self) -> tuple[Any, TowerHeads]:
