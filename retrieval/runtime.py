@@ -59,29 +59,40 @@ def cpu_query_dtype() -> torch.dtype:
 
 
 def query_threads() -> int:
-    """Threads for one text query: torch's, fewer when other work is running on the cores right now.
+    """Threads for one text query: torch's, fewer when other processes are running on the cores right now.
 
     A query is some 500 small parallel ops; each waits for all its threads, so a thread that
-    another process has pushed off its core stalls every op. Measured on 2 cores with other
-    work running (load 5.7): 2 threads p50 68 ms, p90 323; 1 thread 47 and 62. On an idle
-    machine 2 threads are faster. Decided per query from the kernel's count of runnable
-    tasks (/proc/loadavg), which is a snapshot, not an average; without it, torch's count.
+    other work has pushed off its core stalls every op. Measured on 2 cores with other work
+    running (load 5.7): 2 threads p50 68 ms, p90 323; 1 thread 47 and 62. On an idle machine 2
+    threads are faster. Decided per query from the kernel's count of runnable tasks, a snapshot
+    rather than an average, less this process's own (its thread pools may still be spinning
+    after the last search); where /proc is missing, torch's count.
     """
     threads = torch.get_num_threads()
-    running = running_tasks()
-    if running is None:
+    others = other_running_tasks()
+    if others is None:
         return threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(threads, cores - (running - 1)))  # running counts this thread too
+    return max(1, min(threads, cores - others))
 
 
-def running_tasks() -> int | None:
-    """Tasks the kernel has running or ready to run now (/proc/loadavg's fourth field), or None where unknown."""
+def other_running_tasks() -> int | None:
+    """Tasks of other processes running or ready to run now (from /proc), or None where unknown."""
     try:
         with open("/proc/loadavg") as handle:
-            return int(handle.read().split()[3].split("/")[0])
+            running = int(handle.read().split()[3].split("/")[0])
+        return max(0, running - own_running_threads())
     except (OSError, ValueError, IndexError):
         return None
+
+
+def own_running_threads() -> int:
+    """This process's threads that are running or ready to run (state R in /proc/self/task/*/stat)."""
+    own = 0
+    for task in os.scandir("/proc/self/task"):
+        with open(os.path.join(task.path, "stat")) as handle:
+            own += handle.read().rpartition(")")[2].split()[0] == "R"
+    return own
 
 
 @contextmanager

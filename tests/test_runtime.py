@@ -38,19 +38,34 @@ def test_autocast_is_bfloat16_on_cuda_only():
 def test_a_query_takes_only_the_cores_nothing_else_is_running_on(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(4)))
-    monkeypatch.setattr(runtime, "running_tasks", lambda: 1)  # only the query itself
+    monkeypatch.setattr(runtime, "other_running_tasks", lambda: 0)
     assert runtime.query_threads() == 2
-    monkeypatch.setattr(runtime, "running_tasks", lambda: 4)  # three others on four cores: one is free
+    monkeypatch.setattr(runtime, "other_running_tasks", lambda: 3)  # three others on four cores: one is free
     assert runtime.query_threads() == 1
-    monkeypatch.setattr(runtime, "running_tasks", lambda: 9)
+    monkeypatch.setattr(runtime, "other_running_tasks", lambda: 8)
     assert runtime.query_threads() == 1
-    monkeypatch.setattr(runtime, "running_tasks", lambda: None)  # no /proc: torch's own count
+    monkeypatch.setattr(runtime, "other_running_tasks", lambda: None)  # no /proc: torch's own count
     assert runtime.query_threads() == 2
 
 
-def test_running_tasks_reads_a_count_and_torch_threads_restores_the_setting():
-    running = runtime.running_tasks()
-    assert running is None or running >= 1  # this test itself is running
+def test_this_process_s_busy_threads_are_its_own_and_torch_threads_restores_the_setting():
+    import threading
+
+    if runtime.other_running_tasks() is None:
+        pytest.skip("no /proc here")
+    stop = threading.Event()
+
+    def spin() -> None:  # busy: always running or ready to run
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        assert runtime.own_running_threads() >= 2  # the spinner and this thread, which is reading
+    finally:
+        stop.set()
+        spinner.join()
     before = torch.get_num_threads()
     with runtime.torch_threads(1):
         assert torch.get_num_threads() == 1
