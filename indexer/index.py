@@ -2,8 +2,8 @@
 
 The storage engine: it takes rows and their vectors and never encodes anything.
 
-Layout of DIR (format version 2):
-  index.json                 {"format": "seesay-index", "version": 2, "db_url": null | URL}
+Layout of DIR (format version 4):
+  index.json                 {"format": "seesay-index", "version": 4, "db_url": null | URL}
   encoder/                   the encoder's saved folder, kept as an opaque artefact for the layer above
   meta.sqlite                items, segments, tombstones and manifest (unless another db_url was given)
   images.sS.{npy,ids.npy,hashes.npy[,faiss]}, captions.sS.{...}   immutable segments (see indexer.segments)
@@ -15,9 +15,12 @@ and retires them. The commit makes the change visible at once; a crash before it
 files no committed segment names, which the next writer removes. Readers load only the
 segments of one committed state, and keep loaded segments across states (they never change).
 Content hashes are looked up in the segments' key tables (`indexer.hash_keys`), not in a
-database index, and kept unique per kind under the write lock.
-Formats 1 (one set of files per generation) and 2 (no key tables; a unique (kind, hash)
-index in the database) are migrated on the first writable open (`indexer.migrate`).
+database index, and kept unique per kind under the write lock; item ids come from the
+manifest's counter under that lock, so no id is given twice on any database.
+Formats 1 (one set of files per generation), 2 (no key tables; a unique (kind, hash)
+index in the database) and 3 (ids from the database's own counter, which only SQLite and
+PostgreSQL keep) are migrated on the first writable open (`indexer.migrate`); format 3
+can also be read as it is.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from indexer.errors import IndexExistsError, IndexMismatchError, ItemNotFoundErr
 from indexer.files import write_atomic
 from indexer.items import Added, BuiltBy, EncoderInfo, IndexInfo, Item, NewItem
 from indexer.merging import Merger, alive, merge_lock, remove_dead_staging, staging
-from indexer.migrate import migrate_v1, migrate_v2
+from indexer.migrate import add_manifest_columns, migrate_v1, migrate_v2, migrate_v3
 from indexer.segments import (
     SEGMENT_FILE,
     Loaded,
@@ -62,7 +65,9 @@ from indexer.store import Manifest, SegmentRow, Store
 from indexer.vectors import VectorSet, build, faiss_reason, is_flat, read_or_fail, training_need
 
 FORMAT = "seesay-index"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+# Older versions a read-only open reads as they are: format 3 lacks only the id counter, which readers never use.
+READ_AS_IS = (3,)
 INDEX_JSON = "index.json"
 ENCODER_DIR = "encoder"
 DEFAULT_DB = "meta.sqlite"
@@ -86,8 +91,8 @@ def _read_index_json(directory: Path, read_only: bool) -> dict:
         version = meta["version"]
     except (ValueError, KeyError, TypeError) as exc:
         raise SeesayError(f"{path} is not a valid seesay index file: {exc}") from exc
-    if meta.get("format") == FORMAT and version in (1, 2):
-        if read_only:
+    if meta.get("format") == FORMAT and version in (1, 2, 3):
+        if read_only and version not in READ_AS_IS:
             raise SeesayError(
                 f"{directory}: index format version {version} must be migrated to version {FORMAT_VERSION} first: "
                 f"run `seesay compact --index {directory}` once"
@@ -157,9 +162,10 @@ def _write_index_json(directory: Path, db_url: str | None) -> None:
 class Index:
     """Images and captions with their vectors: add, delete, search, look up, compact."""
 
-    def __init__(self, directory: Path, db: Store, read_only: bool, db_url: str | None = None) -> None:
+    def __init__(self, directory: Path, db: Store, read_only: bool, db_url: str | None = None, format_version: int = FORMAT_VERSION) -> None:
         self.directory = directory
         self.read_only = read_only
+        self.format_version = format_version  # of index.json: an older readable one when opened read-only
         self.db_url = db_url  # as index.json records it (no password); None: DIR/meta.sqlite
         self._db = db
         self._manifest = db.manifest()
@@ -236,7 +242,7 @@ class Index:
     @classmethod
     def open(cls, directory: str | Path, read_only: bool = False, db_url: str | None = None) -> "Index":
         """Open an existing index; writable opens also clear what a crashed writer left,
-        and migrate an index of format version 1 or 2.
+        and migrate an index of format version 1, 2 or 3 (a read-only open reads format 3 as it is).
 
         `db_url` may repeat the recorded database URL with its password; naming another
         database is an error (the URL is chosen when the index is made).
@@ -252,12 +258,17 @@ class Index:
                     "a database URL only applies when an index is created: leave it out to add to this one"
                 )
         db = Store(db_url or (db_url_rules.with_password(recorded) if recorded else default_db_url(directory)))
-        if meta["version"] == 1:
-            migrate_v1(directory, db, SET_NAMES)
-        if meta["version"] in (1, 2):
-            migrate_v2(directory, db, SET_NAMES)
+        version = meta["version"]
+        if version < FORMAT_VERSION and not read_only:
+            add_manifest_columns(db)  # before anything reads the manifest: it maps them
+            if version == 1:
+                migrate_v1(directory, db, SET_NAMES)
+            if version in (1, 2):
+                migrate_v2(directory, db, SET_NAMES)
+            migrate_v3(db)
             _write_index_json(directory, recorded)
-        index = cls(directory, db, read_only, db_url=recorded)
+            version = FORMAT_VERSION
+        index = cls(directory, db, read_only, db_url=recorded, format_version=version)
         if not read_only:
             remove_dead_staging(directory)
             with index._db.writing() as (session, _):
@@ -456,7 +467,7 @@ class Index:
         }
         return IndexInfo(
             directory=str(self.directory),
-            format_version=FORMAT_VERSION,
+            format_version=self.format_version,
             db_url=self._db.display_url,
             encoder=EncoderInfo(kind=manifest.encoder_kind, spec=manifest.encoder_spec, version=manifest.encoder_version),
             dim=manifest.dim,
@@ -589,15 +600,14 @@ class Index:
 
         For writers that number their rows before they have the vectors (a distributed
         job, whose retried batches must recompute the same ids); they pass them to
-        `add_vectors(..., ids=...)` later. Ids reserved and never used stay unused. SQLite and
-        PostgreSQL only: other databases have no counter seesay can move past unused ids, so
-        there this is a SeesayError rather than ids a later add could give again.
+        `add_vectors(..., ids=...)` later. Ids reserved and never used stay unused. The counter
+        is the manifest's (`Manifest.next_id`), so this works alike on every database.
         """
         self.check_writable("reserve ids")
         if n < 0:
             raise SeesayError(f"cannot reserve {n} ids")
-        with self._db.writing() as (session, _manifest):
-            return store.take_ids(session, n)
+        with self._db.writing() as (_session, manifest):
+            return store.take_ids(manifest, n)
 
     def add_vectors(self, rows: Sequence[NewItem], vectors: np.ndarray, ids: Sequence[int] | None = None) -> Added:
         """Store rows with their vectors (one per row) in one transaction; returns the ids they got.
@@ -630,7 +640,7 @@ class Index:
             images = [i for i, row in enumerate(rows) if row.kind == "image"]
             indexed = self._find(session, segments, "image", [rows[i].hash for i in images])
             fresh = self._fresh(rows, images, indexed, added)
-            image_ids = _insert(session, rows, fresh, added, [None] * len(fresh), given)
+            image_ids = self._insert(session, manifest, rows, fresh, added, [None] * len(fresh), given)
             self._append(session, manifest, segments, "image", _take(vectors, fresh), image_ids, [rows[i].hash for i in fresh])
             captions = [i for i, row in enumerate(rows) if row.kind == "caption"]
             owners = {rows[i].hash: int(item_id) for i, item_id in zip(fresh, image_ids)}
@@ -639,7 +649,7 @@ class Index:
             fresh = self._fresh(rows, captions, indexed, added)
             added.orphaned = [i for i in fresh if rows[i].image_hash not in owners]
             fresh = [i for i in fresh if rows[i].image_hash in owners]
-            caption_ids = _insert(session, rows, fresh, added, [owners[rows[i].image_hash] for i in fresh], given)
+            caption_ids = self._insert(session, manifest, rows, fresh, added, [owners[rows[i].image_hash] for i in fresh], given)
             self._append(session, manifest, segments, "caption", _take(vectors, fresh), caption_ids, [rows[i].hash for i in fresh])
             manifest.n_images += len(image_ids)
             manifest.n_captions += len(caption_ids)
@@ -648,6 +658,38 @@ class Index:
         if compaction.plan([row for row in segments if row.id not in self._retired] + self._recorded):
             self._merger.kick()
         return added
+
+    def _insert(
+        self,
+        session: Session,
+        manifest: Manifest,
+        rows: Sequence[NewItem],
+        positions: list[int],
+        added: Added,
+        image_item_ids: list[int | None],
+        given: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Insert the rows at `positions` (pointing at `image_item_ids`, one per position) under their `given`
+        ids, else ids taken from the manifest's counter; returns the ids."""
+        if not positions:
+            return np.zeros(0, dtype=np.int64)
+        ids = store.take_ids(manifest, len(positions)) if given is None else given[positions].tolist()
+        chosen = [rows[i] for i in positions]
+        columns = {
+            "id": ids,
+            "kind": [row.kind for row in chosen],
+            "source_id": [row.source_id for row in chosen],
+            "path": [row.path for row in chosen],
+            "text": [row.text for row in chosen],
+            "image_item_id": image_item_ids,
+            "split": [row.split for row in chosen],
+            "hash": [row.hash for row in chosen],
+            "created_at": [store.utcnow()] * len(chosen),
+        }
+        store.insert_items(session, columns)
+        for i, item_id in zip(positions, ids):
+            added.ids[i] = item_id
+        return np.array(ids, dtype=np.int64)
 
     @staticmethod
     def _fresh(rows: Sequence[NewItem], positions: list[int], indexed: dict[str, int], added: Added) -> list[int]:
@@ -909,37 +951,6 @@ def _trained(index, vectors: np.ndarray, factory: str, name: str):
             f"FAISS index {factory!r} could not be trained on {len(vectors)} {name} vectors: {faiss_reason(exc)}"
         ) from exc
     return index
-
-
-def _insert(
-    session: Session,
-    rows: Sequence[NewItem],
-    positions: list[int],
-    added: Added,
-    image_item_ids: list[int | None],
-    given: np.ndarray | None = None,
-) -> np.ndarray:
-    """Insert the rows at `positions` (pointing at `image_item_ids`, one per position) under their `given`
-    ids, else ids reserved from the database; returns the ids."""
-    if not positions:
-        return np.zeros(0, dtype=np.int64)
-    ids = store.reserve_ids(session, len(positions)) if given is None else given[positions].tolist()
-    chosen = [rows[i] for i in positions]
-    columns = {
-        "id": ids,
-        "kind": [row.kind for row in chosen],
-        "source_id": [row.source_id for row in chosen],
-        "path": [row.path for row in chosen],
-        "text": [row.text for row in chosen],
-        "image_item_id": image_item_ids,
-        "split": [row.split for row in chosen],
-        "hash": [row.hash for row in chosen],
-        "created_at": [store.utcnow()] * len(chosen),
-    }
-    store.insert_items(session, columns)
-    for i, item_id in zip(positions, ids):
-        added.ids[i] = item_id
-    return np.array(ids, dtype=np.int64)
 
 
 def _take(vectors: np.ndarray, positions: list[int]) -> np.ndarray:

@@ -11,6 +11,12 @@ Format 2 → 3: every committed segment gets its hash key table (`indexer.hash_k
 from the rows' stored hashes, and the database loses its unique (kind, hash) index. Both
 steps can be run again after a crash: the tables are rewritten from the database, and the
 index is dropped in one transaction if it is still there.
+
+Format 3 → 4: item ids come from the manifest's `next_id` counter on every database, not
+from the database's own (which only SQLite's AUTOINCREMENT and PostgreSQL's sequence keep
+past deleted ids). The column is added with 0 ("not set"), then set under the write lock
+past every id the database may have given; run again after a crash, it finds it set and
+leaves it, so ids given meanwhile by a migrated writer are never given again.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 from sqlalchemy import inspect, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from indexer import hash_keys, store
@@ -34,12 +41,37 @@ from indexer.vectors import build, is_flat
 _GENERATION_FILE = re.compile(r"^(images|captions)\.g\d+\.(faiss|npy|ids\.npy)(\.tmp)?$")
 
 
+# Manifest columns later formats added, with what an older row gets: 0 means "set by its migration".
+_ADDED_COLUMNS = {"next_segment": "INTEGER NOT NULL DEFAULT 0", "next_id": "INTEGER NOT NULL DEFAULT 0"}
+
+
+def add_manifest_columns(db: Store) -> None:
+    """Add the manifest columns an older index lacks (each in its own committed statement; any
+    still missing after a crash is added by the next open, and one another process added meanwhile is kept)."""
+    for name, kind in _ADDED_COLUMNS.items():
+        if name in _manifest_columns(db):
+            continue
+        try:
+            with db.engine.begin() as connection:
+                connection.execute(text(f"ALTER TABLE manifest ADD COLUMN {name} {kind}"))
+        except SQLAlchemyError:
+            if name not in _manifest_columns(db):  # not a concurrent migration's doing
+                raise
+
+
+def _manifest_columns(db: Store) -> set[str]:
+    return {column["name"] for column in inspect(db.engine).get_columns("manifest")}
+
+
+def migrate_v3(db: Store) -> None:
+    """Start the manifest's id counter (`add_manifest_columns` made it, at 0) past every id the database may have given."""
+    with db.writing() as (session, manifest):
+        if not manifest.next_id:
+            manifest.next_id = store.first_unused_id(session)
+
+
 def migrate_v1(directory: Path, db: Store, set_names: dict[str, str]) -> None:
     """Turn a format-1 index in `directory` into format 2's segments (index.json is the caller's)."""
-    columns = {column["name"] for column in inspect(db.engine).get_columns("manifest")}
-    if "next_segment" not in columns:
-        with db.engine.begin() as connection:
-            connection.execute(text("ALTER TABLE manifest ADD COLUMN next_segment INTEGER NOT NULL DEFAULT 0"))
     Base.metadata.create_all(db.engine)
     with db.writing() as (session, manifest):
         if not store.list_segments(session) and manifest.next_segment == 0:

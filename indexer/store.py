@@ -3,7 +3,8 @@
 Writers serialise on the manifest row: `Store.writing()` opens one transaction whose
 first statement is a no-op UPDATE of that row, which takes SQLite's write lock (or a
 row lock elsewhere) before anything is read, so a writer always sees the latest
-committed generation.
+committed generation. Item ids come from the manifest's `next_id` counter under that
+lock, the same on every database: no id is given twice, deleted or reserved ones included.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker, undefer
 
 from indexer.db_url import password_hint
 from indexer.errors import IndexExistsError, SeesayError
@@ -70,7 +71,9 @@ class ItemRow(Base):
             postgresql_where=text("image_item_id IS NOT NULL"),
             sqlite_where=text("image_item_id IS NOT NULL"),
         ),
-        {"sqlite_autoincrement": True},  # never reuse the id of a deleted item
+        # Ids come from `Manifest.next_id`; AUTOINCREMENT stays so that an index made before it
+        # keeps its counter (`indexer.migrate.migrate_v3` starts next_id past it).
+        {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -98,6 +101,9 @@ class Manifest(Base):
     factory: Mapped[str] = mapped_column(String, default="Flat")
     generation: Mapped[int] = mapped_column(default=0)
     next_segment: Mapped[int] = mapped_column(default=0)  # segment ids are never reused
+    # The next item id to give (`take_ids`), on every database; 0 only in a format-3 index not
+    # migrated yet. Deferred: only writers read it, so readers still open such an index.
+    next_id: Mapped[int] = mapped_column(default=1, deferred=True)
     n_images: Mapped[int] = mapped_column(default=0)
     n_captions: Mapped[int] = mapped_column(default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -222,7 +228,7 @@ class Store:
                 .where(Manifest.id == MANIFEST_ID)
                 .values(generation=Manifest.generation)
             )
-            manifest = session.get(Manifest, MANIFEST_ID, populate_existing=True)
+            manifest = session.get(Manifest, MANIFEST_ID, populate_existing=True, options=[undefer(Manifest.next_id)])
             yield session, manifest
 
     def items(self, ids: Sequence[int]) -> dict[int, Item]:
@@ -376,46 +382,28 @@ def retire_segments(session: Session, segment_ids: Sequence[int]) -> None:
         session.execute(delete(SegmentRow).where(SegmentRow.id.in_(chunk)))
 
 
-def reserve_ids(session: Session, n: int) -> list[int]:
-    """`n` fresh item ids from the database's own counter, under the write lock.
+def take_ids(manifest: Manifest, n: int) -> list[int]:
+    """`n` fresh item ids from the manifest's counter, moved past them: the caller holds the
+    manifest from `Store.writing()`, so the commit that gives them also records that they are
+    given. The same on every database; deleted and reserved ids are never given again."""
+    first = manifest.next_id
+    manifest.next_id = first + n
+    return list(range(first, first + n))
 
-    PostgreSQL: the id column's sequence moved on by n (its next value, then set to n - 1
-    past it: seesay's writers hold the lock, and anyone else's nextval still gets a fresh
-    id). SQLite: the next n after its AUTOINCREMENT counter (which an insert of those ids
-    moves on). Elsewhere: after the largest id. Deleted ids are never given again, and
-    FAISS gets exactly these.
-    """
+
+def first_unused_id(session: Session) -> int:
+    """The smallest id above every id this database may have given: its items, its tombstones
+    and its own counter (SQLite's AUTOINCREMENT, PostgreSQL's sequence), for `Manifest.next_id`
+    in an index made before that column."""
+    last = [session.scalar(select(func.max(ItemRow.id))), session.scalar(select(func.max(Tombstone.item_id)))]
     dialect = session.bind.dialect.name
-    if dialect == "postgresql":
-        query = text(
-            "WITH seq AS (SELECT pg_get_serial_sequence('items', 'id') AS name), first AS (SELECT nextval(name) AS id FROM seq) "
-            "SELECT first.id, setval(seq.name, first.id + :n - 1) FROM first, seq"
-        )
-        first = session.execute(query, {"n": n}).one()[0]
-        return list(range(first, first + n))
-    last = session.scalar(select(func.max(ItemRow.id))) or 0
     if dialect == "sqlite":
-        counter = session.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'items'")).scalar()
-        last = max(last, counter or 0)
-    return list(range(last + 1, last + 1 + n))
-
-
-def take_ids(session: Session, n: int) -> list[int]:
-    """`n` fresh ids, with the database's counter moved past them so that no later insert gets them.
-
-    PostgreSQL's sequence moves in `reserve_ids` itself; SQLite's AUTOINCREMENT counter
-    (`sqlite_sequence`) is set here. Other databases have no counter to move.
-    """
-    ids = reserve_ids(session, n)
-    dialect = session.bind.dialect.name
-    if not ids or dialect == "postgresql":
-        return ids
-    if dialect != "sqlite":
-        raise SeesayError(f"reserving item ids needs SQLite or PostgreSQL, not {dialect}")
-    moved = session.execute(text("UPDATE sqlite_sequence SET seq = :last WHERE name = 'items'"), {"last": ids[-1]})
-    if not moved.rowcount:
-        session.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES ('items', :last)"), {"last": ids[-1]})
-    return ids
+        last.append(session.execute(text("SELECT seq FROM sqlite_sequence WHERE name = 'items'")).scalar())
+    elif dialect == "postgresql":
+        sequence = session.scalar(text("SELECT pg_get_serial_sequence('items', 'id')"))
+        if sequence:
+            last.append(session.scalar(text(f"SELECT last_value FROM {sequence}")))
+    return max((value for value in last if value is not None), default=0) + 1
 
 
 def insert_items(session: Session, columns: dict[str, Sequence]) -> None:

@@ -32,6 +32,26 @@ def database_url(directory: Path) -> str:
     return url or f"sqlite:///{directory / 'meta.sqlite'}"
 
 
+def to_format_3(directory: Path) -> None:
+    """Make a format-4 index look as format 3 left it: no id counter in the manifest, and the
+    database's own counter (SQLite's AUTOINCREMENT, PostgreSQL's sequence) at the last id given,
+    where format 3 kept it; other databases had none."""
+    engine = create_engine(database_url(directory))
+    try:
+        with engine.begin() as connection:
+            last = connection.execute(text("SELECT next_id FROM manifest")).scalar() - 1
+            if engine.dialect.name == "sqlite" and last:
+                connection.execute(text("DELETE FROM sqlite_sequence WHERE name = 'items'"))
+                connection.execute(text("INSERT INTO sqlite_sequence (name, seq) VALUES ('items', :last)"), {"last": last})
+            elif engine.dialect.name == "postgresql" and last:
+                connection.execute(text("SELECT setval(pg_get_serial_sequence('items', 'id'), :last)"), {"last": last})
+            connection.execute(text("ALTER TABLE manifest DROP COLUMN next_id"))
+    finally:
+        engine.dispose()
+    meta = json.loads((directory / "index.json").read_text())
+    (directory / "index.json").write_text(json.dumps({**meta, "version": 3}))
+
+
 def assert_consistent(directory: Path) -> dict[str, list[int]]:
     """For both kinds: SQL ids == the ids of the committed segments less their tombstones, FAISS
     parts hold exactly their segment's ids, counts agree, and no file of another segment (nor a

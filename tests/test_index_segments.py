@@ -1,4 +1,4 @@
-"""Segments: many commits search exactly like one index, merges, tombstones, hash look-ups, the format-1 and -2 migrations."""
+"""Segments: many commits search exactly like one index, merges, tombstones, hash look-ups, the format-1, -2 and -3 migrations."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from index_checks import assert_consistent, database_url
+from index_checks import assert_consistent, database_url, to_format_3
 from indexer import Index, NewItem, hash_keys
 from indexer.compaction import FANOUT, plan, tier
 from indexer.errors import SeesayError
@@ -127,7 +127,7 @@ def test_plan_by_tiers() -> None:
 
 
 def to_format_1(directory: Path) -> None:
-    """Rewrite a format-2 SQLite index as format 1 wrote it: generation files, no segments."""
+    """Rewrite a format-4 SQLite index as format 1 wrote it: generation files, no segments, no id counter."""
     with Index.open(directory) as index:
         index.compact(everything=True)
         generation = index.generation
@@ -140,6 +140,7 @@ def to_format_1(directory: Path) -> None:
             np.save(directory / f"{name}.g{generation}.ids.npy", ids)
     for path in directory.glob("*.s*.*npy"):
         path.unlink()
+    to_format_3(directory)
     with sqlite3.connect(directory / "meta.sqlite") as db:
         db.execute("DROP TABLE segments")
         db.execute("DROP TABLE tombstones")
@@ -164,7 +165,7 @@ def test_format_1_is_refused_read_only_and_migrated_by_compact(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["segments"] == {"image": 1, "caption": 1}
-    assert json.loads((directory / "index.json").read_text())["version"] == 3
+    assert json.loads((directory / "index.json").read_text())["version"] == 4
     assert not list(directory.glob("*.g*.npy"))
     assert_consistent(directory)
     with Index.open(directory, read_only=True) as reopened:
@@ -331,7 +332,8 @@ def test_deep_verify_names_a_wrong_hash_key_table(tmp_path: Path) -> None:
 
 
 def to_format_2(directory: Path) -> None:
-    """Make a format-3 index look as format 2 left it: no hash key tables, a unique (kind, hash) constraint."""
+    """Make a format-4 index look as format 2 left it: no id counter, no hash key tables, a unique (kind, hash) constraint."""
+    to_format_3(directory)
     for path in directory.glob("*.hashes.npy"):
         path.unlink()
     url = database_url(directory)
@@ -382,11 +384,43 @@ def test_format_2_is_migrated_to_hash_key_tables(tmp_path: Path, db_url) -> None
     with pytest.raises(SeesayError, match=r"format version 2 must be migrated.*seesay compact --index"):
         Index.open(directory, read_only=True)
     with Index.open(directory) as index:
-        assert json.loads((directory / "index.json").read_text())["version"] == 3
+        assert json.loads((directory / "index.json").read_text())["version"] == 4
         assert not unique_constraints(directory)
         assert index.ids_by_hash("image", ["h0", "h31", "h59"]) == found
         np.testing.assert_array_equal(index.search("caption", queries, 7)[1], before[1])
         assert_consistent(directory)
         again = index.add_vectors(image_rows(0, 1) + image_rows(59, 1), unit(rng, 2))
         assert again.existing == [0] and again.ids[1] == last + 1  # the deleted one's hash is free, its ids are not
+    assert_consistent(directory)
+
+
+def test_format_3_is_read_as_it_is_and_migrated_to_the_manifest_id_counter(tmp_path: Path, db_url) -> None:
+    rng = np.random.default_rng(7)
+    directory = tmp_path / "idx"
+    with Index.create(directory, artefact, db_url=db_url) as index:
+        add_images(index, rng, 0, 30, captions=True)
+        [last] = index.add_vectors(image_rows(30, 1), unit(rng, 1)).ids  # the largest id given
+        index.delete([last])
+        index.compact(everything=True)  # its tombstone goes: only the database's own counter remembers the id
+        queries = unit(rng, 5)
+        before = index.search("image", queries, 5)
+    to_format_3(directory)
+    with Index.open(directory, read_only=True) as reader:  # readers never need the counter
+        assert reader.info().format_version == 3
+        np.testing.assert_array_equal(reader.search("image", queries, 5)[1], before[1])
+    assert json.loads((directory / "index.json").read_text())["version"] == 3
+    engine = create_engine(database_url(directory))
+    with engine.begin() as connection:  # what a crash after the column's commit leaves: the counter not set yet
+        connection.execute(text("ALTER TABLE manifest ADD COLUMN next_id INTEGER NOT NULL DEFAULT 0"))
+    engine.dispose()
+    with Index.open(directory, db_url=db_url) as index:
+        assert json.loads((directory / "index.json").read_text())["version"] == 4
+        assert index.info().format_version == 4
+        assert index.add_vectors(image_rows(31, 1), unit(rng, 1)).ids == [last + 1]
+        assert index.reserve_ids(2) == [last + 2, last + 3]
+    meta = json.loads((directory / "index.json").read_text())
+    (directory / "index.json").write_text(json.dumps({**meta, "version": 3}))  # a crash before index.json was rewritten
+    with Index.open(directory, db_url=db_url) as index:
+        assert index.reserve_ids(1) == [last + 4]  # the counter set is kept, not set again from the rows
+        assert index.verify(deep=True) == []
     assert_consistent(directory)

@@ -7,6 +7,7 @@ from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
 from conftest import ColourMeanEncoder
+from index_checks import to_format_3
 from indexer import Index, NewItem
 from retrieval.collection import built_by
 from retrieval.errors import SeesayError
@@ -71,11 +72,43 @@ class OtherDatabase(SQLiteDialect_pysqlite):
     supports_statement_cache = True
 
 
-def test_other_databases_refuse_to_reserve_ids_rather_than_risk_giving_them_twice(tmp_path):
+@pytest.fixture
+def other_db_url(tmp_path) -> str:
+    """A database seesay knows only by its SQLAlchemy URL (no SQLite or PostgreSQL specifics)."""
     registry.register("otherdb", __name__, "OtherDatabase")
-    with _new_index(tmp_path / "i", f"otherdb:///{tmp_path / 'meta.db'}") as index:
-        assert index.add_vectors(_rows(["a"]), _vectors(1)).ids == [1]
-        with pytest.raises(SeesayError, match="reserving item ids needs SQLite or PostgreSQL, not otherdb"):
-            index.reserve_ids(2)
-        assert index.add_vectors(_rows(["b"]), _vectors(1, seed=1)).ids == [2]  # and adds go on as before
+    return f"otherdb:///{tmp_path / 'meta.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "otherdb"])
+def every_db_url(request) -> str | None:
+    """SQLite (None: the default file), PostgreSQL, or another database."""
+    if request.param == "otherdb":
+        return request.getfixturevalue("other_db_url")
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres").new_database()
+
+
+def test_deleting_the_newest_item_never_hands_its_id_to_the_next_add(tmp_path, every_db_url):
+    path = tmp_path / "i"
+    with _new_index(path, every_db_url) as index:
+        assert index.add_vectors(_rows(["a", "b"]), _vectors(2)).ids == [1, 2]
+        assert index.delete([2]) == 1
+        assert index.add_vectors(_rows(["c"]), _vectors(1, seed=1)).ids == [3]
+        assert index.delete([3]) == 1  # its id is its own: no clash with b's tombstone
+        assert index.reserve_ids(2) == [4, 5]
+        assert index.add_vectors(_rows(["d"]), _vectors(1, seed=2), ids=[5]).ids == [5]
+    with Index.open(path, db_url=every_db_url) as index:
+        assert index.add_vectors(_rows(["e"]), _vectors(1, seed=3)).ids == [6]  # reserved 4 stays unused
+        assert [item.source_id for item in index.items([1, 5, 6])] == ["a", "d", "e"]
+        assert index.verify(deep=True) == []
+
+
+def test_an_index_made_before_the_id_counter_starts_it_past_its_deleted_ids(tmp_path, other_db_url):
+    path = tmp_path / "i"
+    with _new_index(path, other_db_url) as index:
+        index.add_vectors(_rows(["a", "b", "c", "d"]), _vectors(4))
+        index.delete([4])  # the newest: only its tombstone still names its id
+    to_format_3(path)
+    with Index.open(path, db_url=other_db_url) as index:
+        assert index.add_vectors(_rows(["e"]), _vectors(1, seed=1)).ids == [5]
+        assert index.delete([5]) == 1
         assert index.verify(deep=True) == []
