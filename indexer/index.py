@@ -617,7 +617,8 @@ class Index:
         go into one new segment per kind; then a background thread merges segments as the
         policy says (`compaction`), off the write lock: the next add does not wait for it.
         `ids`, one per row, are ids this index gave out by `reserve_ids` (else the add
-        reserves its own); they must ascend within each kind.
+        reserves its own); they must ascend within each kind, and one never reserved, or
+        held by an item or a deleted item's tombstone, is an error naming it.
         """
         self.check_writable("add")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -673,7 +674,11 @@ class Index:
         ids, else ids taken from the manifest's counter; returns the ids."""
         if not positions:
             return np.zeros(0, dtype=np.int64)
-        ids = store.take_ids(manifest, len(positions)) if given is None else given[positions].tolist()
+        if given is None:
+            ids = store.take_ids(manifest, len(positions))
+        else:
+            ids = given[positions].tolist()
+            self._check_unused(session, manifest, ids)
         chosen = [rows[i] for i in positions]
         columns = {
             "id": ids,
@@ -690,6 +695,16 @@ class Index:
         for i, item_id in zip(positions, ids):
             added.ids[i] = item_id
         return np.array(ids, dtype=np.int64)
+
+    def _check_unused(self, session: Session, manifest: Manifest, ids: list[int]) -> None:
+        """SeesayError naming the given `ids` that `reserve_ids` never gave, or that an item or a
+        tombstone holds: storing them would give an id twice."""
+        unreserved = [i for i in ids if i >= manifest.next_id]
+        if unreserved:
+            raise SeesayError(f"item ids {unreserved} were never reserved from index {self.directory} (reserve_ids gives them); nothing added")
+        taken = store.held(session, ids)
+        if taken:
+            raise SeesayError(f"item ids {taken} of index {self.directory} are already given to other items (or deleted ones); nothing added")
 
     @staticmethod
     def _fresh(rows: Sequence[NewItem], positions: list[int], indexed: dict[str, int], added: Added) -> list[int]:
@@ -804,6 +819,12 @@ class Index:
             images = [row.id for row in rows if row.kind == "image"]
             captions = {row.id for row in rows if row.kind == "caption"}
             captions.update(store.caption_ids_of(session, images))
+            twice = store.tombstoned(session, images + sorted(captions))
+            if twice:
+                raise SeesayError(
+                    f"items {twice} of index {self.directory} have ids that an older seesay also gave to deleted items "
+                    f"whose vectors are still stored: run `seesay compact --index {self.directory}`, then delete again; nothing deleted"
+                )
             store.delete_ids(session, images + sorted(captions))
             gone = np.array(images + sorted(captions), dtype=np.int64)
             dead = {row.id: gone[np.isin(gone, self._segment_ids(row))].tolist() for row in segments}

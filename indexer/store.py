@@ -406,6 +406,25 @@ def first_unused_id(session: Session) -> int:
     return max((value for value in last if value is not None), default=0) + 1
 
 
+def _present(session: Session, column, ids: Iterable[int]) -> list[int]:
+    """Those of `ids` found in `column` (a primary key), ascending."""
+    found: list[int] = []
+    for chunk in _chunks(sorted(set(int(i) for i in ids))):
+        found.extend(session.scalars(select(column).where(column.in_(chunk))))
+    return sorted(found)
+
+
+def tombstoned(session: Session, ids: Iterable[int]) -> list[int]:
+    """Those of `ids` that are tombstoned: deleted, their vectors not yet dropped by a merge."""
+    return _present(session, Tombstone.item_id, ids)
+
+
+def held(session: Session, ids: Iterable[int]) -> list[int]:
+    """Those of `ids` that an item or a tombstone holds."""
+    ids = list(ids)
+    return sorted(set(_present(session, ItemRow.id, ids)) | set(tombstoned(session, ids)))
+
+
 def insert_items(session: Session, columns: dict[str, Sequence]) -> None:
     """Insert item rows (ids included) given column by column, all of one length, in bulk:
     one COPY on PostgreSQL, one executemany elsewhere."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sqlalchemy import create_engine, text
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 
@@ -99,6 +100,42 @@ def test_deleting_the_newest_item_never_hands_its_id_to_the_next_add(tmp_path, e
     with Index.open(path, db_url=every_db_url) as index:
         assert index.add_vectors(_rows(["e"]), _vectors(1, seed=3)).ids == [6]  # reserved 4 stays unused
         assert [item.source_id for item in index.items([1, 5, 6])] == ["a", "d", "e"]
+        assert index.verify(deep=True) == []
+
+
+def test_given_ids_never_reserved_or_already_given_are_refused_naming_them(tmp_path, db_url):
+    with _new_index(tmp_path / "i", db_url) as index:
+        reserved = index.reserve_ids(5)
+        index.add_vectors(_rows(["a", "b", "c", "d"]), _vectors(4), ids=reserved[:4])
+        with pytest.raises(SeesayError, match=r"item ids \[6\] were never reserved from index .*; nothing added"):
+            index.add_vectors(_rows(["x"]), _vectors(1, seed=1), ids=[6])
+        with pytest.raises(SeesayError, match=r"item ids \[2\] of index .* are already given to other items \(or deleted ones\); nothing added"):
+            index.add_vectors(_rows(["x"]), _vectors(1, seed=1), ids=[2])
+        index.delete([2])  # a quarter of its segment: no merge drops the tombstone
+        with pytest.raises(SeesayError, match=r"item ids \[2\] of index .* already given"):
+            index.add_vectors(_rows(["x"]), _vectors(1, seed=1), ids=[2])
+        assert index.add_vectors(_rows(["x"]), _vectors(1, seed=1), ids=reserved[4:]).ids == [5]
+        assert index.info().n_images == 4
+        assert index.verify(deep=True) == []
+
+
+def test_an_id_an_older_seesay_gave_twice_is_a_one_line_error_until_compaction(tmp_path, other_db_url):
+    path = tmp_path / "i"
+    with _new_index(path, other_db_url) as index:
+        index.add_vectors(_rows(["a", "b", "c", "d"]), _vectors(4))  # one segment: a quarter deleted starts no merge
+        index.delete([4])
+    engine = create_engine(other_db_url)
+    with engine.begin() as connection:  # format 3 numbered adds here from the largest id stored
+        connection.execute(text("UPDATE manifest SET next_id = 4"))
+    engine.dispose()
+    with Index.open(path, db_url=other_db_url) as index:
+        assert index.add_vectors(_rows(["e"]), _vectors(1, seed=1)).ids == [4]
+        with pytest.raises(SeesayError, match=r"^items \[4\] of index .*`seesay compact --index .*`, then delete again; nothing deleted$"):
+            index.delete([4])
+        assert [item.source_id for item in index.items([4])] == ["e"]
+        index.compact(everything=True)  # drops d's vector and its tombstone
+        assert index.delete([4]) == 1
+        assert index.add_vectors(_rows(["f"]), _vectors(1, seed=2)).ids == [5]
         assert index.verify(deep=True) == []
 
 
