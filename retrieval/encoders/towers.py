@@ -245,8 +245,9 @@ class TowersEncoder(TorchImageEncoder):
 
         Made on the first query. One query is a dozen tokens: its time goes to the linears, run
         packed, and to each layer's small ops, fused; all of it in `runtime.cpu_query_dtype()`
-        (bfloat16 where the CPU multiplies it natively). The pooled vector and the head are
-        float32. The image parts of the heads are shared with the encoder, not copied.
+        (bfloat16 where the CPU multiplies it natively; the pooled vector turns float32 again, and
+        the head's product alone runs in that precision). The image parts of the heads are shared
+        with the encoder, not copied.
         """
         if self.device.type != "cpu":
             return self.st, self.heads
