@@ -493,8 +493,17 @@ class Index:
         as SQL has items of each kind and as the manifest counts. `deep` also reads each
         FAISS part and checks its count, each hash key table against the rows' stored
         hashes, that the live stored ids are exactly SQL's ids and that no caption points
-        at a missing image.
+        at a missing image. A commit meanwhile (a merge retiring the files just listed, in
+        this process's background or another's) makes it look again.
         """
+        for _ in range(_LOAD_ATTEMPTS):
+            generation, problems = self._verify_state(deep)
+            if not problems or self._db.manifest().generation == generation:
+                return problems
+        return problems
+
+    def _verify_state(self, deep: bool) -> tuple[int, list[str]]:
+        """`verify` of one committed state: (its generation, the problems found)."""
         problems: list[str] = []
         manifest, rows, dead = self._db.snapshot()
         with self._db.session() as session:
@@ -538,7 +547,7 @@ class Index:
                 problems.append(f"{name}: the stored {kind} ids differ from SQL's")
         if dangling:
             problems.append(f"{self._db.display_url}: {dangling} captions point at no image")
-        return problems
+        return manifest.generation, problems
 
     def _verify_keys(self, keys_path: Path, kind: str, live: np.ndarray) -> list[str]:
         """Whether a segment's hash key table holds each of its live rows under the key of the row's stored hash."""
