@@ -399,7 +399,16 @@ class Index:
     def items(self, ids: Sequence[int]) -> list[Item]:
         """Items by id, in the order given; an error names ids that are not in the index."""
         ids = [int(i) for i in ids]
-        found = self._db.items(ids)
+        return self._in_order(ids, self._db.items(ids))
+
+    def items_and_captions(self, ids: Sequence[int]) -> tuple[list[Item], dict[int, list[Item]]]:
+        """`items(ids)` and `captions_by_image(ids)` read together, in one query: a search's hits."""
+        ids = [int(i) for i in ids]
+        found, captions = self._db.items_and_captions(ids)
+        return self._in_order(ids, found), captions
+
+    def _in_order(self, ids: list[int], found: dict[int, Item]) -> list[Item]:
+        """`found[i]` for each of `ids`; an error names ids that are not in the index."""
         missing = [i for i in ids if i not in found]
         if missing:
             raise ItemNotFoundError(f"no items with ids {missing} in index {self.directory}", missing)

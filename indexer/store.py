@@ -256,6 +256,24 @@ class Store:
             captions.sort(key=lambda item: item.id)
         return found
 
+    def items_and_captions(self, ids: Sequence[int]) -> tuple[dict[int, Item], dict[int, list[Item]]]:
+        """`items(ids)` and `captions_by_image(ids)` in one query per chunk of ids: what a search's hits need."""
+        found: dict[int, Item] = {}
+        captions: dict[int, list[Item]] = {}
+        with self._sessions() as session:
+            for chunk in _chunks(sorted(set(int(i) for i in ids))):
+                wanted = set(chunk)
+                query = select(ItemRow).where(or_(ItemRow.id.in_(chunk), ItemRow.image_item_id.in_(chunk)))
+                for row in session.scalars(query):
+                    item = _item(row)
+                    if row.id in wanted:
+                        found[row.id] = item
+                    if row.kind == "caption" and row.image_item_id in wanted:
+                        captions.setdefault(row.image_item_id, []).append(item)
+        for listed in captions.values():
+            listed.sort(key=lambda item: item.id)
+        return found, captions
+
     def snapshot(self, attempts: int = 20) -> tuple[Manifest, list[SegmentRow], dict[int, list[int]]]:
         """One committed state: (manifest, segments, tombstoned ids by segment).
 

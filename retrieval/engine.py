@@ -169,11 +169,11 @@ class QueryEngine:
     ) -> list[list[Hit]]:
         """Every admissible hit of each row, in score order, with captions and image paths filled in."""
         found = sorted({int(i) for i in ids.ravel() if i >= 0})
-        items = {item.id: item for item in self.index.items(found)}
-        image_ids = {item.image_item_id for item in items.values() if item.kind == "caption"}
-        images = {item.id: item for item in self.index.items(sorted(image_ids - set(items) - {None}))}
+        listed, captions = self.index.items_and_captions(found)  # captions: of the hits that are images
+        items = {item.id: item for item in listed}
+        owners = sorted({item.image_item_id for item in listed if item.kind == "caption"} - set(items) - {None})
+        images = {item.id: item for item in self.index.items(owners)} if owners else {}
         images.update((i, item) for i, item in items.items() if item.kind == "image")
-        captions = self.index.captions_by_image([i for i, item in items.items() if item.kind == "image"])
         results = []
         for row, (row_scores, row_ids) in enumerate(zip(scores, ids)):
             dropped = exclude[row] if exclude else ()

@@ -12,7 +12,7 @@ import pytest
 import indexer.index as index_module
 from conftest import ColourMeanEncoder, solid_image
 from index_checks import assert_consistent
-from indexer import Index, Item
+from indexer import Index, Item, ItemNotFoundError
 from retrieval.collection import Collection
 from retrieval.datasets import Record
 from retrieval.encoders.base import read_manifest
@@ -389,6 +389,18 @@ def test_captions_by_image_answers_many_images_in_one_call(built) -> None:
         i: [c.id for c in index.index.captions_of(i)] for i in image_ids if index.index.captions_of(i)
     }
     assert sum(len(caps) for caps in together.values()) == 4 and 987654 not in together
+
+
+def test_a_search_s_hits_and_their_captions_come_in_one_read(built) -> None:
+    index, _ = built
+    images = [int(i) for i in index.index.search("image", index.encoder.encode_texts(["red"]), 3)[1][0]]
+    captions = [int(i) for i in index.index.search("caption", index.encoder.encode_texts(["red"]), 2)[1][0]]
+    hits = images + captions  # both kinds: only the images' captions come back
+    listed, by_image = index.index.items_and_captions(hits)
+    assert listed == index.index.items(hits)
+    assert by_image == index.index.captions_by_image(hits)
+    with pytest.raises(ItemNotFoundError, match="987654"):
+        index.index.items_and_captions(hits + [987654])
 
 
 def test_rows_with_tabs_line_breaks_backslashes_and_nulls_come_back_as_stored(tmp_path: Path, db_url) -> None:
