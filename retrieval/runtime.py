@@ -81,6 +81,8 @@ def other_running_tasks() -> int | None:
     try:
         with open("/proc/loadavg") as handle:
             running = int(handle.read().split()[3].split("/")[0])
+        if running <= 1:  # only the thread reading this: no need to read this process's threads
+            return 0
         return max(0, running - own_running_threads())
     except (OSError, ValueError, IndexError):
         return None
